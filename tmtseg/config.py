@@ -1,0 +1,298 @@
+"""Typed configuration: dataclasses with a reasoned default for every field.
+
+YAML files hold overrides only; ``a.b=value`` on the command line overrides them. An unknown key
+or a value of the wrong type raises :class:`ConfigError` naming the key. ``build_*`` functions
+are the only readers of the config; modules take keyword-only arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+
+@dataclass
+class SplitConfig:
+    """One selection of labelled images: a dataset kind, a domain and a slice of it."""
+
+    kind: str = "synthetic"  # synthetic | manifest | folder | cityscapes
+    dataset: str = ""  # manifest: folder under data.root (camvid-daydusk, polyp-multicenter, retina-vessels)
+    path: str = ""  # folder / cityscapes: the dataset directory (relative = from the working directory)
+    domain: str = "day"  # manifest: the `domain` column; synthetic: day | dusk; cityscapes: train | val
+    roles: list[str] = field(default_factory=list)  # manifest `suggested_role` filter; empty = all roles
+    groups: list[str] = field(default_factory=list)  # keep these groups only (CamVid sequence, CHASE child "01")
+    start: int = 0  # index range [start, stop) after sorting by file name: splits by order, never at random
+    stop: Optional[int] = None  # None = to the end
+    num_images: int = 32  # synthetic only: how many scenes
+    seed: int = 0  # synthetic only: the scene generator's seed, i.e. which scenes
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # manifest datasets live here; "" = ../shared/data beside the working dir or the repo
+    num_classes: int = 5  # synthetic scenes: sky, road, building, tree, car
+    class_names: list[str] = field(default_factory=list)  # empty = the dataset's own names
+    ignore_index: int = 255  # every label format is decoded to this for void / outside the field of view
+    binary: bool = False  # a foreground-vs-background task: also report foreground Dice and IoU
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=lambda: SplitConfig(seed=1, num_images=16))
+    # adapt only: unlabelled images of the other domain, seen by the domain discriminators
+    source: SplitConfig = field(default_factory=SplitConfig)
+    scale: float = 1.0  # every image (and label) is resized by this factor first: a CPU budget knob
+    crop_size: list[int] = field(default_factory=lambda: [128, 128])  # [H, W] training crop after scale
+    scale_range: list[float] = field(default_factory=lambda: [0.75, 1.5])  # random rescale in training
+    hflip: bool = True  # random horizontal flip (no scene here is left/right specific)
+    color_jitter: float = 0.2  # brightness/contrast/saturation jitter strength; 0 = off
+    batch_size: int = 4  # images per step (per process under DDP)
+    num_workers: int = 0  # data-loader workers; 0 keeps CPU runs simple and deterministic
+
+
+@dataclass
+class BackboneConfig:
+    # ViT-Tiny-like defaults: the smallest standard ViT, trainable on a laptop CPU
+    embed_dim: int = 192
+    depth: int = 6
+    num_heads: int = 3
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0  # stochastic depth; off for tiny data
+    img_size: int = 224  # grid of the position embedding at init; resized to the input grid at run time
+    pretrained: str = ""  # a ViT checkpoint on disk (.safetensors/.pth, timm or HF layout); "" = random init
+
+
+@dataclass
+class ModelConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pixel_decoder: str = "fpn"  # fpn (light, the CPU default) | msdeform (Mask2Former's deformable encoder)
+    conv_dim: int = 128  # pixel-decoder width
+    mask_dim: int = 128  # mask-feature width (stride 4)
+    enc_layers: int = 2  # msdeform only: deformable encoder layers (Mask2Former uses 6)
+    hidden_dim: int = 128  # transformer-decoder width
+    num_queries: int = 32  # Mask2Former uses 100 for 150 classes; a few per class suffices here
+    nheads: int = 4
+    dec_layers: int = 6  # two rounds over the three scales (Mask2Former: 9)
+    dim_feedforward: int = 512
+    dropout: float = 0.0  # Mask2Former trains with 0
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # ImageNet, 0-255
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+@dataclass
+class LossConfig:
+    # Mask2Former's weights (method.md §3)
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 4096  # Mask2Former samples 112*112; 4096 keeps the CPU step cheap
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True  # a loss on every decoder layer's prediction
+
+
+@dataclass
+class TrainConfig:
+    iters: int = 300
+    lr: float = 2e-4
+    backbone_lr_mult: float = 1.0  # 0.1 when starting from a pretrained backbone
+    weight_decay: float = 0.05
+    warmup_iters: int = 20  # linear warmup, then poly decay
+    poly_power: float = 0.9
+    grad_clip: float = 1.0  # max total grad norm; 0 = off
+    amp: str = "none"  # none | bf16 (autocast)
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 100
+    keep_last: int = 2  # checkpoints kept besides the best
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+
+
+@dataclass
+class InferConfig:
+    mode: str = "whole"  # whole (resize by data.scale) | slide (windows of crop_size)
+    stride: list[int] = field(default_factory=lambda: [96, 96])  # slide only: window step [H, W]
+
+
+@dataclass
+class ACTEConfig:
+    """ACTE (method.md §4)."""
+
+    cell: int = 8  # c: initial regions are c x c cells of the feature map
+    iters: int = 3  # L: soft-clustering iterations; 0 = fixed square patches
+    kappa: float = 10.0  # temperature on the cosine similarity
+    feature_stride: int = 8  # which pixel-decoder map clusters: 8 | 16 | 32
+    disc_hidden: int = 256
+    disc_dropout: float = 0.1
+
+
+@dataclass
+class TMAConfig:
+    """TMA (method.md §5)."""
+
+    alpha: float = 0.5  # W = alpha * (1 - T) + (1 - alpha) * U
+    combine: str = "mix"  # mix | product
+    uncertainty: bool = True  # U on; False = W from transferability alone
+    form: str = "additive"  # additive (log bias before softmax) | multiplicative (scale probabilities)
+    learn_lambda: bool = True  # lambda_h learnable per head
+    lambda_init: float = 0.0  # 0: training starts exactly as vanilla Mask2Former
+    eps: float = 1e-6
+    at_inference: bool = True  # run ACTE + TMA on target images at test time
+
+
+@dataclass
+class AdaptConfig:
+    method: str = "finetune"  # finetune | dann | tvt | tmt
+    unsupervised: bool = False  # True: target labels unused (source labels used instead)
+    adv_weight: float = 0.1  # weight of each adversarial loss (TVT's beta = gamma = 0.1)
+    grl_max_iter: int = 0  # GRL ramp length; 0 = train.iters
+    source_checkpoint: str = ""  # the source model every method starts from
+    acte: ACTEConfig = field(default_factory=ACTEConfig)
+    tma: TMAConfig = field(default_factory=TMAConfig)
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    output_dir: str = "runs/demo"  # run folder: config, metrics log, checkpoints, pictures
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+
+
+_CHOICES = {
+    "data.train.kind": ("synthetic", "manifest", "folder", "cityscapes"),
+    "data.val.kind": ("synthetic", "manifest", "folder", "cityscapes"),
+    "data.source.kind": ("synthetic", "manifest", "folder", "cityscapes"),
+    "model.pixel_decoder": ("fpn", "msdeform"),
+    "train.amp": ("none", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.nonfinite": ("stop", "skip"),
+    "infer.mode": ("whole", "slide"),
+    "adapt.method": ("finetune", "dann", "tvt", "tmt"),
+    "adapt.acte.feature_stride": (8, 16, 32),
+    "adapt.tma.combine": ("mix", "product"),
+    "adapt.tma.form": ("additive", "multiplicative"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Check values that types alone do not catch; raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"config key {key}={value!r}: must be one of {', '.join(map(str, choices))}")
+    if cfg.data.num_classes < 1:
+        raise ConfigError(f"config key data.num_classes={cfg.data.num_classes}: must be >= 1")
+    if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:
+        raise ConfigError(
+            f"config key data.class_names: {len(cfg.data.class_names)} names for data.num_classes={cfg.data.num_classes}"
+        )
+    if len(cfg.data.crop_size) != 2 or min(cfg.data.crop_size) < 32:
+        raise ConfigError(f"config key data.crop_size={cfg.data.crop_size}: two sizes [H, W], each >= 32")
+    if len(cfg.data.scale_range) != 2 or not 0 < cfg.data.scale_range[0] <= cfg.data.scale_range[1]:
+        raise ConfigError(f"config key data.scale_range={cfg.data.scale_range}: [low, high] with 0 < low <= high")
+    if cfg.data.scale <= 0:
+        raise ConfigError(f"config key data.scale={cfg.data.scale}: must be > 0")
+    if cfg.data.batch_size < 1:
+        raise ConfigError(f"config key data.batch_size={cfg.data.batch_size}: must be >= 1")
+    if cfg.model.hidden_dim % cfg.model.nheads:
+        raise ConfigError(f"config key model.nheads={cfg.model.nheads}: must divide model.hidden_dim")
+    if cfg.model.backbone.embed_dim % cfg.model.backbone.num_heads:
+        raise ConfigError("config key model.backbone.num_heads: must divide model.backbone.embed_dim")
+    if cfg.train.iters < 1:
+        raise ConfigError(f"config key train.iters={cfg.train.iters}: must be >= 1")
+    if not 0.0 <= cfg.adapt.tma.alpha <= 1.0:
+        raise ConfigError(f"config key adapt.tma.alpha={cfg.adapt.tma.alpha}: must be in [0, 1]")
+    return cfg
+
+
+def _schema():
+    return OmegaConf.structured(Config)
+
+
+def _as_config(node) -> Config:
+    return OmegaConf.to_object(node)  # type: ignore[return-value]
+
+
+def _omega_message(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    msg = str(err).splitlines()[0]
+    return f"config key {key}: {msg}" if key else msg
+
+
+def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- each YAML file in order <- ``a.b=value`` overrides; validated."""
+    merged = _schema()
+    for path in files:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config file must hold a mapping of keys")
+        try:
+            merged = OmegaConf.merge(merged, data)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {_omega_message(err)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {_omega_message(err)}") from None
+    return validate(_as_config(merged))
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from its saved dict (run folder, checkpoint); unknown keys are errors."""
+    try:
+        return validate(_as_config(OmegaConf.merge(_schema(), data)))
+    except OmegaConfBaseException as err:
+        raise ConfigError(_omega_message(err)) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ, as 'key: a -> b' lines."""
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, prefix: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in x.keys() | y.keys():
+                walk(x.get(k), y.get(k), f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix[:-1]}: {x!r} -> {y!r}")
+
+    walk(to_dict(a), to_dict(b), "")
+    return sorted(out)
