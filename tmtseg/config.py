@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -30,7 +30,7 @@ class SplitConfig:
     roles: list[str] = field(default_factory=list)  # manifest `suggested_role` filter; empty = all roles
     groups: list[str] = field(default_factory=list)  # keep these groups only (CamVid sequence, CHASE child "01")
     start: int = 0  # index range [start, stop) after sorting by file name: splits by order, never at random
-    stop: Optional[int] = None  # None = to the end
+    stop: int | None = None  # None = to the end
     num_images: int = 32  # synthetic only: how many scenes
     seed: int = 0  # synthetic only: the scene generator's seed, i.e. which scenes
 
@@ -127,7 +127,7 @@ class InferConfig:
 class ACTEConfig:
     """ACTE (method.md §4)."""
 
-    cell: int = 8  # c: initial regions are c x c cells of the feature map
+    cell: int = 4  # c: regions start as c x c cells; the paper-style 8 leaves only ~4-12 regions on CPU-size crops
     iters: int = 3  # L: soft-clustering iterations; 0 = fixed square patches
     kappa: float = 10.0  # temperature on the cosine similarity
     feature_stride: int = 8  # which pixel-decoder map clusters: 8 | 16 | 32
@@ -205,7 +205,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key data.num_classes={cfg.data.num_classes}: must be >= 1")
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:
         raise ConfigError(
-            f"config key data.class_names: {len(cfg.data.class_names)} names for data.num_classes={cfg.data.num_classes}"
+            f"config key data.class_names: {len(cfg.data.class_names)} names"
+            f" for data.num_classes={cfg.data.num_classes}"
         )
     if len(cfg.data.crop_size) != 2 or min(cfg.data.crop_size) < 32:
         raise ConfigError(f"config key data.crop_size={cfg.data.crop_size}: two sizes [H, W], each >= 32")
@@ -257,6 +258,12 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
             merged = OmegaConf.merge(merged, data)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {_omega_message(err)}") from None
+    return load_config_over(_as_config(merged), overrides)
+
+
+def load_config_over(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """Apply ``a.b=value`` overrides to an existing config (e.g. one read from a checkpoint)."""
+    merged = OmegaConf.structured(cfg)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")

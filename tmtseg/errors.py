@@ -31,3 +31,9 @@ class TrainingError(TmtsegError):
     """Training cannot go on (e.g. a non-finite loss); names the step and the last good checkpoint."""
 
     exit_code = 4
+
+
+class Preempted(TmtsegError):
+    """SIGTERM arrived: the current step finished and a checkpoint was saved (exit 128 + 15)."""
+
+    exit_code = 143

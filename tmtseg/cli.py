@@ -1,0 +1,242 @@
+"""The `tmtseg` command line: the only place that parses arguments, prints errors and chooses exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+
+EPILOG = "Exit codes: 0 ok, 1 unexpected error, 2 bad config or data, 3 bad checkpoint, 4 training failed, 143 SIGTERM."
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", action="append", default=[], help="YAML file of overrides (repeatable)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iters=100 data.batch_size=2")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tmtseg", description=__doc__, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"tmtseg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="supervised training on data.train (how source models are made)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
+
+    p = sub.add_parser("finetune", help="vanilla fine-tuning of a checkpoint on data.train (the baseline)")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="the source model")
+    p.add_argument("--resume", action="store_true")
+
+    p = sub.add_parser("adapt", help="adapt a source model to the target split with a method")
+    _add_config_args(p)
+    p.add_argument("--method", choices=("finetune", "dann", "tvt", "tmt"), help="overrides adapt.method")
+    p.add_argument("--source-checkpoint", help="the source model (overrides adapt.source_checkpoint)")
+    p.add_argument("--unsupervised", action="store_true", help="target labels unused; source labels used")
+    p.add_argument("--resume", action="store_true")
+
+    p = sub.add_parser("eval", help="score a checkpoint on its data.val split (overrides can change the split)")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
+    p.add_argument("--out", help="JSON file for the metrics (default: <checkpoint>/eval.json)")
+
+    p = sub.add_parser("predict", help="image or folder -> colour label PNGs and overlays")
+    p.add_argument("checkpoint")
+    p.add_argument("input", help="an image or a folder of images")
+    p.add_argument("--out", default="predictions", help="output folder")
+    p.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("data", help="data tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("check", help="report every bad file of a dataset folder or of a config's splits")
+    q.add_argument("target", help="a config YAML, a folder dataset (dataset.yaml), a manifest folder or Cityscapes")
+    q.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("demo", help="the built-in default: source model on synthetic day, adapted to dusk")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of every run of the demo")
+    return parser
+
+
+def _load(args) -> Config:  # noqa: F821
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_train(args) -> int:
+    from .metrics import format_table
+    from .runner import fit
+
+    cfg = _load(args)
+    init = ""
+    if args.command == "finetune":
+        from .config import load_config_over
+
+        cfg = load_config_over(cfg, ["adapt.method=finetune", f"adapt.source_checkpoint={args.checkpoint}"])
+        init = args.checkpoint
+    elif args.command == "adapt":
+        from .config import load_config_over
+
+        extra = []
+        if args.method:
+            extra.append(f"adapt.method={args.method}")
+        if args.source_checkpoint:
+            extra.append(f"adapt.source_checkpoint={args.source_checkpoint}")
+        if args.unsupervised:
+            extra.append("adapt.unsupervised=true")
+        cfg = load_config_over(cfg, extra)
+        if not cfg.adapt.source_checkpoint:
+            from .errors import ConfigError
+
+            raise ConfigError("config key adapt.source_checkpoint: adapt needs a source model (--source-checkpoint)")
+        init = cfg.adapt.source_checkpoint
+    metrics = fit(cfg, init_from="" if args.resume else init, resume=args.resume, progress=not args.no_progress)
+    print(format_table(metrics, title=f"{cfg.name}: {cfg.adapt.method if init else 'train'} -> data.val"))
+    print(f"run folder: {cfg.output_dir}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .metrics import format_table
+    from .runner import evaluate_checkpoint
+
+    metrics, cfg = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.no_progress)
+    print(format_table(metrics, title=f"{args.checkpoint} on data.val"))
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"checkpoint": str(ckpt), "val": _split_dict(cfg), **metrics}, indent=1))
+    print(f"metrics: {out}")
+    return 0
+
+
+def _split_dict(cfg) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg.data.val)
+
+
+def _cmd_predict(args) -> int:
+    from tqdm import tqdm
+
+    from .predict import predict_folder
+    from .runner import trainer_from_checkpoint
+
+    trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
+    written = predict_folder(
+        trainer, cfg, meta, Path(args.input), Path(args.out), progress=None if args.no_progress else tqdm
+    )
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def _check_targets(target: Path, overrides: list[str]):
+    """(cfg, splits) pairs to check for a config file or a dataset folder."""
+    from .config import SplitConfig, load_config, load_config_over
+
+    if target.suffix in (".yaml", ".yml") and target.is_file():
+        cfg = load_config([str(target)], overrides)
+        return [(cfg, ("train", "val", "source"))]
+    if (target / "dataset.yaml").is_file():
+        kind = "folder"
+    elif (target / "manifest.csv").is_file():
+        kind = "manifest"
+    elif (target / "leftImg8bit").is_dir():
+        kind = "cityscapes"
+    else:
+        from .errors import DataError
+
+        raise DataError(f"{target}: not a config file, folder dataset (dataset.yaml), manifest folder or Cityscapes")
+    base = load_config([], overrides)
+    out = []
+    if kind == "manifest":
+        with open(target / "manifest.csv", newline="") as f:
+            domains = sorted({row["domain"] for row in csv.DictReader(f)})
+        for domain in domains:
+            split = SplitConfig(kind="manifest", dataset=target.name, domain=domain)
+            cfg = load_config_over(base, [f"data.root={target.parent}"])
+            cfg.data.train = split
+            out.append((cfg, ("train",)))
+    elif kind == "cityscapes":
+        for sub in sorted(p.name for p in (target / "leftImg8bit").iterdir() if p.is_dir()):
+            cfg = load_config_over(base, ["data.num_classes=19"])
+            cfg.data.train = SplitConfig(kind="cityscapes", path=str(target), domain=sub)
+            out.append((cfg, ("train",)))
+    else:
+        import yaml
+
+        classes = (yaml.safe_load((target / "dataset.yaml").read_text()) or {}).get("classes") or []
+        cfg = load_config_over(base, [f"data.num_classes={max(1, len(classes))}"])
+        cfg.data.train = SplitConfig(kind="folder", path=str(target))
+        out.append((cfg, ("train",)))
+    return out
+
+
+def _cmd_data(args) -> int:
+    from .data import check_config
+
+    target = Path(args.target)
+    if not target.exists():
+        from .errors import DataError
+
+        raise DataError(f"{target}: no such file or folder")
+    problems: list[str] = []
+    checked = 0
+    for cfg, splits in _check_targets(target, args.overrides):
+        problems += check_config(cfg, splits=splits)
+        checked += 1
+    for line in problems:
+        print(line)
+    print(f"{len(problems)} problem(s) in {checked} split group(s) of {target}", file=sys.stderr)
+    return 2 if problems else 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), overrides=args.overrides, progress=not args.no_progress)
+    return 0
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "finetune": _cmd_train,
+    "adapt": _cmd_train,
+    "eval": _cmd_eval,
+    "predict": _cmd_predict,
+    "data": _cmd_data,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import TmtsegError
+
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TmtsegError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tmtseg: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("tmtseg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an unexpected error: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(
+                f"tmtseg: unexpected error: {type(err).__name__}: {err} (run with --debug for the traceback)",
+                file=sys.stderr,
+            )
+        return 1

@@ -1,0 +1,243 @@
+"""Adaptation methods as small pieces composed into one pipeline (method.md §2, §6).
+
+A method turns a step's batches into losses. `finetune` is the plain segmentation loss (also how source models are
+trained); the adversarial methods add discriminators and attention hooks. `Trainer` = segmenter + method + criterion:
+the one module that DDP wraps and that checkpoints hold.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import dist
+from .models.acte import ACTE
+from .models.criterion import SetCriterion, semantic_targets
+from .models.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse, grl_coeff
+from .models.tma import TMA
+
+
+def make_targets(labels: torch.Tensor, *, num_classes: int, ignore_index: int) -> list[dict]:
+    """[B, H, W] semantic labels -> per-image set targets (labels, masks, valid)."""
+    return [semantic_targets(lab, num_classes=num_classes, ignore_index=ignore_index) for lab in labels]
+
+
+class Finetune(nn.Module):
+    """The plain segmentation loss on the labelled batch: vanilla fine-tuning, and supervised source training.
+
+    Subclasses add a domain-adversarial term: `hooks()` makes the per-forward hook object that records what the
+    discriminators need (and supplies attention terms), `domain_loss()` turns two such records into a loss.
+    """
+
+    name = "finetune"
+    needs_source = False
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        ignore_index: int,
+        unsupervised: bool = False,
+        adv_weight: float = 0.0,
+        max_iter: int = 1,
+    ):
+        super().__init__()
+        self.num_classes, self.ignore_index, self.unsupervised = num_classes, ignore_index, unsupervised
+        self.adv_weight, self.max_iter = adv_weight, max_iter
+
+    def seg_loss(self, criterion: SetCriterion, batch: dict, outputs: dict) -> dict:
+        targets = make_targets(batch["label"], num_classes=self.num_classes, ignore_index=self.ignore_index)
+        num_masks = dist.all_reduce_mean(torch.tensor(float(criterion.num_masks(targets)))).clamp(min=1.0)
+        return criterion(outputs, targets, num_masks=float(num_masks))
+
+    def hooks(self, *, grl: float | None):  # noqa: ARG002
+        """The hook object of one forward (None = vanilla Mask2Former); grl=None means inference."""
+        return None
+
+    def inference_hooks(self):
+        return self.hooks(grl=None)
+
+    def domain_loss(self, labelled: object, other: object, *, labelled_is_source: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, criterion: SetCriterion, batches: dict[str, dict], *, step: int) -> dict:
+        # the labelled batch is the target's; in the unsupervised variant it is the source's
+        labelled_key, other_key = ("source", "target") if self.unsupervised else ("target", "source")
+        grl = grl_coeff(step, self.max_iter)
+        hooks = self.hooks(grl=grl)
+        losses = self.seg_loss(criterion, batches[labelled_key], model(batches[labelled_key]["image"], hooks=hooks))
+        if hooks is not None and other_key in batches:
+            other = self.hooks(grl=grl)
+            model.encode(batches[other_key]["image"], hooks=other)  # features only: the decoder is not needed
+            adv = self.domain_loss(hooks, other, labelled_is_source=self.unsupervised)
+            losses["loss_adv"] = self.adv_weight * adv
+            losses["loss"] = losses["loss"] + losses["loss_adv"]
+        return losses
+
+
+class _Record:
+    """What one forward leaves for the discriminators; also the hook object the segmenter calls."""
+
+    def __init__(self, method: nn.Module, grl: float | None):
+        self.method, self.grl, self.store = method, grl, {}
+
+
+class DANNHooks(_Record):
+    def pixel_features(self, features: dict) -> None:
+        tokens = features["tokens"]  # [B, N, C]
+        pooled = tokens.mean(1)  # [B, C]
+        if self.grl is not None:
+            self.store["logits"] = self.method.disc(grad_reverse(pooled, self.grl))  # [B]
+
+
+class DANN(Finetune):
+    """Global adversarial (DANN-style): one image-level discriminator, behind a GRL, on pooled backbone tokens."""
+
+    name = "dann"
+    needs_source = True
+
+    def __init__(self, *, embed_dim: int, disc_hidden: int, disc_dropout: float, **common):
+        super().__init__(**common)
+        self.disc = Discriminator(in_dim=embed_dim, hidden=disc_hidden, dropout=disc_dropout)
+
+    def hooks(self, *, grl: float | None):
+        return DANNHooks(self, grl) if grl is not None else None  # nothing changes at inference
+
+    def domain_loss(self, labelled, other, *, labelled_is_source: bool) -> torch.Tensor:
+        return domain_bce(labelled.store["logits"], labelled_is_source) + domain_bce(
+            other.store["logits"], not labelled_is_source
+        )
+
+
+class TVTHooks(_Record):
+    def backbone_attn(self, tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """Patch transferability from the last block's input tokens -> an additive per-key bias for that block."""
+        x = tokens if self.grl is None else grad_reverse(tokens, self.grl)
+        logits = self.method.patch_disc(x)  # [B, N]
+        self.store["patch_logits"] = logits
+        t = binary_entropy_bits(torch.sigmoid(logits.detach()))  # [B, N], 1 = transferable
+        return torch.log(self.method.eps + t)[:, None, :]  # [B, 1, N]: the dense analogue of TVT's row scaling
+
+    def pixel_features(self, features: dict) -> None:
+        if self.grl is not None:
+            pooled = features["tokens"].mean(1)  # [B, C]
+            self.store["global_logits"] = self.method.global_disc(grad_reverse(pooled, self.grl))  # [B]
+
+
+class TVT(Finetune):
+    """Patch-level (TVT-style): a patch discriminator on the last ViT block's tokens whose transferability
+    (binary entropy) re-weights that block's attention to each key, plus TVT's global discriminator."""
+
+    name = "tvt"
+    needs_source = True
+
+    def __init__(self, *, embed_dim: int, disc_hidden: int, disc_dropout: float, eps: float = 1e-6, **common):
+        super().__init__(**common)
+        self.patch_disc = Discriminator(in_dim=embed_dim, hidden=disc_hidden, dropout=disc_dropout)
+        self.global_disc = Discriminator(in_dim=embed_dim, hidden=disc_hidden, dropout=disc_dropout)
+        self.eps = eps
+
+    def hooks(self, *, grl: float | None):
+        return TVTHooks(self, grl)
+
+    def domain_loss(self, labelled, other, *, labelled_is_source: bool) -> torch.Tensor:
+        local = domain_bce(labelled.store["patch_logits"], labelled_is_source) + domain_bce(
+            other.store["patch_logits"], not labelled_is_source
+        )
+        glob = domain_bce(labelled.store["global_logits"], labelled_is_source) + domain_bce(
+            other.store["global_logits"], not labelled_is_source
+        )
+        return local + glob
+
+
+class TMTHooks(_Record):
+    def pixel_features(self, features: dict) -> None:
+        """ACTE on the chosen pixel-decoder map; caches the transferability map for TMA."""
+        x = features["multi_scale"][self.method.level]  # [B, C, h, w]
+        self.store["acte"] = self.method.acte(x, grl_coeff=self.grl)
+
+    def decoder_attn(self, layer: int, prev: dict, hw: tuple[int, int]):  # noqa: ARG002
+        return self.method.tma.attn_terms(self.store["acte"]["tmap"], prev, hw)
+
+
+class TMT(Finetune):
+    """TMT (method.md §4-§5): ACTE's region discriminator (mass-weighted, behind a GRL) + TMA in the decoder."""
+
+    name = "tmt"
+    needs_source = True
+
+    def __init__(
+        self, *, feature_dim: int, feature_stride: int, acte: dict, tma: dict, at_inference: bool = True, **common
+    ):
+        super().__init__(**common)
+        self.level = {32: 0, 16: 1, 8: 2}[feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
+        self.acte = ACTE(in_dim=feature_dim, **acte)
+        self.tma = TMA(**tma)
+        self.at_inference = at_inference
+
+    def hooks(self, *, grl: float | None):
+        if grl is None and not self.at_inference:
+            return None
+        return TMTHooks(self, grl)
+
+    def domain_loss(self, labelled, other, *, labelled_is_source: bool) -> torch.Tensor:
+        return ACTE.loss(labelled.store["acte"], labelled_is_source) + ACTE.loss(
+            other.store["acte"], not labelled_is_source
+        )
+
+
+class Trainer(nn.Module):
+    """Segmenter + adaptation method + criterion; `forward(batches, step)` returns the step's losses."""
+
+    def __init__(self, *, model: nn.Module, method: nn.Module, criterion: SetCriterion):
+        super().__init__()
+        self.model, self.method, self.criterion = model, method, criterion
+
+    def forward(self, batches: dict[str, dict], *, step: int) -> dict:
+        return self.method(self.model, self.criterion, batches, step=step)
+
+
+METHODS: dict[str, type[Finetune]] = {"finetune": Finetune, "dann": DANN, "tvt": TVT, "tmt": TMT}
+
+
+def build_method(cfg) -> Finetune:
+    """The only reader of cfg.adapt: every [choice] of method.md becomes a constructor argument here."""
+    a = cfg.adapt
+    common = dict(
+        num_classes=cfg.data.num_classes,
+        ignore_index=cfg.data.ignore_index,
+        unsupervised=a.unsupervised,
+        adv_weight=a.adv_weight,
+        max_iter=a.grl_max_iter or cfg.train.iters,
+    )
+    disc = dict(disc_hidden=a.acte.disc_hidden, disc_dropout=a.acte.disc_dropout)
+    if a.method == "finetune":
+        return Finetune(**common)
+    if a.method == "dann":
+        return DANN(embed_dim=cfg.model.backbone.embed_dim, **disc, **common)
+    if a.method == "tvt":
+        return TVT(embed_dim=cfg.model.backbone.embed_dim, eps=a.tma.eps, **disc, **common)
+    t = a.tma
+    return TMT(
+        feature_dim=cfg.model.conv_dim,
+        feature_stride=a.acte.feature_stride,
+        at_inference=t.at_inference,
+        acte=dict(cell=a.acte.cell, iters=a.acte.iters, kappa=a.acte.kappa, **disc),
+        tma=dict(
+            num_heads=cfg.model.nheads,
+            alpha=t.alpha,
+            combine=t.combine,
+            uncertainty=t.uncertainty,
+            form=t.form,
+            learn_lambda=t.learn_lambda,
+            lambda_init=t.lambda_init,
+            eps=t.eps,
+        ),
+        **common,
+    )
+
+
+def build_trainer(cfg) -> Trainer:
+    from .models.build import build_criterion, build_model
+
+    return Trainer(model=build_model(cfg), method=build_method(cfg), criterion=build_criterion(cfg))
