@@ -1,0 +1,139 @@
+"""Set criterion (method.md §3): perfect vs wrong predictions, ignore pixels, deep supervision, the normaliser."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tmtseg.errors import DataError
+from tmtseg.models.criterion import SetCriterion, semantic_targets, uncertain_point_coords
+from tmtseg.models.matcher import HungarianMatcher
+
+K, Q, H, W = 3, 5, 32, 32
+
+
+def criterion(deep_supervision: bool = True) -> SetCriterion:
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=256)
+    return SetCriterion(
+        num_classes=K,
+        matcher=matcher,
+        class_weight=2.0,
+        mask_weight=5.0,
+        dice_weight=5.0,
+        no_object_weight=0.1,
+        num_points=256,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        deep_supervision=deep_supervision,
+    )
+
+
+def label_map() -> torch.Tensor:
+    """Three 16-pixel-aligned blocks: class 0 top, class 2 bottom-left, class 1 bottom-right."""
+    label = torch.zeros(H, W, dtype=torch.int64)
+    label[16:, :16], label[16:, 16:] = 2, 1
+    return label
+
+
+def prediction_for(label: torch.Tensor) -> dict:
+    """Queries 0..M-1 predict the present classes exactly (confident logits); the rest predict no-object."""
+    t = semantic_targets(label, num_classes=K, ignore_index=255)
+    logits = torch.full((1, Q, K + 1), -10.0)
+    logits[0, :, K] = 10.0
+    masks = torch.full((1, Q, H // 4, W // 4), -20.0)
+    for q, (c, m) in enumerate(zip(t["labels"], t["masks"], strict=True)):
+        logits[0, q, K], logits[0, q, c] = -10.0, 10.0
+        masks[0, q][m[::4, ::4]] = 20.0
+    return {"pred_logits": logits, "pred_masks": masks}
+
+
+def test_semantic_targets():
+    label = label_map()
+    label[0, 0] = 255
+    t = semantic_targets(label, num_classes=K, ignore_index=255)
+    assert t["labels"].tolist() == [0, 1, 2] and t["masks"].dtype == torch.bool and t["masks"].shape == (3, H, W)
+    assert (t["masks"].sum(0) == t["valid"]).all() and not t["valid"][0, 0] and t["valid"].sum() == H * W - 1
+    with pytest.raises(DataError, match=r"\[7\]"):
+        semantic_targets(torch.full((4, 4), 7), num_classes=K, ignore_index=255)
+    empty = semantic_targets(torch.full((4, 4), 255), num_classes=K, ignore_index=255)
+    assert empty["labels"].numel() == 0 and empty["masks"].shape == (0, 4, 4)
+
+
+def test_perfect_prediction_is_near_zero_and_a_wrong_one_is_not():
+    torch.manual_seed(0)
+    label = label_map()
+    targets = [semantic_targets(label, num_classes=K, ignore_index=255)]
+    perfect = criterion(False)(prediction_for(label), targets)
+    wrong = criterion(False)(prediction_for(label.flip(0)), targets)  # masks in the wrong places
+    assert set(perfect) == {"loss_ce", "loss_mask", "loss_dice", "loss"}
+    # what is left of a perfect prediction is the blur of its stride-4 masks at boundaries, where points concentrate
+    assert perfect["loss_ce"] < 1e-3 and perfect["loss_dice"] < 0.5 and perfect["loss_mask"] < 1.0
+    assert wrong["loss_mask"] > 10 * perfect["loss_mask"] and wrong["loss_dice"] > 10 * perfect["loss_dice"]
+    torch.testing.assert_close(perfect["loss"], perfect["loss_ce"] + perfect["loss_mask"] + perfect["loss_dice"])
+
+
+def test_ignored_pixels_carry_no_mask_loss():
+    torch.manual_seed(0)
+    label = label_map()
+    wrong_top = prediction_for(label)
+    wrong_top["pred_masks"][0, :, :2, :] *= -1  # every mask wrong in the top quarter of the image
+    ignored = label.clone()
+    ignored[:8] = 255  # ... which the label ignores
+    t_ignored = semantic_targets(ignored, num_classes=K, ignore_index=255)
+    t_full = semantic_targets(label, num_classes=K, ignore_index=255)
+    a = criterion(False)(wrong_top, [t_ignored])
+    b = criterion(False)(wrong_top, [t_full])
+    perfect = criterion(False)(prediction_for(label), [t_ignored])
+    assert a["loss_mask"] < 0.15 * b["loss_mask"] and a["loss_dice"] < 0.4 * b["loss_dice"]
+    # only the blur across the ignore border separates it from a prediction right everywhere
+    assert a["loss_mask"] < 2 * perfect["loss_mask"] and a["loss_dice"] < 2 * perfect["loss_dice"]
+
+
+def test_deep_supervision_keys_and_sum():
+    label = label_map()
+    targets = [semantic_targets(label, num_classes=K, ignore_index=255)]
+    out = prediction_for(label)
+    out["aux_outputs"] = [prediction_for(label.flip(1)), prediction_for(label)]
+    losses = criterion(True)(out, targets)
+    suffixed = {f"{k}{s}" for k in ("loss_ce", "loss_mask", "loss_dice") for s in ("", "_0", "_1")}
+    assert set(losses) == suffixed | {"loss"}
+    torch.testing.assert_close(losses["loss"], sum(losses[k] for k in suffixed))
+    assert set(criterion(False)(out, targets)) == {"loss_ce", "loss_mask", "loss_dice", "loss"}
+
+
+def test_num_masks_normaliser_and_override():
+    label = label_map()
+    targets = [
+        semantic_targets(label, num_classes=K, ignore_index=255),
+        semantic_targets(label, num_classes=K, ignore_index=255),
+    ]
+    crit = criterion(False)
+    assert crit.num_masks(targets) == 6.0
+    out = prediction_for(label.flip(0))
+    out = {k: v.expand(2, *v.shape[1:]).clone() for k, v in out.items()}
+    torch.manual_seed(0)
+    default = crit(out, targets)
+    torch.manual_seed(0)
+    doubled = crit(out, targets, num_masks=12.0)
+    torch.testing.assert_close(doubled["loss_mask"], default["loss_mask"] / 2)
+    torch.testing.assert_close(doubled["loss_dice"], default["loss_dice"] / 2)
+    torch.testing.assert_close(doubled["loss_ce"], default["loss_ce"])  # CE is a mean over queries
+
+
+def test_images_without_targets_give_finite_losses_and_gradients():
+    out = prediction_for(label_map())
+    out = {k: v.clone().requires_grad_(True) for k, v in out.items()}
+    empty = semantic_targets(torch.full((H, W), 255), num_classes=K, ignore_index=255)
+    losses = criterion(False)(out, [empty])
+    assert torch.isfinite(losses["loss"]) and losses["loss_mask"] == 0
+    losses["loss"].backward()
+    assert out["pred_logits"].grad is not None and out["pred_masks"].grad is not None
+
+
+def test_uncertain_points_prefer_logits_near_zero():
+    logits = torch.full((1, 1, 8, 8), 10.0)
+    logits[..., :, :2] = 0.0  # the uncertain band: the left quarter
+    torch.manual_seed(0)
+    coords = uncertain_point_coords(logits, num_points=100, oversample_ratio=3.0, importance_ratio=0.75)
+    assert coords.shape == (1, 100, 2)
+    assert (coords[0, :75, 0] < 0.25 + 1 / 16).float().mean() > 0.9  # interpolation blurs the band by half a cell

@@ -1,0 +1,114 @@
+"""Hungarian matcher (method.md §3): batched == per image, empty targets, brute-force agreement, ignore pixels."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from tmtseg.models.matcher import HungarianMatcher, pred_coord_scale, sample_targets
+
+K = 4
+
+
+def matcher(num_points: int = 256) -> HungarianMatcher:
+    return HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=num_points)
+
+
+def random_problem(B: int, Q: int, ms: list[int], seed: int, H: int = 32, W: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    outputs = {
+        "pred_logits": torch.randn(B, Q, K + 1, generator=g),
+        "pred_masks": torch.randn(B, Q, H // 4, W // 4, generator=g) * 3,
+    }
+    targets = []
+    for m in ms:
+        targets.append(
+            {
+                "labels": torch.randint(0, K, (m,), generator=g),
+                "masks": torch.rand(m, H, W, generator=g) > 0.5,
+                "valid": torch.rand(H, W, generator=g) > 0.1,
+            }
+        )
+    return outputs, targets
+
+
+def test_batched_equals_per_image():
+    outputs, targets = random_problem(3, 6, [2, 0, 4], seed=0)
+    torch.manual_seed(5)
+    batched = matcher()(outputs, targets)
+    for b, target in enumerate(targets):
+        torch.manual_seed(5)  # one draw of points per call: the same points as in the batched call
+        single = matcher()({k: v[b : b + 1] for k, v in outputs.items()}, [target])[0]
+        assert torch.equal(batched[b][0], single[0]) and torch.equal(batched[b][1], single[1])
+
+
+def test_empty_targets():
+    outputs, targets = random_problem(2, 5, [0, 0], seed=1)
+    for rows, cols in matcher()(outputs, targets):
+        assert rows.dtype == cols.dtype == torch.int64 and rows.numel() == cols.numel() == 0
+
+
+def test_one_to_one_and_agrees_with_brute_force():
+    m = matcher(num_points=64)
+    for seed in range(6):
+        Q, M = 4, 1 + seed % 3
+        outputs, targets = random_problem(1, Q, [M], seed=seed)
+        torch.manual_seed(seed)
+        rows, cols = m(outputs, targets)[0]
+        assert len(rows) == M and len(set(rows.tolist())) == M and sorted(cols.tolist()) == list(range(M))
+        torch.manual_seed(seed)
+        coords = torch.rand(64, 2)  # the matcher's own draw
+        cost = m.cost_matrix(outputs["pred_logits"][0], outputs["pred_masks"][0], targets[0], coords)  # [Q, M]
+        best = min(sum(cost[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(Q), M))
+        torch.testing.assert_close(cost[rows, cols].sum(), torch.as_tensor(best))
+
+
+def test_obvious_assignment_is_found():
+    H = W = 16
+    gt = torch.zeros(2, H, W, dtype=torch.bool)
+    gt[0, :8], gt[1, 8:] = True, True  # top half class 1, bottom half class 3
+    masks = torch.full((1, 3, H // 4, W // 4), -10.0)
+    masks[0, 2, 2:], masks[0, 0, :2] = 10.0, 10.0  # query 2 = bottom, query 0 = top
+    logits = torch.zeros(1, 3, K + 1)
+    logits[0, 0, 1] = logits[0, 2, 3] = 5.0
+    rows, cols = matcher()(
+        {"pred_logits": logits, "pred_masks": masks}, [{"labels": torch.tensor([1, 3]), "masks": gt}]
+    )[0]
+    assert dict(zip(cols.tolist(), rows.tolist(), strict=True)) == {0: 0, 1: 2}
+
+
+def test_ignored_pixels_have_zero_weight_and_do_not_sway_the_match():
+    H = W = 16
+    gt = torch.zeros(1, H, W, dtype=torch.bool)
+    gt[0, :, :8] = True  # left half
+    valid = torch.ones(H, W, dtype=torch.bool)
+    valid[:, 8:] = False  # the right half is ignore
+    coords = torch.tensor([[[0.25, 0.5], [0.75, 0.5], [0.51, 0.5]]])  # left, right (ignored), next to the border
+    labels, w = sample_targets(gt, valid, coords)
+    assert w[0, 1] == 0 and w[0, 0] == 1 and 0 < w[0, 2] < 1
+    assert labels[0, 0] == 1 and labels[0, 2] == 1  # interpolated over valid pixels only: still fully foreground
+    # query 0: right on the valid half, wrong on the ignored one; query 1: half wrong on the valid half, right on the
+    # ignored one. Counting the ignored pixels query 1 is the better match; without them query 0 is.
+    masks = torch.full((1, 2, 4, 4), -10.0)
+    masks[0, 0] = 10.0
+    masks[0, 1, :2, :2] = 10.0
+    logits = torch.zeros(1, 2, K + 1)
+    outputs = {"pred_logits": logits, "pred_masks": masks}
+    rows, _ = matcher()(outputs, [{"labels": torch.tensor([0]), "masks": gt}])[0]
+    assert rows.tolist() == [1]
+    rows, _ = matcher()(outputs, [{"labels": torch.tensor([0]), "masks": gt, "valid": valid}])[0]
+    assert rows.tolist() == [0]
+
+
+def test_pred_coord_scale_aligns_stride_four_predictions():
+    torch.testing.assert_close(pred_coord_scale((16, 24), (64, 96)), torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(pred_coord_scale((17, 14), (65, 53)), torch.tensor([53 / 56, 65 / 68]))
+    torch.testing.assert_close(pred_coord_scale((8, 8), (128, 128)), torch.tensor([1.0, 1.0]))  # another resolution
+
+
+def test_non_finite_predictions_still_match():
+    outputs, targets = random_problem(1, 4, [2], seed=3)
+    outputs["pred_masks"][0, 1] = float("nan")
+    rows, cols = matcher()(outputs, targets)[0]
+    assert len(rows) == len(cols) == 2

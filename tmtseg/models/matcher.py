@@ -1,0 +1,104 @@
+"""Hungarian matching of predicted masks to ground-truth masks (method.md §3, Mask2Former's matcher): class + sigmoid
+BCE + Dice costs on the same random points for predictions and targets, in float32 without gradients."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+
+def point_sample(x: Tensor, coords: Tensor) -> Tensor:
+    """Bilinear samples of x [N, C, H, W] at coords [N, P, 2] (x, y) in [0, 1] -> [N, C, P]; zero outside the map."""
+    return F.grid_sample(x, 2.0 * coords[:, :, None, :] - 1.0, align_corners=False)[..., 0]  # [N, C, P]
+
+
+def pred_coord_scale(pred_hw: tuple[int, int], gt_hw: tuple[int, int], *, device=None) -> Tensor:
+    """Factor [2] (x, y) mapping normalised ground-truth coordinates to the stride-4 prediction's.
+
+    pred_masks cover 4 * ceil(H/4) pixels, a little more than an image of H pixels; the factor lines the two up. A
+    ground truth at another resolution (not within one stride) is taken to span the same field of view.
+    """
+    scale = []
+    for p, g in zip(reversed(pred_hw), reversed(gt_hw), strict=True):
+        scale.append(g / (4 * p) if 4 * (p - 1) < g <= 4 * p else 1.0)
+    return torch.tensor(scale, dtype=torch.float32, device=device)
+
+
+def sample_targets(masks: Tensor, valid: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
+    """Ground truth at points: masks [M, H, W], valid [H, W], coords [M or 1, P, 2] -> (labels [M, P], weights [M or 1,
+    P]). Labels are interpolated over valid pixels only; weights are the valid fraction (0 inside ignore regions)."""
+    n = coords.shape[0]
+    if n == 1:  # the same points for every mask: sample the masks as channels of one map
+        gt = point_sample(masks[None].float(), coords)[0]  # [M, P]
+    else:
+        gt = point_sample(masks[:, None].float(), coords)[:, 0]  # [M, P]
+    w = point_sample(valid[None, None].float().expand(n, 1, -1, -1), coords)[:, 0]  # [M or 1, P]
+    # masks are 0 at ignored pixels, so dividing by the sampled valid fraction renormalises the interpolation
+    return gt / w.clamp(min=1e-6) * (w > 0), w
+
+
+def batch_sigmoid_ce(pred: Tensor, gt: Tensor, w: Tensor) -> Tensor:
+    """Weighted mean BCE of every prediction [Q, P] against every target [M, P] with point weights [P] -> [Q, M]."""
+    pos = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred), reduction="none") * w  # [Q, P]
+    neg = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none") * w  # [Q, P]
+    return (pos @ gt.T + neg @ (1 - gt).T) / w.sum().clamp(min=1e-6)  # [Q, M]
+
+
+def batch_dice(pred: Tensor, gt: Tensor, w: Tensor) -> Tensor:
+    """Dice cost of every prediction [Q, P] against every target [M, P] with point weights [P] -> [Q, M]."""
+    p = pred.sigmoid() * w  # [Q, P]
+    numerator = 2 * p @ gt.T  # [Q, M]
+    denominator = p.sum(-1)[:, None] + (gt * w).sum(-1)[None, :]  # [Q, M]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of queries to ground-truth masks minimising the weighted sum of the three costs."""
+
+    def __init__(self, *, cost_class: float, cost_mask: float, cost_dice: float, num_points: int) -> None:
+        super().__init__()
+        self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
+        self.num_points = num_points
+
+    def cost_matrix(self, logits: Tensor, masks: Tensor, target: dict, coords: Tensor) -> Tensor:
+        """logits [Q, K+1], masks [Q, h, w], target dict (labels [M], masks [M, H, W], valid [H, W]) -> cost [Q, M]."""
+        gt_masks = target["masks"]
+        valid = target.get("valid")
+        if valid is None:
+            valid = torch.ones(gt_masks.shape[-2:], dtype=torch.bool, device=gt_masks.device)
+        gt, w = sample_targets(gt_masks, valid, coords[None])  # [M, P], [1, P]
+        scale = pred_coord_scale(masks.shape[-2:], gt_masks.shape[-2:], device=coords.device)
+        pred = point_sample(masks[None], (coords * scale)[None])[0]  # [Q, P]
+        cost_class = -logits.softmax(-1)[:, target["labels"]]  # [Q, M]
+        return (
+            self.cost_class * cost_class
+            + self.cost_mask * batch_sigmoid_ce(pred, gt, w[0])
+            + self.cost_dice * batch_dice(pred, gt, w[0])
+        )
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[Tensor, Tensor]]:
+        """outputs: pred_logits [B, Q, K+1], pred_masks [B, Q, h, w]; targets: per image labels [M], masks [M, H, W],
+        valid [H, W] (optional). Returns per image (query indices, target indices), int64 [min(Q, M)] each.
+
+        One set of random points serves the whole batch, so a batch matches exactly like its images one by one under
+        the same seed.
+        """
+        logits, masks = outputs["pred_logits"], outputs["pred_masks"]
+        device = logits.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            coords = torch.rand(self.num_points, 2, device=device)  # [P, 2]
+            indices = []
+            for b, target in enumerate(targets):
+                if len(target["labels"]) == 0:
+                    empty = torch.zeros(0, dtype=torch.int64)
+                    indices.append((empty, empty.clone()))
+                    continue
+                cost = self.cost_matrix(logits[b].float(), masks[b].float(), target, coords)  # [Q, M]
+                # a non-finite prediction must reach the loss (where the engine handles it), not crash scipy here
+                cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
+                rows, cols = linear_sum_assignment(cost.cpu().numpy())
+                indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices

@@ -1,0 +1,90 @@
+"""The segmenter (method.md §3): backbone -> pixel decoder -> masked-attention decoder, composed by injection, with
+the hook points where the adaptation methods (DANN, TVT-style, TMT) plug in."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SIZE_DIVISOR = 32  # the coarsest memory stride: inputs are padded to a multiple of it
+
+
+class Segmenter(nn.Module):
+    """Mask2Former-style segmenter on a ViT.
+
+    `forward(images, *, hooks=None, return_attn=False)` returns, in train and eval alike:
+      pred_logits [B, Q, K+1], pred_masks [B, Q, ceil(H/4), ceil(W/4)] (last layer);
+      aux_outputs: list of dicts with pred_logits / pred_masks, the prediction before the first decoder layer and after
+        each layer but the last;
+      features: tokens [B, N, C] (final ViT patch tokens after norm), tokens_hw (h, w), multi_scale (list of
+        [B, Cd, h, w] at strides 32, 16, 8), mask_features [B, Cm, ceil(H/4), ceil(W/4)], backbone {stride: [B, Cb, h,
+        w]};
+      with return_attn: attn (per layer [B, h, Q, N] probabilities), attn_masks (per layer bool [B, Q, N], True =
+        masked out), attn_hw (per layer (h, w)).
+    Images are padded (bottom/right) to a multiple of 32; the backbone, pixel-decoder maps and everything the hooks see
+    live on that padded grid, while pred_masks and mask_features are cropped back to the image.
+
+    hooks (any method may be absent): backbone_attn(tokens, hw) -> bias [B, 1 or h, N] | None, added to the keys of
+    the last ViT block; pixel_features(features) -> None, after the pixel decoder; decoder_attn(layer, prev, hw) ->
+    (bias [B, h, h*w] | None, scale [B, h, h*w] | None) for the masked cross-attention of decoder layer `layer`, where
+    prev holds the (detached) previous prediction on the padded grid.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        pixel_decoder: nn.Module,
+        decoder: nn.Module,
+        pixel_mean: list[float] | tuple[float, ...],
+        pixel_std: list[float] | tuple[float, ...],
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.decoder = decoder
+        self.num_classes = decoder.num_classes
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
+
+    def encode(self, images: Tensor, *, hooks=None) -> dict:
+        """Backbone + pixel decoder only: the `features` dict of `forward` (what the domain discriminators need)."""
+        H, W = images.shape[-2:]
+        x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        # zero after normalisation = the mean colour, as detectron2 pads its batches
+        x = F.pad(x, (0, -W % SIZE_DIVISOR, 0, -H % SIZE_DIVISOR))  # [B, 3, H', W']
+        bb = self.backbone(x, attn_hook=getattr(hooks, "backbone_attn", None))
+        pix = self.pixel_decoder(bb["pyramid"])
+        features = {
+            "tokens": bb["tokens"],
+            "tokens_hw": bb["tokens_hw"],
+            "multi_scale": pix["multi_scale"],
+            "mask_features_padded": pix["mask_features"],  # [B, Cm, H'/4, W'/4]: what the decoder uses
+            "mask_features": pix["mask_features"][..., : -(-H // 4), : -(-W // 4)],  # [B, Cm, ceil(H/4), ceil(W/4)]
+            "backbone": bb["pyramid"],
+        }
+        pixel_hook = getattr(hooks, "pixel_features", None)
+        if pixel_hook is not None:
+            pixel_hook(features)
+        return features
+
+    def forward(self, images: Tensor, *, hooks=None, return_attn: bool = False) -> dict:
+        """images: uint8 or float [B, 3, H, W] in 0-255, any H and W (see the class docstring for the output dict)."""
+        H, W = images.shape[-2:]
+        h4, w4 = -(-H // 4), -(-W // 4)
+        features = self.encode(images, hooks=hooks)
+        dec = self.decoder(
+            features["multi_scale"],
+            features.pop("mask_features_padded"),
+            attn_hook=getattr(hooks, "decoder_attn", None),
+            return_attn=return_attn,
+        )
+        preds = [
+            {"pred_logits": p["pred_logits"], "pred_masks": p["pred_masks"][..., :h4, :w4]}  # [B, Q, H/4, W/4]
+            for p in dec["predictions"]
+        ]
+        out = {**preds[-1], "aux_outputs": preds[:-1], "features": features}
+        if return_attn:
+            out.update(attn=dec["attn"], attn_masks=dec["attn_masks"], attn_hw=dec["attn_hw"])
+        return out
