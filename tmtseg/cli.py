@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder")
     p.add_argument("overrides", nargs="*")
 
+    p = sub.add_parser("viz", help="the paper's Fig. 1 panels: regions, transferability, uncertainty, attention")
+    p.add_argument("checkpoint")
+    p.add_argument("input", nargs="?", help="an image or folder; default: the first --count images of data.val")
+    p.add_argument("--out", default="viz", help="output folder: one figure per image plus grid.png")
+    p.add_argument("--count", type=int, default=4, help="images of data.val to draw (without INPUT)")
+    p.add_argument("--queries", type=int, default=2, help="the most confident queries to show")
+    p.add_argument("--layers", type=int, nargs="+", default=[0, -1], help="decoder layers to show")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="key=value config override")
+
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     q = dsub.add_parser("check", help="report every bad file of a dataset folder or of a config's splits")
@@ -138,6 +147,72 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_viz(args) -> int:
+    import numpy as np
+    import torch
+
+    from .data import build_dataset
+    from .predict import list_images, read_image
+    from .runner import trainer_from_checkpoint
+    from .viz import compute_panels, draw_figure, draw_grid
+
+    trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
+    palette = np.asarray(meta["palette"], dtype=np.uint8)
+    names = meta["class_names"]
+    if args.input:
+        items = []
+        for path in list_images(Path(args.input)):
+            image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
+            if cfg.data.scale != 1.0:
+                size = (round(image.shape[1] * cfg.data.scale), round(image.shape[2] * cfg.data.scale))
+                image = (
+                    torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0]
+                    .round()
+                    .clamp(0, 255)
+                    .to(torch.uint8)
+                )
+            items.append((path.stem, image, None))
+    else:
+        ds = build_dataset(cfg.data.val, cfg.data, train=False)
+        items = []
+        for i in range(min(args.count, len(ds))):
+            item = ds[i]
+            label = item["label"]
+            if label.shape[-2:] != item["image"].shape[-2:]:  # labels stay at full resolution: match the image
+                label = torch.nn.functional.interpolate(
+                    label[None, None].float(), size=item["image"].shape[-2:], mode="nearest"
+                )[0, 0].long()
+            items.append((Path(str(item["name"])).stem, item["image"], label))
+    out = Path(args.out)
+    acte = cfg.adapt.acte
+    level = {32: 0, 16: 1, 8: 2}[acte.feature_stride]
+    panels = []
+    for stem, image, label in items:
+        p = compute_panels(
+            trainer,
+            image,
+            label=label,
+            cell=acte.cell,
+            iters=acte.iters,
+            kappa=acte.kappa,
+            feature_level=level,
+            queries=args.queries,
+            layers=tuple(args.layers),
+        )
+        draw_figure(
+            p,
+            out / f"{stem}.png",
+            palette=palette,
+            class_names=names,
+            ignore_index=cfg.data.ignore_index,
+            title=f"{stem} - {cfg.adapt.method}",
+        )
+        panels.append(p)
+    draw_grid(panels, out / "grid.png", palette=palette, ignore_index=cfg.data.ignore_index)
+    print(f"wrote {len(panels)} figures and grid.png to {out}")
+    return 0
+
+
 def _check_targets(target: Path, overrides: list[str]):
     """(cfg, splits) pairs to check for a config file or a dataset folder."""
     from .config import SplitConfig, load_config, load_config_over
@@ -213,6 +288,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "predict": _cmd_predict,
     "data": _cmd_data,
+    "viz": _cmd_viz,
     "demo": _cmd_demo,
 }
 
