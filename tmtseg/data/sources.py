@@ -1,0 +1,316 @@
+"""Where a split's items come from: the real manifest sets, a user folder, Cityscapes, or the synthetic scenes.
+
+``list_source`` turns a :class:`SplitConfig` into a :class:`Source`: sorted records, their decoder,
+class names and palette. Config mistakes raise ConfigError; missing metadata files raise DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from ..config import DataConfig, SplitConfig
+from ..errors import ConfigError, DataError
+from . import synthetic
+from .decode import (
+    Pair,
+    PolypDecoder,
+    Record,
+    RetinaDecoder,
+    camvid_decoder,
+    cityscapes_decoder,
+    folder_decoder,
+)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+BINARY_PALETTE = np.array([[0, 0, 0], [255, 255, 255]], dtype=np.uint8)
+
+
+@dataclass
+class Source:
+    records: list[Record]
+    decoder: Callable[[Record], Pair]
+    class_names: list[str]
+    palette: np.ndarray  # [K, 3] uint8
+    where: str  # what the split reads, for messages
+
+
+@dataclass(frozen=True)
+class ManifestSet:
+    """One real dataset under the data root: its classes, colours, decoder and grouping rule."""
+
+    class_names: list[str]
+    palette: list[list[int]]
+    decoder: Callable[..., Callable[[Record], Pair]]  # (ignore_index=...) -> decoder
+    group_of: Callable[[dict], str] | None = None  # manifest row -> group id; None = no groups
+
+
+def _chase_child(row: dict) -> str:
+    match = re.match(r"Image_(\d+)[LR]", Path(row["image"]).name)
+    return match.group(1) if match else ""
+
+
+MANIFEST_SETS = {
+    "camvid-daydusk": ManifestSet(
+        class_names=["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
+                     "Pedestrian", "Bicyclist"],
+        palette=[[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], [60, 40, 222], [128, 128, 0],
+                 [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192]],
+        decoder=camvid_decoder,
+        group_of=lambda row: row["sequence"],
+    ),
+    "polyp-multicenter": ManifestSet(
+        class_names=["background", "polyp"], palette=BINARY_PALETTE.tolist(), decoder=lambda **_: PolypDecoder()
+    ),
+    "retina-vessels": ManifestSet(
+        class_names=["background", "vessel"], palette=BINARY_PALETTE.tolist(), decoder=RetinaDecoder,
+        group_of=lambda row: _chase_child(row) if row["domain"] == "chase_db1" else "",
+    ),
+}  # fmt: skip
+
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+]  # fmt: skip
+CITYSCAPES_PALETTE = [
+    [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
+    [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60], [255, 0, 0],
+    [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32],
+]  # fmt: skip
+
+
+def default_palette(num_classes: int) -> np.ndarray:
+    """The PASCAL VOC colour map: distinct colours for any number of classes. [K, 3] uint8."""
+    out = np.zeros((num_classes, 3), dtype=np.uint8)
+    for k in range(num_classes):
+        c, rgb = k, [0, 0, 0]
+        for bit in range(8):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << (7 - bit)
+            c >>= 3
+        out[k] = rgb
+    return out
+
+
+def resolve_data_root(root: str) -> Path:
+    """``""`` -> ./../shared/data or <repo>/../shared/data, whichever exists first; else ``root`` itself."""
+    if root:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise DataError(f"{root}: data root not found")
+        return path
+    repo = Path(__file__).resolve().parents[2]
+    candidates = [Path.cwd() / ".." / "shared" / "data", repo / ".." / "shared" / "data"]
+    for path in candidates:
+        if path.is_dir():
+            return path.resolve()
+    raise DataError(f"{candidates[0]} (or {candidates[1]}): data root not found")
+
+
+def _slice(split: SplitConfig, records: list[Record], key: str) -> list[Record]:
+    if split.start < 0 or (split.stop is not None and split.stop < split.start):
+        raise ConfigError(f"config key {key}.start/stop=[{split.start}, {split.stop}): need 0 <= start <= stop")
+    return records[split.start : split.stop]
+
+
+def _no_groups(split: SplitConfig, key: str, what: str) -> None:
+    if split.groups:
+        raise ConfigError(f"config key {key}.groups={split.groups}: {what} has no groups")
+
+
+def _one_of(key: str, value: object, allowed: set[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key {key}={value!r}: must be one of {', '.join(sorted(allowed))}")
+
+
+def _manifest(split: SplitConfig, data: DataConfig, key: str) -> Source:
+    _one_of(f"{key}.dataset", split.dataset, set(MANIFEST_SETS))
+    spec = MANIFEST_SETS[split.dataset]
+    folder = resolve_data_root(data.root) / split.dataset
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: manifest not found")
+    with manifest.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    label_col = "label" if rows and "label" in rows[0] else "mask"
+    if not rows or not {"image", label_col, "domain", "suggested_role"} <= set(rows[0]):
+        raise DataError(f"{manifest}: expected columns image, label (or mask), domain, suggested_role")
+    _one_of(f"{key}.domain", split.domain, {r["domain"] for r in rows})
+    rows = [r for r in rows if r["domain"] == split.domain]
+    for role in split.roles:
+        _one_of(f"{key}.roles", role, {r["suggested_role"] for r in rows})
+    if split.roles:
+        rows = [r for r in rows if r["suggested_role"] in split.roles]
+    if spec.group_of is None:
+        _no_groups(split, key, split.dataset)
+    elif split.groups:
+        groups = {spec.group_of(r) for r in rows} - {""}
+        if not groups:
+            raise ConfigError(f"config key {key}.groups: domain {split.domain!r} of {split.dataset} has no groups")
+        for group in split.groups:
+            _one_of(f"{key}.groups", group, groups)
+        rows = [r for r in rows if spec.group_of(r) in split.groups]
+    rows.sort(key=lambda r: (Path(r["image"]).name, r["image"]))
+    records = []
+    for r in rows:
+        rel = Path(r["image"])
+        parts = [p for p in rel.parent.parts if p != "images"]
+        records.append(
+            Record(
+                name="_".join([*parts, rel.stem]),
+                image=folder / r["image"],
+                label=folder / r[label_col] if r[label_col] else None,
+                fov=folder / r["fov"] if r.get("fov") else None,
+                domain=r["domain"],
+                group=spec.group_of(r) if spec.group_of else "",
+            )
+        )
+    return Source(
+        records=_slice(split, records, key),
+        decoder=spec.decoder(ignore_index=data.ignore_index),
+        class_names=list(spec.class_names),
+        palette=np.array(spec.palette, dtype=np.uint8),
+        where=f"{folder} (domain={split.domain}, roles={split.roles or 'all'})",
+    )
+
+
+FOLDER_KEYS = {"classes", "ignore_index", "id_map", "palette"}
+
+
+def _read_folder_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: dataset.yaml not found (a folder dataset needs classes: [names])")
+    try:
+        meta = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path}: must hold a mapping with key classes")
+    for k in meta:
+        if k not in FOLDER_KEYS:
+            raise ConfigError(f"{path}: unknown key {k!r} (known: {', '.join(sorted(FOLDER_KEYS))})")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ConfigError(f"{path}: key 'classes' must be a non-empty list of names")
+    if not isinstance(meta.get("ignore_index", 255), int) or meta.get("ignore_index", 255) < 0:
+        raise ConfigError(f"{path}: key 'ignore_index' must be a non-negative integer")
+    id_map = meta.get("id_map") or {}
+    ok = isinstance(id_map, dict) and all(
+        isinstance(a, int) and a >= 0 and isinstance(b, int) and 0 <= b < len(classes) for a, b in id_map.items()
+    )
+    if not ok:
+        raise ConfigError(f"{path}: key 'id_map' must map raw values >= 0 to class ids in [0, {len(classes)})")
+    palette = meta.get("palette")
+    if palette is not None:
+        arr = np.asarray(palette)
+        if arr.shape != (len(classes), 3) or arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 255:
+            raise ConfigError(f"{path}: key 'palette' must be one [r, g, b] (0-255) per class")
+    return meta
+
+
+def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _folder(split: SplitConfig, data: DataConfig, key: str) -> Source:
+    _no_groups(split, key, "a folder dataset")
+    root = Path(split.path)
+    meta = _read_folder_yaml(root / "dataset.yaml")
+    classes = list(meta["classes"])
+    masks: dict[str, Path] = {}
+    for m in _images_in(root / "masks"):
+        masks.setdefault(m.stem, m)
+    records = [Record(name=p.stem, image=p, label=masks.get(p.stem)) for p in _images_in(root / "images")]
+    records.sort(key=lambda r: (r.image.name, str(r.image)))
+    palette = meta.get("palette")
+    return Source(
+        records=_slice(split, records, key),
+        decoder=folder_decoder(
+            num_classes=len(classes),
+            ignore_index=data.ignore_index,
+            raw_ignore=int(meta.get("ignore_index", 255)),
+            id_map=dict(meta.get("id_map") or {}),
+        ),
+        class_names=classes,
+        palette=np.array(palette, dtype=np.uint8) if palette is not None else default_palette(len(classes)),
+        where=str(root),
+    )
+
+
+def _cityscapes(split: SplitConfig, data: DataConfig, key: str) -> Source:
+    """leftImg8bit/<domain>/<city>/*_leftImg8bit.png with gtFine/<domain>/<city>/*_gtFine_labelIds.png."""
+    root = Path(split.path)
+    images_dir = root / "leftImg8bit" / split.domain
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: folder not found (split.domain is the Cityscapes split: train, val)")
+    images = sorted(images_dir.glob("*/*_leftImg8bit.png"), key=lambda p: (p.name, str(p)))
+    cities = {p.parent.name for p in images}
+    for group in split.groups:
+        _one_of(f"{key}.groups", group, cities)
+    records = []
+    for p in images:
+        if split.groups and p.parent.name not in split.groups:
+            continue
+        stem = p.name[: -len("_leftImg8bit.png")]
+        label = root / "gtFine" / split.domain / p.parent.name / f"{stem}_gtFine_labelIds.png"
+        records.append(Record(name=stem, image=p, label=label, domain=split.domain, group=p.parent.name))
+    return Source(
+        records=_slice(split, records, key),
+        decoder=cityscapes_decoder(ignore_index=data.ignore_index),
+        class_names=list(CITYSCAPES_CLASSES),
+        palette=np.array(CITYSCAPES_PALETTE, dtype=np.uint8),
+        where=str(images_dir),
+    )
+
+
+def _synthetic(split: SplitConfig, data: DataConfig, key: str) -> Source:
+    _one_of(f"{key}.domain", split.domain, set(synthetic.DOMAINS))
+    _no_groups(split, key, "the synthetic set")
+    if split.roles:
+        raise ConfigError(f"config key {key}.roles={split.roles}: the synthetic set has no roles")
+    if split.seed < 0 or split.num_images < 0:
+        raise ConfigError(f"config key {key}.seed/num_images: must be >= 0")
+    records = [
+        Record(name=f"synthetic_{split.domain}_{split.seed}_{i:05d}", domain=split.domain, index=i)
+        for i in range(split.num_images)
+    ]
+    return Source(
+        records=_slice(split, records, key),
+        decoder=synthetic.SyntheticDecoder(domain=split.domain, seed=split.seed),
+        class_names=list(synthetic.CLASS_NAMES),
+        palette=synthetic.PALETTE.copy(),
+        where=f"synthetic {split.domain} scenes (seed {split.seed})",
+    )
+
+
+SOURCES = {"manifest": _manifest, "folder": _folder, "cityscapes": _cityscapes, "synthetic": _synthetic}
+
+
+def list_source(split: SplitConfig, data: DataConfig, *, key: str = "split", check_classes: bool = True) -> Source:
+    """The split's records (possibly none), decoder, class names and palette.
+
+    ``check_classes``: data.num_classes must equal the dataset's class count (off for data checks,
+    whose decoding does not depend on it).
+    """
+    _one_of(f"{key}.kind", split.kind, set(SOURCES))
+    if split.kind in ("folder", "cityscapes") and not split.path:
+        raise ConfigError(f"config key {key}.path: a {split.kind} split needs the dataset directory")
+    source = SOURCES[split.kind](split, data, key)
+    num_classes = len(source.class_names)
+    if check_classes and data.num_classes != num_classes:
+        raise ConfigError(f"config key data.num_classes={data.num_classes}: {source.where} has {num_classes} classes")
+    if 0 <= data.ignore_index < num_classes:
+        raise ConfigError(f"config key data.ignore_index={data.ignore_index}: collides with a class id")
+    if check_classes and data.class_names:
+        if len(data.class_names) != num_classes:
+            raise ConfigError(f"config key data.class_names: {len(data.class_names)} names for {num_classes} classes")
+        source.class_names = list(data.class_names)
+    return source
