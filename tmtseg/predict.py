@@ -61,7 +61,7 @@ def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.nd
 def predict_array(model, image: np.ndarray, *, scale: float, mode: str, crop, stride, hooks=None) -> np.ndarray:
     """[H, W, 3] uint8 -> [H, W] class ids at the image's own resolution (the model sees it resized by `scale`)."""
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # [3, H, W]
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W] (a writable copy)
     h, w = x.shape[-2:]
     if scale != 1.0:
         size = (max(1, round(h * scale)), max(1, round(w * scale)))

@@ -1,0 +1,77 @@
+"""End to end on synthetic data with a tiny model: train, eval, predict, viz, resume, adapt, demo tables."""
+
+import json
+
+from tmtseg.cli import main
+from tmtseg.demo import format_results
+
+from .tiny import TINY
+
+DATA = ["data.train.num_images=6", "data.val.num_images=2", "data.source.num_images=6", "train.log_every=2",
+        "train.warmup_iters=1"]
+
+
+def test_train_eval_predict_viz_resume_adapt(tmp_path, capsys):
+    run = tmp_path / "src"
+    common = ["--no-progress"]
+    assert main([*common, "train", *TINY, *DATA, "train.iters=3", "train.save_every=2", f"output_dir={run}"]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["iter_0000002", "iter_0000003"]
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3] and all(r["loss"] > 0 for r in log)
+    assert (run / "config.yaml").exists() and json.loads((run / "eval.json").read_text())["step"] == 3
+
+    ckpt = run / "checkpoints" / "iter_0000003"
+    out_json = tmp_path / "eval.json"
+    assert main([*common, "eval", str(ckpt), "data.val.domain=dusk", "--out", str(out_json)]) == 0
+    scores = json.loads(out_json.read_text())
+    assert 0 <= scores["mIoU"] <= 100 and scores["val"]["domain"] == "dusk"
+    assert set(scores["per_class_iou"]) == {"sky", "road", "building", "tree", "car"}
+
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    from tmtseg.config import load_config
+    from tmtseg.data import build_dataset
+
+    cfg = load_config([], DATA)
+    ds = build_dataset(cfg.data.val, cfg.data, train=False)
+    Image.fromarray(ds[0]["image"].permute(1, 2, 0).numpy()).save(images / "a.png")
+    assert main([*common, "predict", str(ckpt), str(images), "--out", str(tmp_path / "pred")]) == 0
+    pred = Image.open(tmp_path / "pred" / "a_pred.png")
+    assert pred.size == Image.open(images / "a.png").size
+
+    assert main(["viz", str(ckpt), "--out", str(tmp_path / "viz"), "--count", "1"]) == 0
+    assert (tmp_path / "viz" / "grid.png").exists()
+
+    # resume: the run goes on from its last checkpoint to the new end, and only logs what is new
+    assert main([*common, "train", *TINY, *DATA, "train.iters=5", "train.save_every=2", f"output_dir={run}",
+                 "--resume"]) == 0
+    log = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert log == [2, 3, 4, 5]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000004", "iter_0000005"]  # keep_last=2
+    ckpt = run / "checkpoints" / "iter_0000005"
+
+    # adapt with TMT from the source model: the adapted checkpoint evaluates with the usual command
+    ad = tmp_path / "tmt"
+    assert main([*common, "adapt", *TINY, *DATA, "train.iters=2", f"output_dir={ad}", "--method", "tmt",
+                 "--source-checkpoint", str(ckpt), "data.train.domain=dusk", "data.val.domain=dusk"]) == 0
+    assert main([*common, "eval", str(ad / "checkpoints" / "iter_0000002")]) == 0
+    assert "tmt" in (ad / "config.yaml").read_text()
+
+
+def test_errors_are_one_line_with_exit_codes(tmp_path, capsys):
+    assert main(["train", "data.nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.nope" in err[0]
+    assert main(["eval", str(tmp_path / "missing")]) == 3
+    assert "missing" in capsys.readouterr().err
+    assert main(["adapt", *TINY, "--method", "tmt"]) == 2  # no source model
+    assert "source_checkpoint" in capsys.readouterr().err
+
+
+def test_format_results_table():
+    table = format_results({"finetune": {"mIoU": 50.0, "aAcc": 80.0}, "tmt": {"mIoU": 51.25, "aAcc": 81.0}})
+    assert "| tmt | 51.25 | 81.00 |" in table.splitlines()
