@@ -3,7 +3,8 @@
 A checkpoint is a folder ``<run>/checkpoints/iter_0000100/`` holding ``model.safetensors`` (the weights, with the
 resolved config and the metrics in its metadata) and ``train_state.safetensors`` (optimizer tensors and RNG state; the
 optimizer's non-tensor state, step and scheduler state as JSON metadata). It is written to a temporary folder, every
-file fsynced, then renamed: a kill during a save leaves the previous checkpoint whole.
+file fsynced, then renamed: a kill during a save leaves the previous checkpoint whole. ``best`` is a symlink to the
+folder ``best_iter_0000100``, switched atomically. Old folders are deleted only after the new one is in place.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, TrainingError
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.safetensors"
+SLOW_SAVE_ENV = "TMTSEG_TEST_SLOW_SAVE"
 _PREFIX = "iter_"
 
 
@@ -32,6 +35,10 @@ class Checkpoint:
     path: Path
     weights: dict[str, torch.Tensor]
     meta: dict  # config, step, metrics, method
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,6 +80,34 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def checkpoint_path(run_dir: Path, *, step: int, name: str | None = None) -> Path:
+    """Where `save_checkpoint` puts the checkpoint of `step` (or the named one, e.g. ``best``)."""
+    return Path(run_dir) / "checkpoints" / (name or f"{_PREFIX}{step:07d}")
+
+
+def _test_pause(part: float) -> None:
+    """Test hook: TMTSEG_TEST_SLOW_SAVE=<seconds> stretches every save, so tests can kill a process inside one."""
+    seconds = float(os.environ.get(SLOW_SAVE_ENV, "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds * part)
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder, first renamed out of sight: a kill mid-delete never leaves a partial one listed."""
+    if not path.exists():
+        return
+    gone = path.parent / f".old_{path.name}_{os.getpid()}"
+    shutil.rmtree(gone, ignore_errors=True)
+    path.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise TrainingError(f"{what}: {key} holds NaN or inf; a non-finite checkpoint is never written")
+
+
 def save_checkpoint(
     run_dir: Path,
     *,
@@ -84,32 +119,49 @@ def save_checkpoint(
     name: str | None = None,
     keep_last: int = 0,
 ) -> Path:
-    """Write ``checkpoints/<name or iter_step>`` atomically; then drop all but the newest ``keep_last`` iter folders."""
+    """Write ``checkpoints/iter_<step>`` (or the named checkpoint) atomically; then drop all but the newest
+    ``keep_last`` iter folders. A named checkpoint is a folder ``<name>_iter_<step>`` and a symlink ``<name>`` to it,
+    switched atomically, so the previous one stays loadable until the new one is whole."""
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / (name or f"{_PREFIX}{step:07d}")
+    for leftover in [*ckpt_root.glob(".tmp_*"), *ckpt_root.glob(".old_*")]:  # from saves killed mid-way
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    weights = model.state_dict()
+    _check_finite(weights, f"checkpoint of step {step}")
+    final = checkpoint_path(run_dir, step=step, name=f"{name}_{_PREFIX}{step:07d}" if name else None)
     tmp = ckpt_root / f".tmp_{final.name}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     meta = {**meta, "step": step}
-    _save(model.state_dict(), tmp / MODEL_FILE, meta)
+    _save(weights, tmp / MODEL_FILE, meta)
+    _test_pause(1 / 3)
     if optimizer is not None:
         tensors, optim_meta = _optimizer_tensors(optimizer)
+        _check_finite(tensors, f"optimizer state of step {step}")
         tensors["rng.torch"] = torch.get_rng_state()
         _save(tensors, tmp / STATE_FILE, {"optimizer": optim_meta, **(train_state or {}), "step": step})
     _fsync_dir(tmp)
-    old = None
-    if final.exists():  # replacing "best": move the old one aside first, delete it only once the new one is in place
-        old = ckpt_root / f".old_{final.name}_{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
+    _test_pause(1 / 3)
+    _remove(final)  # the same step saved again (rare): the older copy goes only now that the new one is whole
     tmp.rename(final)
     _fsync_dir(ckpt_root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _test_pause(1 / 3)
+    if name:
+        link, tmp_link = ckpt_root / name, ckpt_root / f".tmp_link_{name}_{os.getpid()}"
+        os.symlink(final.name, tmp_link)  # relative: the run folder can move
+        if link.is_dir() and not link.is_symlink():  # a real folder (e.g. copied with cp -L): cannot be replaced
+            _remove(link)
+        os.replace(tmp_link, link)  # atomic: `name` points at the old or at the new checkpoint, never at nothing
+        _fsync_dir(ckpt_root)
+        for stale in ckpt_root.glob(f"{name}_{_PREFIX}*"):
+            if stale != final:
+                _remove(stale)
+        final = link
     if keep_last > 0:
         for stale in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(stale, ignore_errors=True)
+            _remove(stale)
     return final
 
 
@@ -137,26 +189,34 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.exists():
         raise CheckpointError(f"{file}: checkpoint not found")
-    if file.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        raise CheckpointError(f"{file}: tmtseg checkpoints are safetensors; a pickle is never loaded here")
+    pickle_refused = (
+        f"{file}: refused, a pickle (torch.save format) can run code when loaded; tmtseg checkpoints are safetensors"
+        " and a pickle is never unpickled"
+    )
+    if file.suffix in (".pth", ".pt", ".bin", ".ckpt", ".pkl"):
+        raise CheckpointError(pickle_refused)
     try:
         weights = load_file(str(file))
         meta = read_meta(file)
-    except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file}: unreadable checkpoint ({str(err).splitlines()[0]})") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        with open(file, "rb") as f:
+            head = f.read(4)
+        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head == b"PK\x03\x04":
+            raise CheckpointError(pickle_refused) from None
+        raise CheckpointError(f"{file}: unreadable checkpoint ({_first_line(err)})") from None
     return Checkpoint(path=path, weights=weights, meta=meta)
 
 
 def latest_valid(run_dir: Path) -> Path | None:
-    """The newest checkpoint that loads; a truncated newer one is skipped with a warning naming it."""
+    """The newest checkpoint a run can resume from; a truncated or incomplete newer one is skipped with a warning."""
     for ckpt in reversed(list_checkpoints(run_dir)):
         try:
             load_checkpoint(ckpt)
-            if (ckpt / STATE_FILE).exists():
-                load_file(str(ckpt / STATE_FILE))
+            load_file(str(ckpt / STATE_FILE))
+            read_meta(ckpt / STATE_FILE)
             return ckpt
-        except (CheckpointError, SafetensorError, OSError) as err:
-            warnings.warn(f"{ckpt}: skipped, unreadable ({err})", stacklevel=2)
+        except (CheckpointError, SafetensorError, OSError, ValueError) as err:
+            warnings.warn(f"{ckpt}: skipped, unreadable ({_first_line(err)}); trying the previous one", stacklevel=2)
     return None
 
 
@@ -166,10 +226,13 @@ def load_train_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
     try:
         tensors = load_file(str(file))
         meta = read_meta(file)
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{file}: unreadable training state ({err})") from None
-    _restore_optimizer(optimizer, tensors, meta.pop("optimizer"))
-    torch.set_rng_state(tensors["rng.torch"])
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{file}: unreadable training state ({_first_line(err)})") from None
+    try:
+        _restore_optimizer(optimizer, tensors, meta.pop("optimizer"))
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{file}: the optimizer state does not fit this model ({err})") from None
     return meta
 
 

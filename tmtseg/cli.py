@@ -5,13 +5,35 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from . import __version__
 
-EPILOG = "Exit codes: 0 ok, 1 unexpected error, 2 bad config or data, 3 bad checkpoint, 4 training failed, 143 SIGTERM."
+EPILOG = (
+    "Exit codes: 0 ok, 1 unexpected error, 2 bad config, data or arguments, 3 bad checkpoint, 4 training failed"
+    " (non-finite loss), 130 interrupted (Ctrl-C), 143 SIGTERM (checkpoint saved; continue with --resume)."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are one line and exit 2, like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_launch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train with DDP in this many processes on this machine (as torchrun --standalone --nproc-per-node N)",
+    )
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -20,7 +42,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tmtseg", description=__doc__, epilog=EPILOG)
+    parser = _Parser(prog="tmtseg", description=__doc__, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"tmtseg {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -28,19 +50,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="supervised training on data.train (how source models are made)")
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
+    _add_launch_args(p)
 
     p = sub.add_parser("finetune", help="vanilla fine-tuning of a checkpoint on data.train (the baseline)")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="the source model")
-    p.add_argument("--resume", action="store_true")
+    _add_launch_args(p)
 
     p = sub.add_parser("adapt", help="adapt a source model to the target split with a method")
     _add_config_args(p)
     p.add_argument("--method", choices=("finetune", "dann", "tvt", "tmt"), help="overrides adapt.method")
     p.add_argument("--source-checkpoint", help="the source model (overrides adapt.source_checkpoint)")
     p.add_argument("--unsupervised", action="store_true", help="target labels unused; source labels used")
-    p.add_argument("--resume", action="store_true")
+    _add_launch_args(p)
 
     p = sub.add_parser("eval", help="score a checkpoint on its data.val split (overrides can change the split)")
     p.add_argument("checkpoint")
@@ -81,8 +103,18 @@ def _load(args) -> Config:  # noqa: F821
 
 
 def _cmd_train(args) -> int:
+    from . import dist
     from .metrics import format_table
     from .runner import fit
+
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the workers; each runs this command without --nproc
+        rest, skip = [], False
+        for token in args.argv:
+            if skip or token == "--nproc" or token.startswith("--nproc="):
+                skip = token == "--nproc"
+                continue
+            rest.append(token)
+        return dist.launch_local(args.nproc, ["-m", "tmtseg", *rest], quiet=not args.debug)
 
     cfg = _load(args)
     init = ""
@@ -108,8 +140,9 @@ def _cmd_train(args) -> int:
             raise ConfigError("config key adapt.source_checkpoint: adapt needs a source model (--source-checkpoint)")
         init = cfg.adapt.source_checkpoint
     metrics = fit(cfg, init_from="" if args.resume else init, resume=args.resume, progress=not args.no_progress)
-    print(format_table(metrics, title=f"{cfg.name}: {cfg.adapt.method if init else 'train'} -> data.val"))
-    print(f"run folder: {cfg.output_dir}")
+    if dist.is_main():
+        print(format_table(metrics, title=f"{cfg.name}: {cfg.adapt.method if init else 'train'} -> data.val"))
+        print(f"run folder: {cfg.output_dir}")
     return 0
 
 
@@ -293,26 +326,67 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .errors import TmtsegError
+def _one_line(err: BaseException) -> str:
+    """The message of an error; one raised in a data-loader worker comes back with the worker's traceback attached."""
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    if len(lines) > 1 and any("Traceback" in ln for ln in lines):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return " ".join(ln.strip() for ln in lines)
 
-    args = _parser().parse_args(argv)
+
+def _say(line: str) -> None:
+    """One write per line: the ranks of a DDP run share stderr, and separate writes would interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
+    return f"tmtseg: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import Preempted, TmtsegError, TrainingError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    # key=value overrides may stand anywhere, also after options (argparse stops at the first option otherwise)
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if "=" not in x or x.startswith("-") or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    args.argv = argv
+    rank = int(os.environ.get("RANK", "0"))
+    prog = "tmtseg" if rank == 0 else f"tmtseg[rank {rank}]"
+    formatwarning = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _warning_line
+    together = False  # whether every DDP rank leaves at the same point (then they leave the group in step)
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        together = True
+        return code
     except TmtsegError as err:
+        together = isinstance(err, (Preempted, TrainingError))  # the training loop raises these on all ranks at once
         if args.debug:
             traceback.print_exc()
-        print(f"tmtseg: error: {err}", file=sys.stderr)
+        _say(f"{prog}: error: {_one_line(err)}")
         return err.exit_code
     except KeyboardInterrupt:
-        print("tmtseg: interrupted", file=sys.stderr)
+        _say(f"{prog}: interrupted")
         return 130
     except Exception as err:  # an unexpected error: one line unless --debug
         if args.debug:
             traceback.print_exc()
         else:
-            print(
-                f"tmtseg: unexpected error: {type(err).__name__}: {err} (run with --debug for the traceback)",
-                file=sys.stderr,
-            )
+            message = f"{type(err).__name__}: {_one_line(err)}"
+            _say(f"{prog}: unexpected error: {message} (run with --debug for the traceback)")
         return 1
+    finally:
+        warnings.formatwarning = formatwarning  # main() may run inside another program (tests)
+        if "torch.distributed" in sys.modules:
+            from . import dist
+
+            dist.cleanup(together=together)

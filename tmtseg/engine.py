@@ -73,6 +73,12 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+def _ignore_sigterm(worker_id: int) -> None:  # noqa: ARG001
+    """Data-loader workers ignore SIGTERM: a preemption signal sent to the whole process group must reach the loop
+    (which finishes the step and saves), not kill the workers under it. Workers exit when the main process does."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_batches(
     dataset: Dataset, *, batch_size: int, seed: int, start_step: int, num_workers: int, collate: Callable
 ) -> Iterator[dict]:
@@ -83,7 +89,7 @@ def train_batches(
         seed=seed,
         start_step=start_step,
         rank=dist.rank(),
-        world=torch.distributed.get_world_size() if dist.is_distributed() else 1,
+        world=dist.world_size(),
     )
     loader = DataLoader(
         SeededDataset(dataset),
@@ -91,8 +97,22 @@ def train_batches(
         num_workers=num_workers,
         collate_fn=collate,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_sigterm,
+        # iter() draws the workers' base seed from this generator; without it the draw would come from (and shift)
+        # the global RNG, so a resumed run would not continue the uninterrupted run's random stream
+        generator=torch.Generator().manual_seed(seed),
     )
     return iter(loader)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The global-RNG seed of a training step (criterion points, dropout): the same on every rank and after a resume.
+
+    Reseeding per step makes each step's randomness a function of (seed, step) only, whatever ran before it
+    (evaluation, checkpoint loading, data-loader start-up). Every rank draws the same stream, so batch-independent
+    draws (the matcher's points) are the same as in one process with the whole batch.
+    """
+    return (seed * 1_000_033 + step * 104_729 + 7) % (2**63 - 1)
 
 
 # ------------------------------------------------------------------------------------------------------------ schedule
@@ -148,24 +168,31 @@ def train_step(
     grad_clip: float,
     amp: str,
     device: torch.device,
-) -> dict[str, float]:
-    """One optimisation step; returns the losses as floats (the caller decides what a non-finite loss means)."""
+) -> tuple[dict[str, float], bool]:
+    """One optimisation step -> (this rank's losses as floats, whether the step was taken).
+
+    A non-finite loss (on any rank) or gradient norm skips the update on every rank, so the weights stay finite and
+    the ranks stay in lockstep; the caller decides whether to stop.
+    """
     moved = {
         k: {n: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for n, v in b.items()}
         for k, b in batches.items()
     }
+    optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
         losses = trainer(moved, step=step)
     total = losses["loss"]
-    if not torch.isfinite(total):
-        optimizer.zero_grad(set_to_none=True)
-        return {k: float(v) for k, v in losses.items()}
-    optimizer.zero_grad(set_to_none=True)
+    if dist.any_rank(not bool(torch.isfinite(total.detach()))):
+        return {k: float(v.detach()) for k, v in losses.items()}, False
     total.backward()
-    if grad_clip > 0:
-        losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainer.parameters(), grad_clip)
+    # max_norm=inf scales by exactly 1: the norm is measured (and logged) even without clipping
+    norm = torch.nn.utils.clip_grad_norm_(trainer.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    losses["grad_norm"] = norm
+    if not torch.isfinite(norm):  # gradients are all-reduced: every rank sees the same norm
+        optimizer.zero_grad(set_to_none=True)
+        return {k: float(v.detach()) for k, v in losses.items()}, False
     optimizer.step()
-    return {k: float(v) for k, v in losses.items()}
+    return {k: float(v.detach()) for k, v in losses.items()}, True
 
 
 @torch.no_grad()
@@ -190,7 +217,7 @@ def evaluate(
         class_names=dataset.class_names,
         binary=binary,
     )
-    world = torch.distributed.get_world_size() if dist.is_distributed() else 1
+    world = dist.world_size()
     indices = range(dist.rank(), len(dataset), world)
     for i in tqdm(indices, desc="eval", disable=not (progress and dist.is_main()), leave=False):
         item = dataset[i]
@@ -205,8 +232,11 @@ def evaluate(
             hooks=hooks_fn() if hooks_fn else None,
         )  # [1, K, H, W]
         metrics.update(logits.argmax(1)[0].cpu(), label)
-    if dist.is_distributed():  # the confusion matrix is exact; per-image Dice stays per-shard (rank 0's)
+    if dist.is_distributed():
         metrics.confusion = dist.all_reduce_sum(metrics.confusion)
+        # rank r scored images r, r + W, ...: interleave the per-image scores back into dataset order
+        shards = dist.all_gather_lists(metrics.image_dice)
+        metrics.image_dice = [shards[i % world][i // world] for i in range(sum(len(x) for x in shards))]
     model.train(was_training)
     return metrics.compute()
 
@@ -214,3 +244,16 @@ def evaluate(
 def log_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path, *, upto_step: int) -> list[str]:
+    """The log's lines up to `upto_step`; a line cut short by a kill is dropped."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= upto_step:
+            kept.append(line)
+    return kept

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -12,16 +12,47 @@ from tqdm import tqdm
 
 from . import config as config_mod
 from . import dist
-from .checkpoint import latest_valid, load_checkpoint, load_train_state, load_weights, save_checkpoint
+from .checkpoint import (
+    checkpoint_path,
+    latest_valid,
+    list_checkpoints,
+    load_checkpoint,
+    load_train_state,
+    load_weights,
+    save_checkpoint,
+)
 from .config import Config
 from .data import build_dataset, check_config, collate
-from .engine import LoopState, StopRequested, evaluate, log_jsonl, lr_factor, set_lr, train_batches, train_step
+from .engine import (
+    LoopState,
+    StopRequested,
+    evaluate,
+    log_jsonl,
+    lr_factor,
+    read_jsonl,
+    set_lr,
+    step_seed,
+    train_batches,
+    train_step,
+)
 from .errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from .methods import Trainer, build_trainer
 
-# fields that may change when a run is resumed (they do not change what is computed)
 _NO_DECAY = ("pos_embed", "cls_token", "query_feat", "query_embed", "level_embed")
-_RESUMABLE_CHANGES = ("train.iters", "train.log_every", "train.eval_every", "train.save_every", "train.keep_last")
+# config keys a resume may change: where and how often things are written, how data is loaded (samples are seeded
+# by stream position, not by worker), what a non-finite loss does; and train.iters, to extend a run (with a warning:
+# the lr and GRL schedules follow it)
+_RESUMABLE_CHANGES = {
+    "name",
+    "output_dir",
+    "data.num_workers",
+    "train.iters",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.nonfinite",
+}
 
 
 def build_optimizer(cfg: Config, trainer: Trainer) -> torch.optim.Optimizer:
@@ -78,11 +109,69 @@ def _check_data(cfg: Config, splits: tuple[str, ...]) -> None:
         raise DataError(problems[0] + more)
 
 
+def _resume(cfg: Config, run_dir: Path, trainer: Trainer, optimizer: torch.optim.Optimizer) -> tuple[LoopState, Path]:
+    """Load the newest readable checkpoint of the run folder into trainer and optimizer; refuse a changed config."""
+    with warnings.catch_warnings():
+        if not dist.is_main():  # one warning per run, not per process
+            warnings.simplefilter("ignore")
+        ckpt = latest_valid(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: --resume given but no readable checkpoint there")
+    saved = load_checkpoint(ckpt)
+    if "config" not in saved.meta:
+        raise CheckpointError(f"{ckpt}: no config in the checkpoint's metadata")
+    try:
+        old = config_mod.config_from_dict(saved.meta["config"])
+    except ConfigError as err:
+        raise ConfigError(f"{ckpt}: the saved config does not load: {err}") from None
+    changes = config_mod.diff(old, cfg)
+    refused = [d for d in changes if d.split(":")[0] not in _RESUMABLE_CHANGES]
+    if refused:
+        raise ConfigError(f"{ckpt}: the config differs from the run being resumed: {'; '.join(refused)}")
+    if any(d.startswith("train.iters:") for d in changes) and dist.is_main():
+        warnings.warn(f"{ckpt}: train.iters changed; the lr and GRL schedules follow the new length", stacklevel=2)
+    load_weights(trainer, saved.weights, source=str(ckpt))
+    train_state = load_train_state(ckpt, optimizer)
+    return LoopState(step=train_state["step"], best=train_state["best"], history=train_state["history"]), ckpt
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Logged losses are the mean over processes (each rank's loss is already normalised by the global mask count)."""
+    if not dist.is_distributed():
+        return values
+    keys = sorted(values)
+    mean = dist.all_reduce_mean(torch.tensor([values[k] for k in keys], dtype=torch.float64))
+    return dict(zip(keys, mean.tolist(), strict=True))
+
+
+def _finite_weights(trainer: Trainer) -> str | None:
+    """The first parameter or buffer holding a NaN or inf, or None."""
+    for name, t in trainer.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: bool = True) -> dict:
-    """Train `cfg.adapt.method` on data.train (+ unlabelled data.source) for train.iters; return the final metrics."""
+    """Train `cfg.adapt.method` on data.train (+ unlabelled data.source) for train.iters; return the final metrics.
+
+    Under torchrun every process runs this same function (DDP, gloo on CPU, nccl on GPU); only rank 0 writes.
+    """
     device = dist.local_device(cfg.train.device)
     dist.init_distributed(device)
     run_dir = Path(cfg.output_dir)
+    if not resume and (list_checkpoints(run_dir) or (run_dir / "checkpoints" / "best").exists()):
+        raise ConfigError(
+            f"{run_dir / 'checkpoints'}: holds checkpoints of an earlier run; pass --resume to continue it or set"
+            " another output_dir"
+        )
+    if dist.is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(
+                f"config key output_dir={run_dir}: cannot create the run folder ({err.strerror})"
+            ) from None
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg)
     needs_source = trainer.method.needs_source or cfg.adapt.unsupervised
@@ -94,28 +183,15 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
         init_from_source(trainer, init_from)
     trainer.to(device)
     optimizer = build_optimizer(cfg, trainer)
-    state = LoopState()
+    state, last_good = LoopState(), None
     metrics_log = run_dir / "metrics.jsonl"
     if resume:
-        ckpt = latest_valid(run_dir)
-        if ckpt is None:
-            raise CheckpointError(f"{run_dir}/checkpoints: --resume given but no readable checkpoint there")
-        saved = load_checkpoint(ckpt)
-        changed = [
-            d
-            for d in config_mod.diff(config_mod.config_from_dict(saved.meta["config"]), cfg)
-            if not d.startswith(_RESUMABLE_CHANGES)
-        ]
-        if changed:
-            raise ConfigError(f"{ckpt}: the config differs from the run being resumed: {'; '.join(changed)}")
-        load_weights(trainer, saved.weights, source=str(ckpt))
-        train_state = load_train_state(ckpt, optimizer)
-        state = LoopState(step=train_state["step"], best=train_state["best"], history=train_state["history"])
+        state, last_good = _resume(cfg, run_dir, trainer, optimizer)
         if metrics_log.exists() and dist.is_main():  # drop what the interrupted run logged after its checkpoint
-            kept = [ln for ln in metrics_log.read_text().splitlines() if json.loads(ln).get("step", 0) <= state.step]
-            metrics_log.write_text("".join(ln + "\n" for ln in kept))
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
+            metrics_log.write_text("".join(ln + "\n" for ln in read_jsonl(metrics_log, upto_step=state.step)))
+    elif dist.is_main():  # a fresh start (perhaps after a kill before the first checkpoint) logs from scratch
+        metrics_log.unlink(missing_ok=True)
+    if dist.is_main():  # written only now: a refused resume leaves the run's config as it was
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
     model = trainer
     if dist.is_distributed():
@@ -155,21 +231,28 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
             hooks_fn=trainer.method.inference_hooks,
         )
 
-    def save(step: int, name: str | None = None, metrics: dict | None = None) -> Path | None:
-        if not dist.is_main():
-            return None
-        return save_checkpoint(
-            run_dir,
-            step=step,
-            model=trainer,
-            meta={**meta, "metrics": metrics or {}},
-            optimizer=optimizer,
-            train_state={"best": state.best, "history": state.history},
-            name=name,
-            keep_last=cfg.train.keep_last if name is None else 0,
-        )
+    def save(step: int, name: str | None = None, metrics: dict | None = None) -> Path:
+        """Rank 0 writes; every rank waits for it and gets the path (so any rank can name it in a message)."""
+        bad = _finite_weights(trainer)
+        if bad is not None:  # the same weights on every rank: all raise together
+            raise TrainingError(
+                f"non-finite weights ({bad}) after step {step}: not saved; last good checkpoint: {last_good or 'none'}"
+            )
+        path = checkpoint_path(run_dir, step=step, name=name)
+        if dist.is_main():
+            save_checkpoint(
+                run_dir,
+                step=step,
+                model=trainer,
+                meta={**meta, "metrics": metrics or {}},
+                optimizer=optimizer,
+                train_state={"best": state.best, "history": state.history},
+                name=name,
+                keep_last=cfg.train.keep_last if name is None else 0,
+            )
+        dist.barrier()
+        return path
 
-    last_good = latest_valid(run_dir) if dist.is_main() else None
     bar = tqdm(
         total=cfg.train.iters,
         initial=state.step,
@@ -178,7 +261,7 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
         dynamic_ncols=True,
     )
     tic, seen = time.perf_counter(), 0
-    imgs_per_step = cfg.data.batch_size * (torch.distributed.get_world_size() if dist.is_distributed() else 1)
+    imgs_per_step = cfg.data.batch_size * dist.world_size()
     with StopRequested() as stop:
         while state.step < cfg.train.iters:
             step = state.step
@@ -187,31 +270,31 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
                 lr_factor(step, iters=cfg.train.iters, warmup_iters=cfg.train.warmup_iters, power=cfg.train.poly_power),
             )
             batches = {k: next(it) for k, it in iters.items()}
-            losses = train_step(
+            torch.manual_seed(step_seed(cfg.train.seed, step))
+            losses, ok = train_step(
                 model, optimizer, batches, step=step, grad_clip=cfg.train.grad_clip, amp=cfg.train.amp, device=device
             )
             state.step += 1
             seen += imgs_per_step
-            if not math.isfinite(losses["loss"]):
+            if not ok:
+                what = f"loss {losses['loss']}, grad norm {losses.get('grad_norm', 'not computed')}"
                 if cfg.train.nonfinite == "stop":
                     raise TrainingError(
-                        f"non-finite loss at step {step} ({losses['loss']});"
-                        f" last good checkpoint: {last_good or 'none'}"
+                        f"non-finite loss or gradient at step {state.step} ({what}); the step was not applied and"
+                        f" nothing was saved; last good checkpoint: {last_good or 'none'} (train.nonfinite=skip skips"
+                        " such steps)"
                     )
                 if dist.is_main():
-                    log_jsonl(metrics_log, {"step": state.step, "skipped": "non-finite loss"})
+                    log_jsonl(metrics_log, {"step": state.step, "skipped": f"non-finite ({what})"})
             elif state.step % cfg.train.log_every == 0 or state.step == cfg.train.iters:
                 rate = seen / (time.perf_counter() - tic)
                 lr = optimizer.param_groups[-1]["lr"]
-                record = {
-                    "step": state.step,
-                    "lr": lr,
-                    "imgs_per_s": rate,
-                    **{k: v for k, v in losses.items() if not k.startswith("loss_") or k.count("_") == 1},
-                }
-                bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                shown = _mean_over_ranks(
+                    {k: v for k, v in losses.items() if not k.startswith("loss_") or k.count("_") == 1}
+                )
+                bar.set_postfix(loss=f"{shown['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 if dist.is_main():
-                    log_jsonl(metrics_log, record)
+                    log_jsonl(metrics_log, {"step": state.step, "lr": lr, "imgs_per_s": rate, **shown})
                 tic, seen = time.perf_counter(), 0
             bar.update(1)
             end = state.step == cfg.train.iters
@@ -223,10 +306,11 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
                 if result["mIoU"] > state.best:
                     state.best = result["mIoU"]
                     save(state.step, name="best", metrics=result)
-            if end or state.step % cfg.train.save_every == 0 or stop.flag:
-                last_good = save(state.step) or last_good
-            if stop.flag and not end:
-                raise Preempted(f"SIGTERM at step {state.step}: saved {last_good}; resume with --resume")
+            preempted = dist.any_rank(stop.flag)  # ranks may see the signal at different steps: agree on one
+            if end or state.step % cfg.train.save_every == 0 or preempted:
+                last_good = save(state.step)
+            if preempted and not end:
+                raise Preempted(f"SIGTERM at step {state.step}: saved {last_good}; continue with --resume")
     bar.close()
     final = do_eval()
     if dist.is_main():

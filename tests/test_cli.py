@@ -1,0 +1,143 @@
+"""Clear failures (issue 6 §4), through the real command: every user-facing error is one line `tmtseg: error: ...`
+naming the file or key, with its documented exit code and no traceback unless --debug. (Non-finite loss -> 4 and
+SIGTERM -> 143 are in test_failures.)"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tmtseg.cli import EPILOG, _one_line
+from tmtseg.errors import DataError
+
+from .test_resume import ITERS, RUN, cli, uninterrupted_dir
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A finished run folder of RUN (shared with test_resume and test_failures when they run in the same session)."""
+    return uninterrupted_dir(tmp_path_factory.mktemp("reference"))
+
+
+def _one_error_line(result, code: int) -> str:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tmtseg: error: "), result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    return lines[0]
+
+
+def test_exit_codes_are_documented_in_the_help():
+    help_text = cli("--help").stdout
+    for code in ("0 ok", "1 unexpected error", "2 bad config", "3 bad checkpoint", "4 training failed", "143 SIGTERM"):
+        assert code in EPILOG and code in " ".join(help_text.split())
+
+
+def test_bad_config_key_names_the_key_and_debug_shows_the_traceback(tmp_path):
+    args = ["train", "data.bogus=1", f"output_dir={tmp_path}"]
+    line = _one_error_line(cli(*args), 2)
+    assert "data.bogus" in line
+    debug = cli("--debug", *args)
+    assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == line
+
+
+def test_usage_errors_are_one_line_too():
+    result = cli("train", "--no-such-flag")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "tmtseg: error: unrecognized arguments: --no-such-flag (see tmtseg --help)"
+    ]
+    result = cli("train", "--nproc", "two")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "tmtseg train: error: argument --nproc: invalid int value: 'two' (see tmtseg train --help)"
+    ]
+
+
+def test_missing_data_path_names_the_path(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    line = _one_error_line(
+        cli("train", *RUN, "data.train.kind=folder", f"data.train.path={missing}", f"output_dir={tmp_path / 'run'}"), 2
+    )
+    assert str(missing) in line
+
+
+def test_unwritable_output_dir_names_the_key(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run folder should go")
+    line = _one_error_line(cli("train", *RUN, f"output_dir={blocker / 'run'}"), 2)
+    assert "output_dir" in line and str(blocker / "run") in line
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path, trained):
+    corrupt = tmp_path / "model.safetensors"
+    corrupt.write_bytes((trained / "checkpoints" / "best" / "model.safetensors").read_bytes()[:1000])
+    line = _one_error_line(cli("eval", str(corrupt)), 3)
+    assert line.startswith(f"tmtseg: error: {corrupt}: unreadable checkpoint")
+    line = _one_error_line(cli("finetune", *RUN, "--checkpoint", str(corrupt), f"output_dir={tmp_path / 'ft'}"), 3)
+    assert str(corrupt) in line
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that nothing was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("name", ["model.pth", "model.safetensors"])
+def test_a_pickle_with_code_in_it_is_refused_and_never_run(tmp_path, name):
+    marker = tmp_path / "pwned"
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps({"weight": _Payload(marker)}))
+    line = _one_error_line(cli("eval", str(path)), 3)
+    assert str(path) in line and "pickle" in line and "refused" in line
+    assert not marker.exists()
+
+
+def test_checkpoint_that_does_not_fit_lists_keys_and_shapes(tmp_path, trained, tiny_cityscapes):
+    """The 5-class source model fine-tuned on the 19 Cityscapes classes, with a wider decoder FFN."""
+    best = trained / "checkpoints" / "best"
+    cityscapes = [
+        "data.num_classes=19",
+        *(f"data.{s}.{k}" for s in ("train", "val") for k in ("kind=cityscapes", f"path={tiny_cityscapes}")),
+        "data.train.domain=train",
+        "data.val.domain=val",
+        "model.dim_feedforward=48",
+    ]
+    line = _one_error_line(
+        cli("finetune", *RUN, *cityscapes, "--checkpoint", str(best), f"output_dir={tmp_path / 'ft'}"), 3
+    )
+    assert line.startswith(f"tmtseg: error: {best}: checkpoint does not fit the model: ")
+    assert "decoder.class_embed.weight (6, 32) != model (20, 32)" in line
+    assert "decoder.layers.0.ffn.fc1.weight (64, 32) != model (48, 32)" in line and "... 3 more" in line
+
+
+def test_resume_with_a_changed_config_prints_the_differing_fields(tmp_path, trained):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir, symlinks=True)
+    line = _one_error_line(
+        cli("train", *RUN, "model.num_queries=7", "train.lr=0.001", f"output_dir={run_dir}", "--resume"), 2
+    )
+    ckpt = run_dir / "checkpoints" / f"iter_{ITERS:07d}"
+    assert line == (
+        f"tmtseg: error: {ckpt}: the config differs from the run being resumed:"
+        " model.num_queries: 6 -> 7; train.lr: 0.0002 -> 0.001"
+    )
+
+
+def test_errors_from_data_loader_workers_keep_their_own_message():
+    # a DataLoader re-raises a worker's error with the worker's traceback as its message
+    err = DataError(
+        "Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 3, in f\n    raise DataError(msg)\ntmtseg.errors.DataError: a/b.png: unreadable image\n'
+    )
+    assert _one_line(err) == "a/b.png: unreadable image"
+    assert _one_line(DataError("plain message")) == "plain message"
