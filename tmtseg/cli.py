@@ -90,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("target", help="a config YAML, a folder dataset (dataset.yaml), a manifest folder or Cityscapes")
     q.add_argument("overrides", nargs="*")
 
+    p = sub.add_parser("bench", help="the cross-domain benchmark of a bench config: every pair, method and seed")
+    p.add_argument("bench_config", help="a bench YAML, or a packaged one: core, demo")
+    p.add_argument("--profile", help="overrides the config's profile (quick, full, ...)")
+    p.add_argument("--jobs", type=int, help="runs in parallel, each in its own process (overrides jobs)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; run nothing")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the bench config (e.g. output_dir=...)")
+
     p = sub.add_parser("demo", help="the built-in default: source model on synthetic day, adapted to dusk")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of every run of the demo")
@@ -307,6 +315,24 @@ def _cmd_data(args) -> int:
     return 2 if problems else 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import describe, load_bench, report, run_bench
+
+    overrides = list(args.overrides)
+    if args.profile:
+        overrides.append(f"profile={args.profile}")
+    if args.jobs:
+        overrides.append(f"jobs={args.jobs}")
+    bench, base = load_bench(args.bench_config, overrides)
+    if args.dry_run:
+        print(describe(bench, base))
+        return 0
+    path = report(bench, base) if args.report_only else run_bench(bench, base, progress=not args.no_progress)
+    print(Path(path).read_text())
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -322,6 +348,7 @@ COMMANDS = {
     "predict": _cmd_predict,
     "data": _cmd_data,
     "viz": _cmd_viz,
+    "bench": _cmd_bench,
     "demo": _cmd_demo,
 }
 

@@ -1,0 +1,463 @@
+"""The cross-domain benchmark (benchmark.md): every pair, every method, every seed, from one YAML file.
+
+A bench config names the data root, each task's base config and its domains with their splits written as data, the
+pairs, the methods (and named variants for ablations), the seeds and a profile. `plan` turns it into runs: one source
+model per (task, source domain, seed), then per (pair, method, seed) an adaptation, a source-only evaluation or a
+target-only training. Each run lives in a folder named by a hash of its resolved config and is recorded in
+``results.jsonl`` when it finishes: re-running the same config skips finished runs and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import config as config_mod
+from .config import Config, SplitConfig
+from .errors import ConfigError, TmtsegError
+
+PACKAGED = Path(__file__).resolve().parent / "configs"
+ADAPT_METHODS = ("finetune", "dann", "tvt", "tmt")
+REFERENCE_METHODS = ("source-only", "target-only")
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+@dataclass
+class DomainSplits:
+    """A domain's splits: `train` / `val` when it is a source (training, model selection); `adapt` / `eval` when it is
+    a target (the labelled target split, the scored split). A split a pair needs and the domain lacks is an error."""
+
+    train: SplitConfig | None = None
+    val: SplitConfig | None = None
+    adapt: SplitConfig | None = None
+    eval: SplitConfig | None = None
+
+
+@dataclass
+class TaskSpec:
+    config: str = ""  # the task's base config (model, data sizes): a path, or a name in the packaged configs/
+    overrides: list[str] = field(default_factory=list)  # every run of the task
+    source: list[str] = field(default_factory=list)  # source training: its schedule
+    adapt: list[str] = field(default_factory=list)  # every adaptation method: one shared schedule
+    target_only: list[str] = field(default_factory=list)  # training from scratch on the target split
+    domains: dict[str, DomainSplits] = field(default_factory=dict)
+    core_pairs: list[str] = field(default_factory=list)  # "source->target"
+
+
+@dataclass
+class Variant:
+    """A named method for ablations: an adaptation method plus config overrides."""
+
+    method: str = "tmt"
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Profile:
+    seeds: list[int] = field(default_factory=lambda: [0])
+    pairs: str = "core"  # core | all (every ordered pair of domains within a task)
+    overrides: list[str] = field(default_factory=list)  # every run of the profile
+
+
+@dataclass
+class BenchConfig:
+    name: str = "bench"
+    output_dir: str = "runs/bench"  # results, report, plots, and the runs' folders
+    source_dir: str = ""  # where source models live ("" = <output_dir>/sources): share them between bench configs
+    data_root: str = ""  # "" = ../shared/data
+    profile: str = "quick"
+    profiles: dict[str, Profile] = field(
+        default_factory=lambda: {"quick": Profile(seeds=[0]), "full": Profile(seeds=[0, 1, 2])}
+    )
+    methods: list[str] = field(default_factory=lambda: [*REFERENCE_METHODS[:1], *ADAPT_METHODS, "target-only"])
+    baseline: str = "finetune"  # the method every delta is taken against
+    variants: dict[str, Variant] = field(default_factory=dict)
+    jobs: int = 1  # runs in parallel (each in its own process)
+    threads: int = 0  # torch threads per run; 0 = cores / jobs
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+
+
+def _resolve_file(name: str, *dirs: Path) -> Path:
+    """A config file: the path itself, or `name` (with or without .yaml) in one of `dirs`."""
+    for candidate in (Path(name), *(d / n for d in dirs for n in (name, f"{name}.yaml"))):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{name}: config file not found (looked in {', '.join(str(d) for d in dirs)})")
+
+
+def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]:
+    """Read a bench YAML (a path or a packaged name such as ``core``) over the defaults; unknown keys are errors."""
+    file = _resolve_file(path, Path.cwd(), PACKAGED / "bench")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(BenchConfig), data)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value")
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {item!r}: not a valid value ({str(err).splitlines()[0]})") from None
+        bench: BenchConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{file}: bench key {key}: {str(err).splitlines()[0]}") from None
+    if bench.profile not in bench.profiles:
+        raise ConfigError(f"{file}: bench key profile={bench.profile!r}: not one of {', '.join(bench.profiles)}")
+    known = {*ADAPT_METHODS, *REFERENCE_METHODS, *bench.variants}
+    for m in bench.methods:
+        if m not in known:
+            raise ConfigError(f"{file}: bench key methods: {m!r} is not a method or a variant ({', '.join(known)})")
+    for name, v in bench.variants.items():
+        if v.method not in ADAPT_METHODS:
+            raise ConfigError(f"{file}: bench key variants.{name}.method={v.method!r}: one of {ADAPT_METHODS}")
+    if bench.baseline not in bench.methods:
+        raise ConfigError(f"{file}: bench key baseline={bench.baseline!r}: not among the methods")
+    if bench.jobs < 1:
+        raise ConfigError(f"{file}: bench key jobs={bench.jobs}: must be >= 1")
+    return bench, file.parent
+
+
+# ------------------------------------------------------------------------------------------------------------- plan
+@dataclass
+class Run:
+    """One unit of work. kind: train (source, adapt, target-only: `tmtseg.runner.fit`) or eval (source-only)."""
+
+    key: str  # e.g. "camvid/day->dusk/tmt/seed0"
+    kind: str
+    task: str
+    pair: str  # "a->b"; the domain for a source model or a target-only run
+    method: str  # "source" for a source model
+    seed: int
+    cfg: Config
+    out: Path = Path()
+    init: str = ""  # train: the checkpoint to start from; eval: the checkpoint to score (both: of the run `after`)
+    after: str = ""  # the key of the run this one needs first
+
+    @property
+    def iters(self) -> int:
+        return 0 if self.kind == "eval" else self.cfg.train.iters
+
+
+def config_hash(cfg: Config) -> str:
+    """What a run computes: the resolved config without where it is written."""
+    d = config_mod.to_dict(cfg)
+    d.pop("output_dir"), d.pop("name")
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _pairs(task: TaskSpec, which: str, name: str) -> list[tuple[str, str]]:
+    if which == "all":
+        return [(a, b) for a in task.domains for b in task.domains if a != b]
+    if which != "core":
+        raise ConfigError(f"bench key profiles.*.pairs={which!r}: core or all")
+    out = []
+    for p in task.core_pairs:
+        a, _, b = p.partition("->")
+        a, b = a.strip(), b.strip()
+        for d in (a, b):
+            if d not in task.domains:
+                raise ConfigError(f"bench key tasks.{name}.core_pairs: {p!r} names an unknown domain {d!r}")
+        out.append((a, b))
+    return out
+
+
+def _split(task_name: str, dom_name: str, splits: DomainSplits, which: str) -> SplitConfig:
+    split = getattr(splits, which)
+    if split is None:
+        raise ConfigError(f"bench key tasks.{task_name}.domains.{dom_name}.{which}: needed by a pair, not set")
+    return split
+
+
+def source_checkpoint(run_dir: Path) -> Path:
+    """A source model's selected checkpoint: `best` on its val split (source runs always evaluate at least once)."""
+    return run_dir / "checkpoints" / "best"
+
+
+@dataclass
+class Plan:
+    runs: list[Run]  # unique units of work, each after the run it needs
+    cells: list[tuple[str, str, str, int, str]]  # (task, pair, method, seed, run key): what the report shows
+
+
+def plan(bench: BenchConfig, base: Path) -> Plan:
+    """Every run of the bench's profile, sources first, and the (pair, method, seed) cells they fill."""
+    profile = bench.profiles[bench.profile]
+    out_dir = Path(bench.output_dir)
+    src_dir = Path(bench.source_dir) if bench.source_dir else out_dir / "sources"
+    runs: dict[str, Run] = {}
+    cells = []
+    for tname, task in bench.tasks.items():
+        base_files = [str(_resolve_file(task.config, base, PACKAGED))] if task.config else []
+        common = [f"data.root={json.dumps(bench.data_root)}", *profile.overrides, *task.overrides]
+
+        def make(train, val, extra, *, seed, source=None, _files=base_files, _common=common) -> Config:
+            return _run_config(_files, [*_common, *extra, f"train.seed={seed}"], train=train, val=val, source=source)
+
+        for seed in profile.seeds:
+            for a, b in _pairs(task, profile.pairs, tname):
+                sa, sb = task.domains[a], task.domains[b]
+                pair = f"{a}->{b}"
+                src_key = f"{tname}/{a}/source/seed{seed}"
+                if src_key not in runs:
+                    train = _split(tname, a, sa, "train")
+                    cfg = make(train, sa.val or train, task.source, seed=seed)
+                    runs[src_key] = _named(Run(src_key, "train", tname, a, "source", seed, cfg), src_dir)
+                src = runs[src_key]
+                src_ckpt = str(source_checkpoint(src.out))
+                adapt, evaluate = _split(tname, b, sb, "adapt"), _split(tname, b, sb, "eval")
+                for method in bench.methods:
+                    key = f"{tname}/{pair}/{method}/seed{seed}"
+                    if method == "source-only":
+                        cfg = make(src.cfg.data.train, evaluate, task.source, seed=seed)
+                        run = Run(key, "eval", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)
+                    elif method == "target-only":  # from scratch: the source schedule; one run per target domain
+                        key = f"{tname}/{b}/target-only/seed{seed}"
+                        cfg = make(adapt, evaluate, [*task.source, *task.target_only], seed=seed)
+                        run = Run(key, "train", tname, b, method, seed, cfg)
+                    else:
+                        v = bench.variants.get(method, Variant(method=method))
+                        extra = [*task.adapt, f"adapt.method={v.method}", *v.overrides,
+                                 f"adapt.source_checkpoint={src_ckpt}"]  # fmt: skip
+                        cfg = make(adapt, evaluate, extra, seed=seed, source=src.cfg.data.train)
+                        run = Run(key, "train", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)
+                    if key not in runs:
+                        runs[key] = _named(run, out_dir / "runs")
+                    cells.append((tname, pair, method, seed, key))
+    return Plan(runs=list(runs.values()), cells=cells)
+
+
+def _run_config(files: list[str], overrides: list[str], *, train, val, source) -> Config:
+    cfg = config_mod.load_config(files, overrides)
+    cfg.data.train, cfg.data.val = train, val
+    if source is not None:
+        cfg.data.source = source
+    if not cfg.train.eval_every:  # every trained model is scored once at its end (and so has a `best`)
+        cfg.train.eval_every = cfg.train.iters
+    return config_mod.validate(cfg)
+
+
+def _named(run: Run, root: Path) -> Run:
+    """Place the run in a folder named by its key and config hash (+ the scored checkpoint for an evaluation)."""
+    h = config_hash(run.cfg)
+    if run.kind == "eval":
+        h += "-" + hashlib.sha1(run.init.encode()).hexdigest()[:6]
+    run.out = root / run.key.replace("->", "-to-") / h
+    run.cfg = config_mod.load_config_over(run.cfg, [f"output_dir={run.out}", f"name={run.key}"])
+    return run
+
+
+# -------------------------------------------------------------------------------------------------------- execution
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux VmHWM; elsewhere ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if platform.system() == "Darwin" else 1024)
+
+
+def execute(run: Run, threads: int) -> dict:
+    """Run one unit of work in this (fresh) process; return its record. Errors come back as a record, not raised."""
+    import torch
+
+    from .checkpoint import list_checkpoints
+    from .runner import evaluate_checkpoint, fit
+
+    torch.set_num_threads(threads)
+    tic = time.perf_counter()
+    record = {"key": run.key, "task": run.task, "pair": run.pair, "method": run.method, "seed": run.seed,
+              "kind": run.kind, "hash": run.out.name, "dir": str(run.out)}  # fmt: skip
+    try:
+        if run.kind == "eval":
+            metrics, _ = evaluate_checkpoint(run.init, overrides=_split_overrides(run.cfg), progress=False)
+            imgs = None
+        else:
+            resume = bool(list_checkpoints(run.out))
+            metrics = fit(run.cfg, init_from="" if resume else run.init, resume=resume, progress=False)
+            imgs = _mean_rate(run.out / "metrics.jsonl")
+    except TmtsegError as err:
+        return {**record, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}", "exit_code": err.exit_code}
+    return {**record, "metrics": metrics, "wall_s": time.perf_counter() - tic, "imgs_per_s": imgs,
+            "peak_rss_mib": _peak_rss_mib(), "threads": threads}  # fmt: skip
+
+
+def _split_overrides(cfg: Config) -> list[str]:
+    """The eval split of `cfg` as dotted overrides for a checkpoint's own config."""
+    d = config_mod.to_dict(cfg)["data"]
+    return [f"data.root={json.dumps(d['root'])}", *(f"data.val.{k}={json.dumps(v)}" for k, v in d["val"].items())]
+
+
+def _mean_rate(log: Path) -> float | None:
+    rates = []
+    if log.exists():
+        for line in log.read_text().splitlines():
+            rec = json.loads(line)
+            if "imgs_per_s" in rec:
+                rates.append(rec["imgs_per_s"])
+    return sum(rates) / len(rates) if rates else None
+
+
+def _progress(run: Run) -> int:
+    """The last logged step of a running run (0 if none yet)."""
+    log = run.out / "metrics.jsonl"
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.path.getsize(log) - 4096))
+            lines = f.read().decode(errors="ignore").splitlines()
+        return int(json.loads(lines[-1]).get("step", 0)) if lines else 0
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """(key, hash) -> the newest finished record; a line cut short by a kill is ignored."""
+    out: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "metrics" in rec:
+                out[f"{rec['key']}#{rec['hash']}"] = rec
+    return out
+
+
+def provenance() -> dict:
+    """The commit and machine a bench ran on."""
+    import torch
+
+    repo = Path(__file__).resolve().parents[1]
+    commit = ""
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip
+
+
+def _finished(p: Plan, results_file: Path) -> dict[str, dict]:
+    """The plan's finished runs by key: recorded in results.jsonl with the same config hash."""
+    recorded = read_results(results_file)
+    return {r.key: recorded[f"{r.key}#{r.out.name}"] for r in p.runs if f"{r.key}#{r.out.name}" in recorded}
+
+
+def describe(bench: BenchConfig, base: Path) -> str:
+    """The plan, one line per run: its state (done, partial, todo), steps and folder."""
+    p = plan(bench, base)
+    done = _finished(p, Path(bench.output_dir) / "results.jsonl")
+    lines = []
+    for r in p.runs:
+        state = "done" if r.key in done else ("partial" if (r.out / "checkpoints").is_dir() else "todo")
+        lines.append(f"{state:8s} {r.key:48s} {r.iters:6d} steps  {r.out}")
+    steps = sum(r.iters for r in p.runs if r.key not in done)
+    lines.append(f"{len(p.runs)} runs, {len(done)} done; {steps} training steps to go")
+    return "\n".join(lines)
+
+
+def report(bench: BenchConfig, base: Path, p: Plan | None = None) -> Path:
+    """Write report.md, runs.csv, runs.json and the plots from the finished runs of the plan."""
+    from .report import write_report
+
+    p = p or plan(bench, base)
+    out_dir = Path(bench.output_dir)
+    done = _finished(p, out_dir / "results.jsonl")
+    prof = bench.profiles[bench.profile]
+    commits = sorted({r.get("commit", "") for r in done.values()} - {""})
+    machine = sorted({r.get("machine", "") for r in done.values()} - {""})
+    header = (
+        f"Bench `{bench.name}`, profile `{bench.profile}` (seeds {prof.seeds}, {prof.pairs} pairs): "
+        f"{len(done)} of {len(p.runs)} runs finished. Commit(s): {', '.join(commits) or 'unknown'}; "
+        f"machine: {', '.join(machine) or 'unknown'}."
+    )
+    return write_report(p.cells, done, out_dir, baseline=bench.baseline, title=f"Benchmark: {bench.name}",
+                        header=header)  # fmt: skip
+
+
+def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
+    """Run every unfinished run of the plan, `bench.jobs` at a time, each in a fresh process; write the report.
+
+    Returns the report's path. Finished runs (recorded in results.jsonl with the same
+    config hash) are skipped; a run folder with checkpoints is resumed. A failed run is reported and the others go on
+    (those that need it are skipped); then TrainingError names the first failure.
+    """
+    from tqdm import tqdm
+
+    p = plan(bench, base)
+    out_dir = Path(bench.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / "results.jsonl"
+    done = _finished(p, results_file)
+    queue = [r for r in p.runs if r.key not in done]
+    threads = bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)
+    prov = provenance()
+    cost = {r.key: max(r.iters, 10) for r in queue}  # work in steps (an evaluation counts as 10)
+    failed: dict[str, str] = {}
+    bar = tqdm(total=sum(cost.values()), disable=not progress, desc=bench.name, unit="step", dynamic_ncols=True)
+    if progress and done:
+        tqdm.write(f"{bench.name}: {len(done)} of {len(p.runs)} runs already finished")
+    active: dict[Future, Run] = {}
+    finished_units = 0
+    # a fresh process per run: clean peak memory, nothing shared between runs, parallel runs on separate cores
+    with ProcessPoolExecutor(max_workers=bench.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        while queue or active:
+            waiting = {r.key for r in queue} | {r.key for r in active.values()}
+            for r in list(queue):
+                if r.after in failed:
+                    queue.remove(r)
+                    failed[r.key] = f"skipped: {r.after} failed"
+                elif len(active) < bench.jobs and r.after not in waiting:
+                    queue.remove(r)
+                    active[pool.submit(execute, r, threads)] = r
+            finished, _ = wait(active, timeout=5, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                r = active.pop(fut)
+                rec = fut.result()
+                finished_units += cost[r.key]
+                if "error" in rec:
+                    failed[r.key] = rec["error"]
+                    tqdm.write(f"tmtseg bench: {r.key} failed: {rec['error']} (run folder {r.out})")
+                    continue
+                rec.update(prov)
+                with open(results_file, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                done[r.key] = rec
+            bar.n = finished_units + sum(min(_progress(r), r.iters) for r in active.values())
+            bar.set_postfix_str("; ".join(f"{r.key} {_progress(r)}/{r.iters}" for r in active.values()))
+            bar.refresh()
+    bar.close()
+    path = report(bench, base, p)
+    if failed:
+        from .errors import TrainingError
+
+        first = next(iter(failed))
+        raise TrainingError(
+            f"{len(failed)} bench run(s) failed or skipped, first {first}: {failed[first]} (report of the rest: {path})"
+        )
+    return path
