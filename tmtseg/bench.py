@@ -396,7 +396,7 @@ def report(bench: BenchConfig, base: Path, p: Plan | None = None) -> Path:
         f"{len(done)} of {len(p.runs)} runs finished. Commit(s): {', '.join(commits) or 'unknown'}; "
         f"machine: {', '.join(machine) or 'unknown'}."
     )
-    return write_report(p.cells, done, out_dir, baseline=bench.baseline, title=f"Benchmark: {bench.name}",
+    return write_report(p.cells, done, [r.key for r in p.runs], out_dir, baseline=bench.baseline, title=f"Benchmark: {bench.name}",
                         header=header)  # fmt: skip
 
 

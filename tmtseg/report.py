@@ -202,11 +202,12 @@ def plot(table: Table, out: Path, *, baseline: str) -> list[Path]:
     return paths
 
 
-def write_report(cells, done: dict[str, dict], out: Path, *, baseline: str, title: str, header: str = "") -> Path:
-    """report.md, runs.csv, runs.json, pairs.png, delta.png in `out`; returns the report's path."""
+def write_report(
+    cells, done: dict[str, dict], order: list[str], out: Path, *, baseline: str, title: str, header: str = ""
+) -> Path:
+    """report.md, runs.csv and runs.json (every finished run, in `order`), pairs.png, delta.png in `out`."""
     table = build_table(cells, done)
-    keys = list(dict.fromkeys(k for *_, k in cells))
-    records = [done[k] for k in keys if k in done]
+    records = [done[k] for k in order if k in done]
     text = markdown(table, records, baseline=baseline, title=title, header=header)
     (out / "report.md").write_text(text)
     write_runs(records, out)

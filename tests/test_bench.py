@@ -1,0 +1,148 @@
+"""tmtseg bench: planning, skipping finished runs, resuming, reports and their arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.tiny import TINY
+from tmtseg.bench import load_bench, plan, run_bench
+from tmtseg.errors import ConfigError
+from tmtseg.report import build_table, markdown, wins
+
+
+def _bench_file(tmp_path: Path, **changes) -> Path:
+    cfg = {
+        "name": "tiny",
+        "output_dir": str(tmp_path / "out"),
+        "methods": ["source-only", "finetune", "tmt", "target-only"],
+        "profiles": {"quick": {"seeds": [0], "overrides": [*TINY, "train.log_every=1"]}},
+        "tasks": {
+            "synthetic": {
+                "config": "demo.yaml",
+                "source": ["train.iters=3"],
+                "adapt": ["train.iters=2", "train.warmup_iters=0"],
+                "domains": {
+                    "day": {
+                        "train": {"kind": "synthetic", "domain": "day", "seed": 0, "num_images": 4},
+                        "val": {"kind": "synthetic", "domain": "day", "seed": 1, "num_images": 2},
+                    },
+                    "dusk": {
+                        "train": {"kind": "synthetic", "domain": "dusk", "seed": 4, "num_images": 4},
+                        "adapt": {"kind": "synthetic", "domain": "dusk", "seed": 2, "num_images": 4},
+                        "eval": {"kind": "synthetic", "domain": "dusk", "seed": 3, "num_images": 2},
+                    },
+                },
+                "core_pairs": ["day->dusk"],
+            }
+        },
+    }
+    cfg.update(changes)
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_plan_core_and_all_pairs_share_sources_and_target_only(tmp_path):
+    bench, base = load_bench(str(_bench_file(tmp_path)))
+    p = plan(bench, base)
+    keys = [r.key for r in p.runs]
+    assert keys == [
+        "synthetic/day/source/seed0",
+        "synthetic/day->dusk/source-only/seed0",
+        "synthetic/day->dusk/finetune/seed0",
+        "synthetic/day->dusk/tmt/seed0",
+        "synthetic/dusk/target-only/seed0",
+    ]
+    by_key = {r.key: r for r in p.runs}
+    src = by_key["synthetic/day/source/seed0"]
+    ft = by_key["synthetic/day->dusk/finetune/seed0"]
+    assert ft.after == src.key and ft.init == str(src.out / "checkpoints" / "best")
+    assert ft.cfg.data.train.seed == 2 and ft.cfg.data.val.seed == 3  # the target's adapt / eval splits
+    assert ft.cfg.data.source == src.cfg.data.train  # the unlabelled source images are the source's training split
+    assert by_key["synthetic/day->dusk/tmt/seed0"].cfg.adapt.method == "tmt"
+    assert src.cfg.train.eval_every == src.cfg.train.iters  # a source is always scored, so `best` exists
+
+    bench, base = load_bench(str(_bench_file(tmp_path)), ["profiles.quick.pairs=all"])
+    # day has no adapt/eval split, so dusk->day is refused naming the key
+    with pytest.raises(ConfigError, match=r"tasks\.synthetic\.domains\.day\.adapt"):
+        plan(bench, base)
+
+
+def test_bench_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="bogus"):
+        load_bench(str(_bench_file(tmp_path)), ["bogus=1"])
+    with pytest.raises(ConfigError, match="methods: 'nope'"):
+        load_bench(str(_bench_file(tmp_path, methods=["finetune", "nope"])))
+    with pytest.raises(ConfigError, match="profile='huge'"):
+        load_bench(str(_bench_file(tmp_path)), ["profile=huge"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_bench(str(tmp_path / "missing.yaml"))
+
+
+def test_run_report_skip_extend_and_resume(tmp_path):
+    bench, base = load_bench(str(_bench_file(tmp_path)))
+    report = run_bench(bench, base, progress=False)
+    out = Path(bench.output_dir)
+    records = _lines(out / "results.jsonl")
+    assert sorted(r["method"] for r in records) == ["finetune", "source", "source-only", "target-only", "tmt"]
+    for r in records:
+        assert 0.0 <= r["metrics"]["mIoU"] <= 100.0 and r["peak_rss_mib"] > 0 and r["wall_s"] > 0
+        assert r["commit"] is not None and "cores" in r["machine"]
+    assert all(r["imgs_per_s"] > 0 for r in records if r["kind"] == "train")
+    text = report.read_text()
+    for m in ("source-only", "finetune", "tmt", "target-only"):
+        assert f"| {m} |" in text
+    assert (out / "runs.csv").read_text().count("\n") == 1 + 5
+    assert (out / "pairs.png").stat().st_size > 0 and (out / "delta.png").stat().st_size > 0
+
+    # the same config again: nothing runs, nothing is appended
+    run_bench(bench, base, progress=False)
+    assert len(_lines(out / "results.jsonl")) == 5
+
+    # a new method and a variant: only they run; the source model is reused
+    variants = {"tmt-patches": {"method": "tmt", "overrides": ["adapt.acte.iters=0"]}}
+    bench, base = load_bench(str(_bench_file(tmp_path, methods=["finetune", "dann", "tmt-patches"], variants=variants)))
+    run_bench(bench, base, progress=False)
+    new = _lines(out / "results.jsonl")[5:]
+    assert sorted(r["method"] for r in new) == ["dann", "tmt-patches"]
+
+    # a run killed after its training but before it was recorded: its folder is resumed, not started again
+    lines = (out / "results.jsonl").read_text().splitlines()
+    dann = json.loads(lines[-2] if json.loads(lines[-2])["method"] == "dann" else lines[-1])
+    (out / "results.jsonl").write_text("\n".join(x for x in lines if json.loads(x)["method"] != "dann") + "\n")
+    before = (Path(dann["dir"]) / "metrics.jsonl").read_text()
+    run_bench(bench, base, progress=False)
+    again = [r for r in _lines(out / "results.jsonl") if r["method"] == "dann"]
+    assert len(again) == 1 and again[0]["metrics"]["mIoU"] == dann["metrics"]["mIoU"]
+    assert (Path(dann["dir"]) / "metrics.jsonl").read_text() == before  # no step was trained again
+
+
+def test_report_wins_and_deltas_follow_the_seed_spread():
+    cells, done = [], {}
+    scores = {  # pair -> method -> per-seed mIoU
+        "a->b": {"finetune": [50, 52, 54], "tmt": [55, 57, 59], "dann": [49, 53, 57]},
+        "c->d": {"finetune": [40, 40, 40], "tmt": [40.5, 39.0, 42.0], "dann": [30, 31, 32]},
+    }
+    for pair, by_method in scores.items():
+        for method, vals in by_method.items():
+            for seed, v in enumerate(vals):
+                key = f"t/{pair}/{method}/seed{seed}"
+                cells.append(("t", pair, method, seed, key))
+                done[key] = {"metrics": {"mIoU": float(v)}, "method": method}
+    table = build_table(cells, done)
+    np.testing.assert_allclose(table.delta("t: a->b", "tmt", "finetune"), [5, 5, 5])
+    # tmt: +5 with no spread on a->b (a win); +0.5 mean with std 1.5 on c->d (not a win)
+    assert wins(table, "tmt", "finetune") == (1, 1)
+    # dann: +1 ± 2 on a->b is inside the spread; -10 on c->d
+    assert wins(table, "dann", "finetune") == (0, 0)
+    text = markdown(table, list(done.values()), baseline="finetune", title="t")
+    assert "| tmt | 57.00 ± 2.00 | 40.50 ± 1.50 | 48.75 ± 1.52 | +2.75 ± 0.75 | 1/2 | 1/2 |" in text
