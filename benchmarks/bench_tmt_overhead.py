@@ -13,9 +13,9 @@ exist beforehand are not counted.
 from __future__ import annotations
 
 import argparse
-import weakref
 import statistics
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -80,7 +80,7 @@ def train_step_times(cfgs: dict, rounds: int) -> dict:
         _step(trainer, opt, b, 0)  # warm-up
         runs[name] = (trainer, opt, b, [])
     for r in range(rounds):
-        for name, (trainer, opt, b, times) in runs.items():
+        for trainer, opt, b, times in runs.values():
             t = time.perf_counter()
             _step(trainer, opt, b, r + 1)
             times.append(time.perf_counter() - t)

@@ -29,8 +29,14 @@ def _model_and_optim(seed=0):
 def test_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     model, opt = _model_and_optim()
     torch.manual_seed(123)
-    path = save_checkpoint(tmp_path, step=7, model=model, meta={"config": {"a": 1}}, optimizer=opt,
-                           train_state={"best": 1.5, "history": []})
+    path = save_checkpoint(
+        tmp_path,
+        step=7,
+        model=model,
+        meta={"config": {"a": 1}},
+        optimizer=opt,
+        train_state={"best": 1.5, "history": []},
+    )
     expected_draw = torch.rand(3)
     other, other_opt = _model_and_optim(seed=1)
     ckpt = load_checkpoint(path)

@@ -18,8 +18,13 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("data.bogus=1", "data.bogus"), ("model.num_queries=abc", "model.num_queries"), ("adapt.method=x", "adapt.method"),
-     ("model.nheads=3", "model.nheads"), ("adapt.tma.alpha=2", "adapt.tma.alpha")],
+    [
+        ("data.bogus=1", "data.bogus"),
+        ("model.num_queries=abc", "model.num_queries"),
+        ("adapt.method=x", "adapt.method"),
+        ("model.nheads=3", "model.nheads"),
+        ("adapt.tma.alpha=2", "adapt.tma.alpha"),
+    ],
 )
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -9,8 +9,10 @@ from .tiny import TINY
 
 def _batch(seed, b=2, h=64, w=64, k=5):
     g = torch.Generator().manual_seed(seed)
-    return {"image": torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8),
-            "label": torch.randint(0, k, (b, h, w), generator=g)}
+    return {
+        "image": torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8),
+        "label": torch.randint(0, k, (b, h, w), generator=g),
+    }
 
 
 def test_tmt_with_lambda_zero_predicts_exactly_as_vanilla():

@@ -1,14 +1,18 @@
-"""End to end on synthetic data with a tiny model: train, eval, predict, viz, resume, adapt, demo tables."""
+"""End to end on synthetic data with a tiny model: train, eval, predict, viz, resume, adapt, the demo."""
 
 import json
 
 from tmtseg.cli import main
-from tmtseg.demo import format_results
 
 from .tiny import TINY
 
-DATA = ["data.train.num_images=6", "data.val.num_images=2", "data.source.num_images=6", "train.log_every=2",
-        "train.warmup_iters=1"]
+DATA = [
+    "data.train.num_images=6",
+    "data.val.num_images=2",
+    "data.source.num_images=6",
+    "train.log_every=2",
+    "train.warmup_iters=1",
+]
 
 
 def test_train_eval_predict_viz_resume_adapt(tmp_path, capsys):
@@ -47,8 +51,10 @@ def test_train_eval_predict_viz_resume_adapt(tmp_path, capsys):
     assert (tmp_path / "viz" / "grid.png").exists()
 
     # resume: the run goes on from its last checkpoint to the new end, and only logs what is new
-    assert main([*common, "train", *TINY, *DATA, "train.iters=5", "train.save_every=2", f"output_dir={run}",
-                 "--resume"]) == 0
+    assert (
+        main([*common, "train", *TINY, *DATA, "train.iters=5", "train.save_every=2", f"output_dir={run}", "--resume"])
+        == 0
+    )
     log = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert log == [2, 3, 4, 5]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000004", "iter_0000005"]  # keep_last=2
@@ -56,8 +62,25 @@ def test_train_eval_predict_viz_resume_adapt(tmp_path, capsys):
 
     # adapt with TMT from the source model: the adapted checkpoint evaluates with the usual command
     ad = tmp_path / "tmt"
-    assert main([*common, "adapt", *TINY, *DATA, "train.iters=2", f"output_dir={ad}", "--method", "tmt",
-                 "--source-checkpoint", str(ckpt), "data.train.domain=dusk", "data.val.domain=dusk"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "adapt",
+                *TINY,
+                *DATA,
+                "train.iters=2",
+                f"output_dir={ad}",
+                "--method",
+                "tmt",
+                "--source-checkpoint",
+                str(ckpt),
+                "data.train.domain=dusk",
+                "data.val.domain=dusk",
+            ]
+        )
+        == 0
+    )
     assert main([*common, "eval", str(ad / "checkpoints" / "iter_0000002")]) == 0
     assert "tmt" in (ad / "config.yaml").read_text()
 
@@ -72,6 +95,10 @@ def test_errors_are_one_line_with_exit_codes(tmp_path, capsys):
     assert "source_checkpoint" in capsys.readouterr().err
 
 
-def test_format_results_table():
-    table = format_results({"finetune": {"mIoU": 50.0, "aAcc": 80.0}, "tmt": {"mIoU": 51.25, "aAcc": 81.0}})
-    assert "| tmt | 51.25 | 81.00 |" in table.splitlines()
+def test_demo_runs_every_method_and_draws_them(tmp_path, capsys):
+    short = ["tasks.synthetic.source=[train.iters=2]", "tasks.synthetic.adapt=[train.iters=1]"]
+    assert main(["--no-progress", "demo", "--out", str(tmp_path / "demo"), *TINY, "train.log_every=1", *short]) == 0
+    out = capsys.readouterr().out
+    for method in ("source-only", "finetune", "dann", "tvt", "tmt", "target-only"):
+        assert f"| {method} |" in out
+    assert (tmp_path / "demo" / "pictures" / "predictions.png").stat().st_size > 0

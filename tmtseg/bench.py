@@ -69,6 +69,7 @@ class Profile:
     seeds: list[int] = field(default_factory=lambda: [0])
     pairs: str = "core"  # core | all (every ordered pair of domains within a task)
     overrides: list[str] = field(default_factory=list)  # every run of the profile
+    iters_scale: float = 1.0  # every schedule (steps, warmup) scaled: a quick profile runs shorter
 
 
 @dataclass
@@ -207,7 +208,8 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
         common = [f"data.root={json.dumps(bench.data_root)}", *profile.overrides, *task.overrides]
 
         def make(train, val, extra, *, seed, source=None, _files=base_files, _common=common) -> Config:
-            return _run_config(_files, [*_common, *extra, f"train.seed={seed}"], train=train, val=val, source=source)
+            overrides = [*_common, *extra, f"train.seed={seed}"]
+            return _run_config(_files, overrides, train=train, val=val, source=source, scale=profile.iters_scale)
 
         for seed in profile.seeds:
             for a, b in _pairs(task, profile.pairs, tname):
@@ -242,8 +244,12 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
     return Plan(runs=list(runs.values()), cells=cells)
 
 
-def _run_config(files: list[str], overrides: list[str], *, train, val, source) -> Config:
+def _run_config(files: list[str], overrides: list[str], *, train, val, source, scale: float) -> Config:
     cfg = config_mod.load_config(files, overrides)
+    if scale != 1.0:
+        cfg.train.iters = max(1, round(cfg.train.iters * scale))
+        cfg.train.warmup_iters = round(cfg.train.warmup_iters * scale)
+        cfg.train.eval_every = round(cfg.train.eval_every * scale)
     cfg.data.train, cfg.data.val = train, val
     if source is not None:
         cfg.data.source = source
@@ -396,8 +402,9 @@ def report(bench: BenchConfig, base: Path, p: Plan | None = None) -> Path:
         f"{len(done)} of {len(p.runs)} runs finished. Commit(s): {', '.join(commits) or 'unknown'}; "
         f"machine: {', '.join(machine) or 'unknown'}."
     )
-    return write_report(p.cells, done, [r.key for r in p.runs], out_dir, baseline=bench.baseline, title=f"Benchmark: {bench.name}",
-                        header=header)  # fmt: skip
+    order = [r.key for r in p.runs]
+    title = f"Benchmark: {bench.name}"
+    return write_report(p.cells, done, order, out_dir, baseline=bench.baseline, title=title, header=header)
 
 
 def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:

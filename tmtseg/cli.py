@@ -336,7 +336,9 @@ def _cmd_bench(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), overrides=args.overrides, progress=not args.no_progress)
+    report, pictures = run_demo(Path(args.out), overrides=args.overrides, progress=not args.no_progress)
+    print(report.read_text())
+    print(f"report: {report}\npictures: {', '.join(map(str, pictures))}")
     return 0
 
 

@@ -145,6 +145,9 @@ class TMAConfig:
     form: str = "additive"  # additive (log bias before softmax) | multiplicative (scale probabilities)
     learn_lambda: bool = True  # lambda_h learnable per head
     lambda_init: float = 0.0  # 0: training starts exactly as vanilla Mask2Former
+    # lambda's lr = train.lr * this: Adam moves a parameter by ~lr per step, so at the segmenter's 1e-4 a lambda
+    # starting at 0 would stay within 0.01 of vanilla over a 100-step adaptation, i.e. TMA would never act
+    lambda_lr_mult: float = 100.0
     eps: float = 1e-6
     at_inference: bool = True  # run ACTE + TMA on target images at test time
 
@@ -154,6 +157,9 @@ class AdaptConfig:
     method: str = "finetune"  # finetune | dann | tvt | tmt
     unsupervised: bool = False  # True: target labels unused (source labels used instead)
     adv_weight: float = 0.1  # weight of each adversarial loss (TVT's beta = gamma = 0.1)
+    # the discriminators' lr = train.lr * this: they start from scratch while the segmenter is only nudged (DANN's
+    # 10x for new layers); at 1x they barely learn in a short adaptation and every map reads "transferable"
+    head_lr_mult: float = 10.0
     grl_max_iter: int = 0  # GRL ramp length; 0 = train.iters
     source_checkpoint: str = ""  # the source model every method starts from
     acte: ACTEConfig = field(default_factory=ACTEConfig)

@@ -1,91 +1,44 @@
-"""The built-in default job: a source model on synthetic "day" scenes, adapted to "dusk" by every method.
+"""The built-in default job: the packaged `demo` bench (a source model on synthetic "day" scenes, adapted to "dusk" by
+every method), its result table, and a picture of every method's predictions on the target.
 
-Prints a result table and writes pictures; finished runs are reused, so an interrupted demo continues.
+Finished runs are reused and unfinished ones resumed, as in any bench: an interrupted demo continues.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-from .config import Config, load_config, load_config_over
-from .methods import METHODS
-
-CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-# the target domain: a labelled dusk training split and a disjoint dusk evaluation split
-TARGET = [
-    "data.train.domain=dusk",
-    "data.train.seed=2",
-    "data.train.num_images=24",
-    "data.val.domain=dusk",
-    "data.val.seed=3",
-    "data.val.num_images=16",
-]
+from .bench import BenchConfig, load_bench, plan, run_bench
 
 
-def demo_config(out: Path, overrides: list[str]) -> Config:
-    return load_config([str(CONFIG)], [f"output_dir={out / 'source'}", *overrides])
+def run_demo(out: Path, *, overrides: list[str] = (), progress: bool = True) -> tuple[Path, list[Path]]:
+    """Run the demo bench into `out`; returns (report, pictures). An override of a bench key (jobs, methods,
+    tasks.synthetic.adapt, ...) changes the bench; any other (model.*, train.*, ...) applies to every run."""
+    bench_keys = {f.name for f in fields(BenchConfig)}
+    to_bench = [o for o in overrides if o.split("=", 1)[0].split(".")[0] in bench_keys]
+    to_runs = [o for o in overrides if o not in to_bench]
+    bench_overrides = [f"output_dir={out}", *to_bench]
+    if to_runs:
+        bench_overrides.append(f"profiles.quick.overrides={json.dumps(to_runs)}")
+    bench, base = load_bench("demo", bench_overrides)
+    report = run_bench(bench, base, progress=progress)
+    p = plan(bench, base)
+    runs = {r.key: r for r in p.runs}
+    checkpoints = {}  # method -> the checkpoint it is scored with (source-only: the source model's)
+    for _task, _pair, method, _seed, key in p.cells:
+        run = runs[key]
+        checkpoints[method] = run.init if run.kind == "eval" else str(run.out / "checkpoints" / "best")
+    eval_split = next(r for r in p.runs if r.method == "finetune").cfg.data.val
+    pictures = write_pictures(checkpoints, out / "pictures", eval_split=eval_split)
+    return report, pictures
 
 
-def _run(cfg: Config, *, init: str, progress: bool) -> dict:
-    from .runner import fit
-
-    done = Path(cfg.output_dir) / "eval.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    resume = (Path(cfg.output_dir) / "checkpoints").is_dir() and any((Path(cfg.output_dir) / "checkpoints").iterdir())
-    return fit(cfg, init_from="" if resume else init, resume=resume, progress=progress)
-
-
-def run_demo(out: Path, *, overrides: list[str] = (), progress: bool = True) -> dict:
-    from .runner import evaluate_checkpoint
-
-    source_cfg = demo_config(out, list(overrides))
-    day = _run(source_cfg, init="", progress=progress)
-    source_ckpt = str(Path(source_cfg.output_dir) / "checkpoints" / "best")
-    if not Path(source_ckpt).exists():
-        from .checkpoint import list_checkpoints
-
-        source_ckpt = str(list_checkpoints(Path(source_cfg.output_dir))[-1])
-    dusk_eval, _ = evaluate_checkpoint(source_ckpt, overrides=TARGET[3:], progress=False)
-    rows = {"source-only (day val)": day, "source-only": dusk_eval}
-    runs = {"source-only": source_ckpt}
-    adapt_cfg = load_config_over(source_cfg, [*TARGET, "train.iters=150", "train.warmup_iters=0", "train.lr=1e-4"])
-    for method in METHODS:
-        cfg = load_config_over(
-            adapt_cfg,
-            [
-                f"adapt.method={method}",
-                f"adapt.source_checkpoint={source_ckpt}",
-                f"output_dir={out / method}",
-                f"name=demo-{method}",
-            ],
-        )
-        rows[method] = _run(cfg, init=source_ckpt, progress=progress)
-        runs[method] = str(
-            Path(cfg.output_dir)
-            / "checkpoints"
-            / sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir() if p.name.startswith("iter_"))[-1]
-        )
-    table = format_results(rows)
-    print(table)
-    (out / "results.md").write_text(table + "\n")
-    pictures = write_pictures(runs, out / "pictures", target_overrides=TARGET)
-    print(f"pictures: {', '.join(str(p) for p in pictures)}")
-    return rows
-
-
-def format_results(rows: dict[str, dict]) -> str:
-    lines = ["| run | mIoU | aAcc |", "|---|---:|---:|"]
-    for name, m in rows.items():
-        lines.append(f"| {name} | {m['mIoU']:.2f} | {m['aAcc']:.2f} |")
-    return "\n".join(lines)
-
-
-def write_pictures(runs: dict[str, str], out: Path, *, target_overrides: list[str], count: int = 4) -> list[Path]:
-    """A grid: image, ground truth, then each run's prediction, for `count` target evaluation images."""
+def write_pictures(runs: dict[str, str], out: Path, *, eval_split, count: int = 4) -> list[Path]:
+    """A grid: image, ground truth, then each run's prediction, for `count` images of the target evaluation split."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,9 +49,9 @@ def write_pictures(runs: dict[str, str], out: Path, *, target_overrides: list[st
     from .runner import trainer_from_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
-    loaded = {name: trainer_from_checkpoint(path, target_overrides) for name, path in runs.items()}
+    loaded = {name: trainer_from_checkpoint(path) for name, path in runs.items()}
     _, cfg, meta = next(iter(loaded.values()))
-    dataset = build_dataset(cfg.data.val, cfg.data, train=False)
+    dataset = build_dataset(eval_split, cfg.data, train=False)
     palette = np.asarray(meta["palette"], dtype=np.uint8)
     n = min(count, len(dataset))
     fig, axes = plt.subplots(n, 2 + len(loaded), figsize=(2.6 * (2 + len(loaded)), 2.2 * n), squeeze=False)

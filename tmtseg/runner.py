@@ -55,13 +55,25 @@ _RESUMABLE_CHANGES = {
 }
 
 
+def lr_mult(cfg: Config, name: str) -> float:
+    """The lr multiplier of a trainer parameter: the backbone's, the adaptation method's fresh modules' (its
+    discriminators start from scratch while the segmenter is only nudged), and TMA's lambda."""
+    if name.startswith("model.backbone."):
+        return cfg.train.backbone_lr_mult
+    if name == "method.tma.lambdas":
+        return cfg.adapt.tma.lambda_lr_mult
+    if name.startswith("method."):
+        return cfg.adapt.head_lr_mult
+    return 1.0
+
+
 def build_optimizer(cfg: Config, trainer: Trainer) -> torch.optim.Optimizer:
-    """AdamW; the backbone's lr is scaled by train.backbone_lr_mult; no weight decay on norms, biases, embeddings."""
+    """AdamW with per-part lr multipliers (`lr_mult`); no weight decay on norms, biases, embeddings, lambda."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in trainer.named_parameters():
         if not p.requires_grad:
             continue
-        mult = cfg.train.backbone_lr_mult if name.startswith("model.backbone.") else 1.0
+        mult = lr_mult(cfg, name)
         no_decay = p.ndim <= 1 or any(t in name for t in _NO_DECAY)
         groups.setdefault((mult, 0.0 if no_decay else cfg.train.weight_decay), []).append(p)
     param_groups = [
