@@ -78,3 +78,21 @@ def test_grl_pushes_features_against_the_discriminator():
     feats_t["tokens"].retain_grad()
     method.domain_loss(hooks_t, hooks_s, labelled_is_source=False).backward()
     torch.testing.assert_close(with_grl, -feats_t["tokens"].grad)
+
+
+def test_optimizer_gives_lambda_and_discriminators_their_own_lr():
+    from tmtseg.runner import build_optimizer
+
+    cfg = load_config([], [*TINY, "adapt.method=tmt", "train.lr=1e-4", "train.backbone_lr_mult=0.5",
+                           "adapt.head_lr_mult=10", "adapt.tma.lambda_lr_mult=100"])  # fmt: skip
+    trainer = build_trainer(cfg)
+    opt = build_optimizer(cfg, trainer)
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(trainer.named_parameters())
+    assert lr_of[id(named["method.tma.lambdas"])] == pytest.approx(1e-2) and wd_of[id(named["method.tma.lambdas"])] == 0
+    disc = [n for n in named if n.startswith("method.acte.discriminator.") and n.endswith("weight")]
+    assert disc and all(lr_of[id(named[n])] == pytest.approx(1e-3) for n in disc)
+    assert all(lr_of[id(p)] == pytest.approx(5e-5) for n, p in named.items() if n.startswith("model.backbone."))
+    assert all(lr_of[id(p)] == pytest.approx(1e-4) for n, p in named.items() if n.startswith("model.decoder."))
+    assert len(lr_of) == len(named)  # every parameter is optimised, once
