@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -294,24 +295,37 @@ def execute(run: Run, threads: int) -> dict:
     tic = time.perf_counter()
     record = {"key": run.key, "task": run.task, "pair": run.pair, "method": run.method, "seed": run.seed,
               "kind": run.kind, "hash": run.out.name, "dir": str(run.out)}  # fmt: skip
+    final = run.out / "eval.json"
     try:
         if run.kind == "eval":
             metrics, _ = evaluate_checkpoint(run.init, overrides=_split_overrides(run.cfg), progress=False)
-            imgs = None
+        elif final.exists() and json.loads(final.read_text())["step"] == run.cfg.train.iters:
+            # trained to the end but not recorded (killed in between): its final scores stand, nothing is redone
+            metrics, tic = {k: v for k, v in json.loads(final.read_text()).items() if k not in ("step", "split")}, None
         else:
             resume = bool(list_checkpoints(run.out))
             metrics = fit(run.cfg, init_from="" if resume else run.init, resume=resume, progress=False)
-            imgs = _mean_rate(run.out / "metrics.jsonl")
     except TmtsegError as err:
         return {**record, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}", "exit_code": err.exit_code}
-    return {**record, "metrics": metrics, "wall_s": time.perf_counter() - tic, "imgs_per_s": imgs,
-            "peak_rss_mib": _peak_rss_mib(), "threads": threads}  # fmt: skip
+    imgs = _mean_rate(run.out / "metrics.jsonl") if run.kind == "train" else None
+    return {**record, "metrics": metrics, "wall_s": tic and time.perf_counter() - tic, "imgs_per_s": imgs,
+            "peak_rss_mib": tic and _peak_rss_mib(), "threads": threads}  # fmt: skip
 
 
 def _split_overrides(cfg: Config) -> list[str]:
     """The eval split of `cfg` as dotted overrides for a checkpoint's own config."""
     d = config_mod.to_dict(cfg)["data"]
     return [f"data.root={json.dumps(d['root'])}", *(f"data.val.{k}={json.dumps(v)}" for k, v in d["val"].items())]
+
+
+def _prune(run: Run) -> None:
+    """A recorded run keeps only `best` (what sources hand on and pictures use): the step checkpoints, kept for
+    resuming, would fill the disk over a bench (~70 MB each on the CamVid config)."""
+    from .checkpoint import list_checkpoints
+
+    if run.kind == "train" and (run.out / "checkpoints" / "best").exists():
+        for ckpt in list_checkpoints(run.out):
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _mean_rate(log: Path) -> float | None:
@@ -421,7 +435,8 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.jsonl"
     done = _finished(p, results_file)
-    queue = [r for r in p.runs if r.key not in done]
+    # sources first: each unblocks several runs, so the parallel lanes never wait for one at the end
+    queue = sorted((r for r in p.runs if r.key not in done), key=lambda r: r.method != "source")
     threads = bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)
     prov = provenance()
     cost = {r.key: max(r.iters, 10) for r in queue}  # work in steps (an evaluation counts as 10)
@@ -455,6 +470,7 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
                 with open(results_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 done[r.key] = rec
+                _prune(r)
             bar.n = finished_units + sum(min(_progress(r), r.iters) for r in active.values())
             bar.set_postfix_str("; ".join(f"{r.key} {_progress(r)}/{r.iters}" for r in active.values()))
             bar.refresh()
