@@ -296,20 +296,23 @@ def execute(run: Run, threads: int) -> dict:
     record = {"key": run.key, "task": run.task, "pair": run.pair, "method": run.method, "seed": run.seed,
               "kind": run.kind, "hash": run.out.name, "dir": str(run.out)}  # fmt: skip
     final = run.out / "eval.json"
+    # trained to the end but not recorded (killed in between): its final scores stand and nothing is redone
+    trained = run.kind == "train" and final.exists() and json.loads(final.read_text())["step"] == run.cfg.train.iters
     try:
         if run.kind == "eval":
             metrics, _ = evaluate_checkpoint(run.init, overrides=_split_overrides(run.cfg), progress=False)
-        elif final.exists() and json.loads(final.read_text())["step"] == run.cfg.train.iters:
-            # trained to the end but not recorded (killed in between): its final scores stand, nothing is redone
-            metrics, tic = {k: v for k, v in json.loads(final.read_text()).items() if k not in ("step", "split")}, None
+        elif trained:
+            metrics = {k: v for k, v in json.loads(final.read_text()).items() if k not in ("step", "split")}
         else:
             resume = bool(list_checkpoints(run.out))
             metrics = fit(run.cfg, init_from="" if resume else run.init, resume=resume, progress=False)
     except TmtsegError as err:
         return {**record, "error": f"{type(err).__name__}: {str(err).splitlines()[0]}", "exit_code": err.exit_code}
+    cost = {"wall_s": None, "peak_rss_mib": None}  # unknown for a run recorded from its folder
+    if not trained:
+        cost = {"wall_s": time.perf_counter() - tic, "peak_rss_mib": _peak_rss_mib()}
     imgs = _mean_rate(run.out / "metrics.jsonl") if run.kind == "train" else None
-    return {**record, "metrics": metrics, "wall_s": tic and time.perf_counter() - tic, "imgs_per_s": imgs,
-            "peak_rss_mib": tic and _peak_rss_mib(), "threads": threads}  # fmt: skip
+    return {**record, "metrics": metrics, **cost, "imgs_per_s": imgs, "threads": threads}
 
 
 def _split_overrides(cfg: Config) -> list[str]:
