@@ -137,3 +137,27 @@ def test_uncertain_points_prefer_logits_near_zero():
     coords = uncertain_point_coords(logits, num_points=100, oversample_ratio=3.0, importance_ratio=0.75)
     assert coords.shape == (1, 100, 2)
     assert (coords[0, :75, 0] < 0.25 + 1 / 16).float().mean() > 0.9  # interpolation blurs the band by half a cell
+
+
+def test_point_weight_scales_each_point_and_zero_acts_like_ignore():
+    label = label_map()
+    wrong_top = prediction_for(label)
+    wrong_top["pred_masks"][0, :, :2, :] *= -1  # every mask wrong in the top quarter
+    targets = [semantic_targets(label, num_classes=K, ignore_index=255)]
+
+    def loss(point_weight=None, tgt=targets):
+        torch.manual_seed(0)  # the same sampled points for every call
+        out = {**wrong_top, **({"point_weight": point_weight} if point_weight is not None else {})}
+        return criterion(False)(out, tgt)
+
+    plain = loss()
+    ones = loss(torch.ones(1, 1, H // 4, W // 4))
+    torch.testing.assert_close(ones["loss_mask"], plain["loss_mask"])
+    torch.testing.assert_close(ones["loss_dice"], plain["loss_dice"])
+    # weight 0 on the wrong quarter (at the 4x coarser prediction grid, so its border is a blur): most loss is gone
+    weight = torch.ones(1, 1, H // 4, W // 4)
+    weight[..., :2, :] = 0.0
+    assert loss(weight)["loss_mask"] < 0.3 * plain["loss_mask"]
+    # more weight on the wrong quarter: more loss
+    weight[..., :2, :] = 3.0
+    assert loss(weight)["loss_mask"] > 1.5 * plain["loss_mask"]

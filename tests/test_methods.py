@@ -96,3 +96,17 @@ def test_optimizer_gives_lambda_and_discriminators_their_own_lr():
     assert all(lr_of[id(p)] == pytest.approx(5e-5) for n, p in named.items() if n.startswith("model.backbone."))
     assert all(lr_of[id(p)] == pytest.approx(1e-4) for n, p in named.items() if n.startswith("model.decoder."))
     assert len(lr_of) == len(named)  # every parameter is optimised, once
+
+
+def test_tmt_loss_weight_reweights_the_mask_losses_only():
+    batches = {"target": _batch(1), "source": _batch(2)}
+    out = {}
+    for beta in (0.0, 2.0):
+        torch.manual_seed(0)
+        trainer = build_trainer(load_config([], [*TINY, "adapt.method=tmt", f"adapt.tma.loss_weight={beta}"]))
+        torch.manual_seed(1)
+        out[beta] = trainer(batches, step=3)
+    assert torch.isfinite(out[2.0]["loss"])
+    torch.testing.assert_close(out[2.0]["loss_ce"], out[0.0]["loss_ce"])  # the class loss has no points
+    assert not torch.allclose(out[2.0]["loss_mask"], out[0.0]["loss_mask"])
+    out[2.0]["loss"].backward()

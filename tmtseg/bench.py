@@ -78,6 +78,7 @@ class BenchConfig:
     name: str = "bench"
     output_dir: str = "runs/bench"  # results, report, plots, and the runs' folders
     source_dir: str = ""  # where source models live ("" = <output_dir>/sources): share them between bench configs
+    reuse: list[str] = field(default_factory=list)  # other benches' output_dirs: their finished runs count as done
     data_root: str = ""  # "" = ../shared/data
     profile: str = "quick"
     profiles: dict[str, Profile] = field(
@@ -99,15 +100,29 @@ def _resolve_file(name: str, *dirs: Path) -> Path:
     raise ConfigError(f"{name}: config file not found (looked in {', '.join(str(d) for d in dirs)})")
 
 
-def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]:
-    """Read a bench YAML (a path or a packaged name such as ``core``) over the defaults; unknown keys are errors."""
-    file = _resolve_file(path, Path.cwd(), PACKAGED / "bench")
+def _read_layers(file: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The YAML of `file` after that of the bench it `extends` (a path beside it or a packaged name), if any."""
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: a bench config must hold a mapping of keys")
+    base = data.pop("extends", None)
+    if base is None:
+        return [data]
+    parent = _resolve_file(str(base), file.parent, PACKAGED / "bench")
+    if parent.resolve() in seen:
+        raise ConfigError(f"{file}: bench key extends={base!r}: a cycle")
+    return [*_read_layers(parent, (*seen, file.resolve())), data]
+
+
+def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]:
+    """Read a bench YAML (a path or a packaged name such as ``core``) over the defaults; unknown keys are errors."""
+    file = _resolve_file(path, Path.cwd(), PACKAGED / "bench")
+    layers = _read_layers(file)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(BenchConfig), data)
+        merged = OmegaConf.merge(OmegaConf.structured(BenchConfig), *layers)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r}: expected key=value")
@@ -385,16 +400,19 @@ def provenance() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip
 
 
-def _finished(p: Plan, results_file: Path) -> dict[str, dict]:
-    """The plan's finished runs by key: recorded in results.jsonl with the same config hash."""
-    recorded = read_results(results_file)
+def _finished(p: Plan, bench: BenchConfig) -> dict[str, dict]:
+    """The plan's finished runs by key: recorded with the same config hash in this bench's results.jsonl or in that
+    of a bench it reuses."""
+    recorded = {}
+    for folder in [*bench.reuse, bench.output_dir]:
+        recorded.update(read_results(Path(folder) / "results.jsonl"))
     return {r.key: recorded[f"{r.key}#{r.out.name}"] for r in p.runs if f"{r.key}#{r.out.name}" in recorded}
 
 
 def describe(bench: BenchConfig, base: Path) -> str:
     """The plan, one line per run: its state (done, partial, todo), steps and folder."""
     p = plan(bench, base)
-    done = _finished(p, Path(bench.output_dir) / "results.jsonl")
+    done = _finished(p, bench)
     lines = []
     for r in p.runs:
         state = "done" if r.key in done else ("partial" if (r.out / "checkpoints").is_dir() else "todo")
@@ -410,7 +428,7 @@ def report(bench: BenchConfig, base: Path, p: Plan | None = None) -> Path:
 
     p = p or plan(bench, base)
     out_dir = Path(bench.output_dir)
-    done = _finished(p, out_dir / "results.jsonl")
+    done = _finished(p, bench)
     prof = bench.profiles[bench.profile]
     commits = sorted({r.get("commit", "") for r in done.values()} - {""})
     machine = sorted({r.get("machine", "") for r in done.values()} - {""})
@@ -437,7 +455,7 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
     out_dir = Path(bench.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.jsonl"
-    done = _finished(p, results_file)
+    done = _finished(p, bench)
     # sources first: each unblocks several runs, so the parallel lanes never wait for one at the end
     queue = sorted((r for r in p.runs if r.key not in done), key=lambda r: r.method != "source")
     threads = bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)

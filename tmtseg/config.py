@@ -150,6 +150,9 @@ class TMAConfig:
     lambda_lr_mult: float = 100.0
     eps: float = 1e-6
     at_inference: bool = True  # run ACTE + TMA on target images at test time
+    # beta: the mask losses weight each point by 1 + beta * W, "prioritising adaptation" in the loss as well as in the
+    # attention (an extension; 0 = the paper's TMA, attention only)
+    loss_weight: float = 0.0
 
 
 @dataclass

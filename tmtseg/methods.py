@@ -57,6 +57,10 @@ class Finetune(nn.Module):
     def inference_hooks(self):
         return self.hooks(grl=None)
 
+    def point_weight(self, hooks, outputs: dict) -> torch.Tensor | None:  # noqa: ARG002
+        """Per-pixel weights [B, 1, h, w] of the mask losses on the pred_masks grid (None = uniform)."""
+        return None
+
     def domain_loss(self, labelled: object, other: object, *, labelled_is_source: bool) -> torch.Tensor:
         raise NotImplementedError
 
@@ -65,7 +69,11 @@ class Finetune(nn.Module):
         labelled_key, other_key = ("source", "target") if self.unsupervised else ("target", "source")
         grl = grl_coeff(step, self.max_iter)
         hooks = self.hooks(grl=grl)
-        losses = self.seg_loss(criterion, batches[labelled_key], model(batches[labelled_key]["image"], hooks=hooks))
+        outputs = model(batches[labelled_key]["image"], hooks=hooks)
+        weight = self.point_weight(hooks, outputs)
+        if weight is not None:
+            outputs = {**outputs, "point_weight": weight}
+        losses = self.seg_loss(criterion, batches[labelled_key], outputs)
         if hooks is not None and other_key in batches:
             other = self.hooks(grl=grl)
             model.encode(batches[other_key]["image"], hooks=other)  # features only: the decoder is not needed
@@ -167,13 +175,35 @@ class TMT(Finetune):
     needs_source = True
 
     def __init__(
-        self, *, feature_dim: int, feature_stride: int, acte: dict, tma: dict, at_inference: bool = True, **common
+        self,
+        *,
+        feature_dim: int,
+        feature_stride: int,
+        acte: dict,
+        tma: dict,
+        at_inference: bool = True,
+        loss_weight: float = 0.0,
+        **common,
     ):
         super().__init__(**common)
         self.level = {32: 0, 16: 1, 8: 2}[feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
         self.acte = ACTE(in_dim=feature_dim, **acte)
         self.tma = TMA(**tma)
         self.at_inference = at_inference
+        self.loss_weight = loss_weight
+
+    def point_weight(self, hooks, outputs: dict) -> torch.Tensor | None:
+        """1 + beta * W(p) on the final prediction's grid: the segmentation loss, too, prioritises regions of low
+        transferability and high uncertainty (an extension of method.md §5; beta = 0 is the paper's TMT)."""
+        if not self.loss_weight or hooks is None:
+            return None
+        masks = outputs["pred_masks"]  # [B, Q, h, w], cropped to the image
+        h, w = masks.shape[-2:]
+        tmap = hooks.store["acte"]["tmap"]  # [B, 1, H'/s, W'/s] on the padded grid
+        s = {0: 32, 1: 16, 2: 8}[self.level]
+        tmap = tmap[..., : -(-h * 4 // s), : -(-w * 4 // s)]  # the image's part of the padded grid
+        prev = {"pred_logits": outputs["pred_logits"].detach(), "pred_masks": masks.detach()}
+        return 1.0 + self.loss_weight * self.tma.importance(tmap, prev, (h, w))  # [B, 1, h, w]
 
     def hooks(self, *, grl: float | None):
         if grl is None and not self.at_inference:
@@ -222,6 +252,7 @@ def build_method(cfg) -> Finetune:
         feature_dim=cfg.model.conv_dim,
         feature_stride=a.acte.feature_stride,
         at_inference=t.at_inference,
+        loss_weight=t.loss_weight,
         acte=dict(cell=a.acte.cell, iters=a.acte.iters, kappa=a.acte.kappa, **disc),
         tma=dict(
             num_heads=cfg.model.nheads,

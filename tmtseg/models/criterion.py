@@ -41,6 +41,7 @@ class SetCriterion(nn.Module):
     """Mask2Former's loss. forward(outputs, targets, num_masks=None) -> dict of weighted losses and their sum `loss`.
 
     targets: per image labels int64 [M], masks bool/float [M, H, W] at label resolution, valid bool [H, W] (optional).
+    outputs may carry point_weight [B, 1, h, w] on the pred_masks grid: a per-pixel weight of the mask losses.
     Keys: loss_ce, loss_mask, loss_dice for the last layer, the same with _i for aux_outputs[i], and loss.
     """
 
@@ -80,7 +81,10 @@ class SetCriterion(nn.Module):
             gt_classes[b, src.to(gt_classes.device)] = targets[b]["labels"][tgt].to(gt_classes.device)
         return F.cross_entropy(pred_logits.float().transpose(1, 2), gt_classes, self.empty_weight)  # [B, K+1, Q]
 
-    def loss_masks(self, pred_masks: Tensor, targets: list[dict], indices, num_masks: float) -> tuple[Tensor, Tensor]:
+    def loss_masks(
+        self, pred_masks: Tensor, targets: list[dict], indices, num_masks: float, point_weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """BCE and Dice on sampled points; `point_weight` [B, 1, h, w] (at pred_masks' grid) scales each point."""
         batch = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
         query = torch.cat([src for src, _ in indices])
         if query.numel() == 0:  # no ground truth anywhere: zero that keeps the graph
@@ -108,6 +112,9 @@ class SetCriterion(nn.Module):
                 ws.append(w)
                 start += n
             gt, w = torch.cat(gts), torch.cat(ws)  # [M, P]
+            if point_weight is not None:
+                pw = point_weight[batch.to(point_weight.device)].float()  # [M, 1, h, w]
+                w = w * point_sample(pw, coords, padding_mode="border")[:, 0]  # [M, P]
         logits = point_sample(pred, coords)[:, 0]  # [M, P]
         bce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")  # [M, P]
         loss_mask = ((bce * w).sum(1) / w.sum(1).clamp(min=1e-6)).sum() / num_masks
@@ -117,7 +124,9 @@ class SetCriterion(nn.Module):
 
     def _losses(self, outputs: dict, targets: list[dict], num_masks: float, suffix: str) -> dict[str, Tensor]:
         indices = self.matcher(outputs, targets)
-        loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
+        loss_mask, loss_dice = self.loss_masks(
+            outputs["pred_masks"], targets, indices, num_masks, point_weight=outputs.get("point_weight")
+        )
         raw = {"loss_ce": self.loss_labels(outputs["pred_logits"], targets, indices)}
         raw.update(loss_mask=loss_mask, loss_dice=loss_dice)
         return {k + suffix: self.weights[k] * v for k, v in raw.items()}
@@ -127,6 +136,7 @@ class SetCriterion(nn.Module):
         losses = self._losses(outputs, targets, n, "")
         if self.deep_supervision:
             for i, aux in enumerate(outputs.get("aux_outputs", [])):
+                aux = {**aux, "point_weight": outputs.get("point_weight")}  # the same per-pixel weights on every layer
                 losses.update(self._losses(aux, targets, n, f"_{i}"))
         losses["loss"] = sum(losses.values())
         return losses

@@ -9,9 +9,11 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 
-def point_sample(x: Tensor, coords: Tensor) -> Tensor:
-    """Bilinear samples of x [N, C, H, W] at coords [N, P, 2] (x, y) in [0, 1] -> [N, C, P]; zero outside the map."""
-    return F.grid_sample(x, 2.0 * coords[:, :, None, :] - 1.0, align_corners=False)[..., 0]  # [N, C, P]
+def point_sample(x: Tensor, coords: Tensor, *, padding_mode: str = "zeros") -> Tensor:
+    """Bilinear samples of x [N, C, H, W] at coords [N, P, 2] (x, y) in [0, 1] -> [N, C, P]; outside the map's pixel
+    centres: blended with 0 ("zeros") or the edge value ("border")."""
+    grid = 2.0 * coords[:, :, None, :] - 1.0  # [N, P, 1, 2]
+    return F.grid_sample(x, grid, align_corners=False, padding_mode=padding_mode)[..., 0]  # [N, C, P]
 
 
 def pred_coord_scale(pred_hw: tuple[int, int], gt_hw: tuple[int, int], *, device=None) -> Tensor:
