@@ -146,3 +146,50 @@ def test_report_wins_and_deltas_follow_the_seed_spread():
     assert wins(table, "dann", "finetune") == (0, 0)
     text = markdown(table, list(done.values()), baseline="finetune", title="t")
     assert "| tmt | 57.00 ± 2.00 | 40.50 ± 1.50 | 48.75 ± 1.52 | +2.75 ± 0.75 | 1/2 | 1/2 |" in text
+
+
+def test_extends_reuse_and_a_neutral_new_key_keep_finished_runs(tmp_path):
+    from tmtseg.bench import config_hash, describe
+
+    base = _bench_file(tmp_path)
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(base),
+                "name": "child",
+                "output_dir": str(tmp_path / "child"),
+                "source_dir": str(tmp_path / "out" / "sources"),
+                "reuse": [str(tmp_path / "out")],
+                "methods": ["finetune", "tmt-beta"],
+                "variants": {"tmt-beta": {"method": "tmt", "overrides": ["adapt.tma.loss_weight=1.0"]}},
+            }
+        )
+    )
+    bench, b = load_bench(str(child))
+    assert bench.tasks["synthetic"].source == ["train.iters=3"]  # from the base
+    runs = {r.key: r for r in plan(bench, b).runs}
+    assert set(runs) == {"synthetic/day/source/seed0", "synthetic/day->dusk/finetune/seed0",
+                         "synthetic/day->dusk/tmt-beta/seed0"}  # fmt: skip
+    # the base bench recorded its source and finetune runs: the child counts them as done
+    parent, pb = load_bench(str(base))
+    parent_runs = {r.key: r for r in plan(parent, pb).runs}
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "results.jsonl", "w") as f:
+        for key in ("synthetic/day/source/seed0", "synthetic/day->dusk/finetune/seed0"):
+            assert parent_runs[key].out.name == runs[key].out.name  # same config, same hash
+            f.write(json.dumps({"key": key, "hash": runs[key].out.name, "metrics": {"mIoU": 1.0}}) + "\n")
+    states = {line.split()[1]: line.split()[0] for line in describe(bench, b).splitlines()[:-1]}
+    assert states == {"synthetic/day/source/seed0": "done", "synthetic/day->dusk/finetune/seed0": "done",
+                      "synthetic/day->dusk/tmt-beta/seed0": "todo"}  # fmt: skip
+    # adapt.tma.loss_weight came later: at its neutral 0 it is not in the hash, at 1 it is
+    cfg = runs["synthetic/day->dusk/finetune/seed0"].cfg
+    assert config_hash(cfg) == runs["synthetic/day->dusk/finetune/seed0"].out.name
+    cfg.adapt.tma.loss_weight = 1.0
+    assert config_hash(cfg) != runs["synthetic/day->dusk/finetune/seed0"].out.name
+
+    cyclic = tmp_path / "cyclic.yaml"
+    cyclic.write_text("extends: cyclic.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_bench(str(cyclic))

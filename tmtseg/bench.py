@@ -171,10 +171,21 @@ class Run:
         return 0 if self.kind == "eval" else self.cfg.train.iters
 
 
+# Config keys added after runs were recorded, each with the value at which it computes what the code before it did:
+# at that value a key is left out of the hash, so that adding an option does not invalidate every finished run.
+NEUTRAL_SINCE_ADDED = {("adapt", "tma", "loss_weight"): 0.0}
+
+
 def config_hash(cfg: Config) -> str:
     """What a run computes: the resolved config without where it is written."""
     d = config_mod.to_dict(cfg)
     d.pop("output_dir"), d.pop("name")
+    for *path, key in NEUTRAL_SINCE_ADDED:
+        node = d
+        for part in path:
+            node = node[part]
+        if node.get(key) == NEUTRAL_SINCE_ADDED[(*path, key)]:
+            del node[key]
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 
