@@ -193,3 +193,10 @@ def test_extends_reuse_and_a_neutral_new_key_keep_finished_runs(tmp_path):
     cyclic.write_text("extends: cyclic.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
         load_bench(str(cyclic))
+
+
+def test_only_restricts_the_plan_to_tasks_or_pairs(tmp_path):
+    bench, base = load_bench(str(_bench_file(tmp_path)), ["only=[synthetic/day->dusk]"])
+    assert len(plan(bench, base).runs) == 5
+    bench, base = load_bench(str(_bench_file(tmp_path)), ["only=[other]"])
+    assert plan(bench, base).runs == []

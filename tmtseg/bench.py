@@ -87,6 +87,7 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: [*REFERENCE_METHODS[:1], *ADAPT_METHODS, "target-only"])
     baseline: str = "finetune"  # the method every delta is taken against
     variants: dict[str, Variant] = field(default_factory=dict)
+    only: list[str] = field(default_factory=list)  # restrict to tasks or pairs: "camvid", "polyp/kvasir->colondb"
     jobs: int = 1  # runs in parallel (each in its own process)
     threads: int = 0  # torch threads per run; 0 = cores / jobs
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
@@ -240,6 +241,8 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
 
         for seed in profile.seeds:
             for a, b in _pairs(task, profile.pairs, tname):
+                if bench.only and tname not in bench.only and f"{tname}/{a}->{b}" not in bench.only:
+                    continue
                 sa, sb = task.domains[a], task.domains[b]
                 pair = f"{a}->{b}"
                 src_key = f"{tname}/{a}/source/seed{seed}"
