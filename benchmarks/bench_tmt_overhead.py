@@ -70,7 +70,8 @@ def _step(trainer, opt, batches, step):
 
 
 def train_step_times(cfgs: dict, rounds: int) -> dict:
-    batches = {"target": _batch(next(iter(cfgs.values())), 1), "source": _batch(next(iter(cfgs.values())), 2)}
+    cfg = next(iter(cfgs.values()))[0]
+    batches = {"target": _batch(cfg, 1), "source": _batch(cfg, 2)}
     runs = {}
     for name, (cfg, use_source) in cfgs.items():
         torch.manual_seed(0)

@@ -45,17 +45,21 @@ def test_uncertainty_is_normalised_entropy_and_detached():
     tma = _tma()
     prev = _half_certain_prev()
     prev["pred_masks"].requires_grad_(True)
-    u = tma.uncertainty(prev)
+    u = tma.uncertainty(prev, (8, 12))
     assert u.shape == (1, 1, 8, 12) and not u.requires_grad
     assert u[..., :6].max() < 1e-4
     torch.testing.assert_close(u[..., 6:], torch.ones(1, 1, 8, 6))
-    u = tma.uncertainty(_random_prev())
+    u = tma.uncertainty(_random_prev(), (8, 12))
     assert u.min() >= 0 and u.max() <= 1
+    # at a coarser attention resolution: the entropy of the mask logits resized there (as the attention mask is)
+    coarse = tma.uncertainty(prev, (4, 6))
+    assert coarse.shape == (1, 1, 4, 6)
+    assert coarse[..., :2].max() < 1e-4 and coarse[..., 4:].min() > 0.999
 
 
 def test_uncertainty_matches_a_per_pixel_reference():
     prev = _random_prev(b=1, q=4, k=3, h=2, w=3)
-    u = _tma().uncertainty(prev)
+    u = _tma().uncertainty(prev, (2, 3))
     cls = prev["pred_logits"][0].softmax(-1)[:, :-1]  # [Q, K]
     for y in range(2):
         for x in range(3):

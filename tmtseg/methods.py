@@ -14,7 +14,7 @@ from . import dist
 from .models.acte import ACTE
 from .models.criterion import SetCriterion, semantic_targets
 from .models.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse, grl_coeff
-from .models.tma import TMA
+from .models.tma import TMA, resize_map
 
 
 def make_targets(labels: torch.Tensor, *, num_classes: int, ignore_index: int) -> list[dict]:
@@ -165,7 +165,10 @@ class TMTHooks(_Record):
         self.store["acte"] = self.method.acte(x, grl_coeff=self.grl)
 
     def decoder_attn(self, layer: int, prev: dict, hw: tuple[int, int]):  # noqa: ARG002
-        return self.method.tma.attn_terms(self.store["acte"]["tmap"], prev, hw)
+        # the layers go round-robin over three memory sizes: resize the map once per size
+        if hw not in self.store:
+            self.store[hw] = resize_map(self.store["acte"]["tmap"], hw)  # [B, 1, h, w]
+        return self.method.tma.attn_terms(self.store[hw], prev, hw)
 
 
 class TMT(Finetune):

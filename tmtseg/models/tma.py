@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from .inference import semantic_probs
 
 
-def _resize(x: Tensor, hw: tuple[int, int]) -> Tensor:
+def resize_map(x: Tensor, hw: tuple[int, int]) -> Tensor:
     # antialias: going from stride 4/8 down to 32 averages the pixels instead of sampling a few of them
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
 
@@ -55,9 +55,13 @@ class TMA(nn.Module):
             self.register_buffer("lambdas", lambdas)
 
     @torch.no_grad()
-    def uncertainty(self, prev: dict) -> Tensor:
-        """U: normalised entropy in [0, 1] of the previous layer's semantic prediction, detached."""
-        probs = semantic_probs(prev["pred_logits"], prev["pred_masks"]).float()  # [B, K, H, W]
+    def uncertainty(self, prev: dict, hw: tuple[int, int]) -> Tensor:
+        """U at resolution hw: normalised entropy in [0, 1] of the previous layer's semantic prediction, detached.
+
+        The mask logits are resized to hw first, as the decoder does for its attention mask: at the 1/32 and 1/16
+        memory this costs a fraction of the stride-4 computation (TMA's inference overhead)."""
+        masks = F.interpolate(prev["pred_masks"].float(), size=hw, mode="bilinear", align_corners=False)  # [B, Q, h, w]
+        probs = semantic_probs(prev["pred_logits"].float(), masks)  # [B, K, h, w]
         num_classes = probs.shape[1]
         if num_classes == 1:  # one class leaves nothing to be uncertain about
             return probs.new_zeros(probs.shape[0], 1, *probs.shape[2:])
@@ -67,10 +71,12 @@ class TMA(nn.Module):
 
     def importance(self, tmap: Tensor, prev: dict, hw: tuple[int, int]) -> Tensor:
         """W at the attention resolution hw: [B, 1, H, W], in [0, 1]."""
-        low_t = 1.0 - _resize(tmap, hw).clamp(0.0, 1.0)  # [B, 1, H, W]
+        if tmap.shape[-2:] != hw:
+            tmap = resize_map(tmap, hw)
+        low_t = 1.0 - tmap.clamp(0.0, 1.0)  # [B, 1, H, W]
         if not self.use_uncertainty:
             return low_t
-        u = _resize(self.uncertainty(prev), hw).clamp(0.0, 1.0).to(low_t.dtype)  # [B, 1, H, W]
+        u = self.uncertainty(prev, hw).clamp(0.0, 1.0).to(low_t.dtype)  # [B, 1, H, W]
         if self.combine == "product":
             return low_t * u
         return self.alpha * low_t + (1.0 - self.alpha) * u
