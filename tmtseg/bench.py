@@ -232,7 +232,9 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
     runs: dict[str, Run] = {}
     cells = []
     for tname, task in bench.tasks.items():
-        base_files = [str(_resolve_file(task.config, base, PACKAGED))] if task.config else []
+        # a task's run config: a path, a file beside the bench, or a packaged run config (never a packaged bench)
+        beside = [base] if base.resolve() != (PACKAGED / "bench").resolve() else []
+        base_files = [str(_resolve_file(task.config, *beside, PACKAGED))] if task.config else []
         common = [f"data.root={json.dumps(bench.data_root)}", *profile.overrides, *task.overrides]
 
         def make(train, val, extra, *, seed, source=None, _files=base_files, _common=common) -> Config:
