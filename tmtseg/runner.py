@@ -232,16 +232,7 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
     meta = checkpoint_meta(cfg, train_ds, method=cfg.adapt.method)
 
     def do_eval() -> dict:
-        return evaluate(
-            trainer.model,
-            val_ds,
-            mode=cfg.infer.mode,
-            crop=tuple(cfg.data.crop_size),
-            stride=tuple(cfg.infer.stride),
-            device=device,
-            binary=cfg.data.binary,
-            hooks_fn=trainer.method.inference_hooks,
-        )
+        return _evaluate(trainer, cfg, val_ds, device, progress=False)
 
     def save(step: int, name: str | None = None, metrics: dict | None = None) -> Path:
         """Rank 0 writes; every rank waits for it and gets the path (so any rank can name it in a message)."""
@@ -337,9 +328,14 @@ def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progre
     device = dist.local_device(cfg.train.device)
     trainer.to(device)
     val_ds = build_dataset(cfg.data.val, cfg.data, train=False)
-    metrics = evaluate(
+    return _evaluate(trainer, cfg, val_ds, device, progress=progress), cfg
+
+
+def _evaluate(trainer: Trainer, cfg: Config, dataset, device, *, progress: bool) -> dict:
+    """Score the model on `dataset` as `cfg` infers (mode, crop, stride; the TMA hooks if the method has them)."""
+    return evaluate(
         trainer.model,
-        val_ds,
+        dataset,
         mode=cfg.infer.mode,
         crop=tuple(cfg.data.crop_size),
         stride=tuple(cfg.infer.stride),
@@ -348,4 +344,3 @@ def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progre
         hooks_fn=trainer.method.inference_hooks,
         progress=progress,
     )
-    return metrics, cfg
