@@ -171,7 +171,8 @@ def plot(table: Table, out: Path, *, baseline: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab10")
+    color = {m: cmap(j % 10) for j, m in enumerate(table.methods)}  # a method keeps its colour in both plots
     paths = []
     for name, methods, fn, ylabel in (
         ("pairs.png", table.methods, lambda p, m: table.scores(p, m), f"{METRIC} (%)"),
@@ -188,7 +189,7 @@ def plot(table: Table, out: Path, *, baseline: str) -> list[Path]:
                     xs.append(i + (j - (len(methods) - 1) / 2) * width)
                     ys.append(v.mean())
                     es.append(_std(v))
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=m, color=colors(j % 10))
+            ax.bar(xs, ys, width, yerr=es, capsize=2, label=m, color=color[m])
         ax.set_xticks(range(len(table.pairs)), [p.replace(": ", "\n") for p in table.pairs], fontsize=8)
         ax.set_ylabel(ylabel)
         if name == "delta.png":
