@@ -97,6 +97,24 @@ def adamw(cfg, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
+def make_subject(name: str, model: nn.Module, opt, loss: Callable[[], Tensor], run: Callable[[], object]) -> Subject:
+    """A subject whose training step is train mode, `loss()`, backward, optimizer step; whose forward is eval mode,
+    `run()` (the caller picks the grad mode)."""
+
+    def train_step() -> None:
+        model.train()
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+
+    def forward() -> None:
+        model.eval()
+        run()
+
+    return Subject(name, model, train_step, forward)
+
+
 def build_ours(cfg, decoder: str, images: Tensor, targets: list[dict]) -> Subject:
     from tmtseg.config import load_config_over
     from tmtseg.models.build import build_criterion, build_model
@@ -104,19 +122,9 @@ def build_ours(cfg, decoder: str, images: Tensor, targets: list[dict]) -> Subjec
     cfg = load_config_over(cfg, [f"model.pixel_decoder={decoder}"])
     model, criterion = build_model(cfg), build_criterion(cfg)
     opt = adamw(cfg, model)
-
-    def train_step() -> None:
-        model.train()
-        loss = criterion(model(images), targets)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def forward() -> None:
-        model.eval()
-        model(images)
-
-    return Subject(f"ours-{decoder}", model, train_step, forward)
+    return make_subject(
+        f"ours-{decoder}", model, opt, lambda: criterion(model(images), targets)["loss"], lambda: model(images)
+    )
 
 
 def hf_config(cfg, args):
@@ -190,19 +198,13 @@ def build_hf(cfg, args, backbone: str, images: Tensor, targets: list[dict]) -> S
     mask_labels = [t["masks"].float() for t in targets]
     class_labels = [t["labels"].long() for t in targets]
     opt = adamw(cfg, model)
-
-    def train_step() -> None:
-        model.train()
-        loss = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def forward() -> None:
-        model.eval()
-        model(pixel_values=pixel_values)
-
-    return Subject(f"hf-{backbone}", model, train_step, forward)
+    return make_subject(
+        f"hf-{backbone}",
+        model,
+        opt,
+        lambda: model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels).loss,
+        lambda: model(pixel_values=pixel_values),
+    )
 
 
 def build_shared_backbone(cfg, images: Tensor) -> Subject:
@@ -211,21 +213,14 @@ def build_shared_backbone(cfg, images: Tensor) -> Subject:
     from tmtseg.models.build import build_backbone
 
     backbone = build_backbone(cfg)
-    opt = adamw(cfg, backbone)
     x = images.float() / 255
-
-    def train_step() -> None:
-        backbone.train()
-        loss = sum(f.mean() for f in backbone(x)["pyramid"].values())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def forward() -> None:
-        backbone.eval()
-        backbone(x)
-
-    return Subject(SHARED, backbone, train_step, forward)
+    return make_subject(
+        SHARED,
+        backbone,
+        adamw(cfg, backbone),
+        lambda: sum(f.mean() for f in backbone(x)["pyramid"].values()),
+        lambda: backbone(x),
+    )
 
 
 def build_subject(name: str, cfg, args, images: Tensor, targets: list[dict]) -> Subject:
