@@ -189,6 +189,7 @@ class TMT(Finetune):
         **common,
     ):
         super().__init__(**common)
+        self.feature_stride = feature_stride
         self.level = {32: 0, 16: 1, 8: 2}[feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
         self.acte = ACTE(in_dim=feature_dim, **acte)
         self.tma = TMA(**tma)
@@ -203,7 +204,7 @@ class TMT(Finetune):
         masks = outputs["pred_masks"]  # [B, Q, h, w], cropped to the image
         h, w = masks.shape[-2:]
         tmap = hooks.store["acte"]["tmap"]  # [B, 1, H'/s, W'/s] on the padded grid
-        s = {0: 32, 1: 16, 2: 8}[self.level]
+        s = self.feature_stride
         tmap = tmap[..., : -(-h * 4 // s), : -(-w * 4 // s)]  # the image's part of the padded grid
         prev = {"pred_logits": outputs["pred_logits"].detach(), "pred_masks": masks.detach()}
         return 1.0 + self.loss_weight * self.tma.importance(tmap, prev, (h, w))  # [B, 1, h, w]
