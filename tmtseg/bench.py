@@ -231,9 +231,9 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
     src_dir = Path(bench.source_dir) if bench.source_dir else out_dir / "sources"
     runs: dict[str, Run] = {}
     cells = []
+    # a task's run config: a path, a file beside the bench, or a packaged run config (never a packaged bench)
+    beside = [base] if base.resolve() != (PACKAGED / "bench").resolve() else []
     for tname, task in bench.tasks.items():
-        # a task's run config: a path, a file beside the bench, or a packaged run config (never a packaged bench)
-        beside = [base] if base.resolve() != (PACKAGED / "bench").resolve() else []
         base_files = [str(_resolve_file(task.config, *beside, PACKAGED))] if task.config else []
         common = [f"data.root={json.dumps(bench.data_root)}", *profile.overrides, *task.overrides]
 
