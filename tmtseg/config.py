@@ -156,6 +156,18 @@ class TMAConfig:
 
 
 @dataclass
+class PreserveConfig:
+    """Source-knowledge preservation (an extension; not in the paper): a KL term that keeps the adapted model's
+    semantic prediction close to the frozen source model's. With a transferability map (TMT) each pixel counts by
+    T(p): what the source model knows is kept where the domains look alike, and adaptation is free where they do not
+    (method.md §5's "prioritising adaptation in regions with low transferability"). 0 = off."""
+
+    weight: float = 0.0
+    images: str = "source"  # source (the unlabelled source batch) | target (the labelled target batch) | both
+    weighting: str = "transferability"  # transferability (T(p) where the method has a map; else uniform) | uniform
+
+
+@dataclass
 class AdaptConfig:
     method: str = "finetune"  # finetune | dann | tvt | tmt
     unsupervised: bool = False  # True: target labels unused (source labels used instead)
@@ -167,6 +179,7 @@ class AdaptConfig:
     source_checkpoint: str = ""  # the source model every method starts from
     acte: ACTEConfig = field(default_factory=ACTEConfig)
     tma: TMAConfig = field(default_factory=TMAConfig)
+    preserve: PreserveConfig = field(default_factory=PreserveConfig)
 
 
 @dataclass
@@ -194,6 +207,8 @@ _CHOICES = {
     "adapt.acte.feature_stride": (8, 16, 32),
     "adapt.tma.combine": ("mix", "product"),
     "adapt.tma.form": ("additive", "multiplicative"),
+    "adapt.preserve.images": ("source", "target", "both"),
+    "adapt.preserve.weighting": ("transferability", "uniform"),
 }
 
 

@@ -14,7 +14,14 @@ from . import dist
 from .models.acte import ACTE
 from .models.criterion import SetCriterion, semantic_targets
 from .models.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse, grl_coeff
+from .models.inference import semantic_probs
 from .models.tma import TMA, resize_map
+
+
+def class_distribution(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
+    """Per-pixel class distribution [B, K, h, w] (float32, sums to 1 over K) of a mask-classification output."""
+    probs = semantic_probs(pred_logits.float(), pred_masks.float())  # [B, K, h, w]
+    return probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
 
 
 def make_targets(labels: torch.Tensor, *, num_classes: int, ignore_index: int) -> list[dict]:
@@ -40,10 +47,28 @@ class Finetune(nn.Module):
         unsupervised: bool = False,
         adv_weight: float = 0.0,
         max_iter: int = 1,
+        preserve: dict | None = None,
     ):
         super().__init__()
         self.num_classes, self.ignore_index, self.unsupervised = num_classes, ignore_index, unsupervised
         self.adv_weight, self.max_iter = adv_weight, max_iter
+        preserve = {"weight": 0.0, "images": "source", "weighting": "uniform", **(preserve or {})}
+        self.preserve_weight = float(preserve["weight"])
+        images = preserve["images"]
+        self.preserve_on = ("source", "target") if images == "both" else (images,)
+        self.preserve_weighting = preserve["weighting"]
+        self.needs_source = type(self).needs_source or (self.wants_teacher and "source" in self.preserve_on)
+        self._teacher: tuple[nn.Module, ...] = ()  # in a tuple: not a submodule, so never trained, saved or wrapped
+
+    @property
+    def wants_teacher(self) -> bool:
+        """Whether the method needs the frozen source model (`set_teacher`) for the preservation term."""
+        return self.preserve_weight > 0
+
+    def set_teacher(self, model: nn.Module) -> None:
+        """The frozen source model of the preservation term (the runner loads it from adapt.source_checkpoint)."""
+        model.eval().requires_grad_(False)
+        self._teacher = (model,)
 
     def seg_loss(self, criterion: SetCriterion, batch: dict, outputs: dict) -> dict:
         targets = make_targets(batch["label"], num_classes=self.num_classes, ignore_index=self.ignore_index)
@@ -74,13 +99,42 @@ class Finetune(nn.Module):
         if weight is not None:
             outputs = {**outputs, "point_weight": weight}
         losses = self.seg_loss(criterion, batches[labelled_key], outputs)
-        if hooks is not None and other_key in batches:
+        passes = {labelled_key: (outputs, hooks)}
+        if other_key in batches and (hooks is not None or (self.wants_teacher and other_key in self.preserve_on)):
             other = self.hooks(grl=grl)
-            model.encode(batches[other_key]["image"], hooks=other)  # features only: the decoder is not needed
-            adv = self.domain_loss(hooks, other, labelled_is_source=self.unsupervised)
-            losses["loss_adv"] = self.adv_weight * adv
-            losses["loss"] = losses["loss"] + losses["loss_adv"]
+            if self.wants_teacher and other_key in self.preserve_on:
+                passes[other_key] = (model(batches[other_key]["image"], hooks=other), other)
+            else:
+                model.encode(batches[other_key]["image"], hooks=other)  # features only: the decoder is not needed
+            if hooks is not None:
+                adv = self.domain_loss(hooks, other, labelled_is_source=self.unsupervised)
+                losses["loss_adv"] = self.adv_weight * adv
+                losses["loss"] = losses["loss"] + losses["loss_adv"]
+        if self.wants_teacher:
+            terms = [self.preserve_loss(batches[k]["image"], *passes[k]) for k in self.preserve_on if k in passes]
+            losses["loss_preserve"] = self.preserve_weight * sum(terms) / max(len(terms), 1)
+            losses["loss"] = losses["loss"] + losses["loss_preserve"]
         return losses
+
+    def transferability(self, hooks, hw: tuple[int, int]) -> torch.Tensor | None:  # noqa: ARG002
+        """T(p) [B, 1, h, w] on the pred_masks grid of the image (None: the method estimates none)."""
+        return None
+
+    def preserve_loss(self, images: torch.Tensor, outputs: dict, hooks) -> torch.Tensor:
+        """KL(source model || adapted model) of the per-pixel class distributions on the pred_masks grid, averaged
+        over pixels with weight T(p) (or uniformly)."""
+        if not self._teacher:
+            raise RuntimeError("preserve: set_teacher() was not called (the runner loads the source model)")
+        with torch.no_grad():
+            teacher = self._teacher[0](images)
+            p_t = class_distribution(teacher["pred_logits"], teacher["pred_masks"])  # [B, K, h, w]
+        p_s = class_distribution(outputs["pred_logits"], outputs["pred_masks"])  # [B, K, h, w]
+        kl = (torch.special.xlogy(p_t, p_t) - p_t * torch.log(p_s.clamp_min(1e-8))).sum(1, keepdim=True)  # [B, 1, h, w]
+        w = self.transferability(hooks, kl.shape[-2:]) if self.preserve_weighting == "transferability" else None
+        if w is None:
+            return kl.mean()
+        w = w.detach().to(kl.dtype)
+        return (kl * w).sum() / w.sum().clamp_min(1e-6)
 
 
 class _Record:
@@ -202,12 +256,19 @@ class TMT(Finetune):
         if not self.loss_weight or hooks is None:
             return None
         masks = outputs["pred_masks"]  # [B, Q, h, w], cropped to the image
-        h, w = masks.shape[-2:]
-        tmap = hooks.store["acte"]["tmap"]  # [B, 1, H'/s, W'/s] on the padded grid
-        s = self.feature_stride
-        tmap = tmap[..., : -(-h * 4 // s), : -(-w * 4 // s)]  # the image's part of the padded grid
+        hw = tuple(masks.shape[-2:])
         prev = {"pred_logits": outputs["pred_logits"].detach(), "pred_masks": masks.detach()}
-        return 1.0 + self.loss_weight * self.tma.importance(tmap, prev, (h, w))  # [B, 1, h, w]
+        return 1.0 + self.loss_weight * self.tma.importance(self._image_tmap(hooks, hw), prev, hw)  # [B, 1, h, w]
+
+    def _image_tmap(self, hooks, hw: tuple[int, int]) -> torch.Tensor:
+        """ACTE's map [B, 1, h', w'] cut to the image whose pred_masks grid is hw (the map covers the padded grid)."""
+        s = self.feature_stride
+        return hooks.store["acte"]["tmap"][..., : -(-hw[0] * 4 // s), : -(-hw[1] * 4 // s)]
+
+    def transferability(self, hooks, hw: tuple[int, int]) -> torch.Tensor | None:
+        if hooks is None:
+            return None
+        return resize_map(self._image_tmap(hooks, hw), hw).clamp(0.0, 1.0)  # [B, 1, h, w]
 
     def hooks(self, *, grl: float | None):
         if grl is None and not self.at_inference:
@@ -243,6 +304,7 @@ def build_method(cfg) -> Finetune:
         unsupervised=a.unsupervised,
         adv_weight=a.adv_weight,
         max_iter=a.grl_max_iter or cfg.train.iters,
+        preserve=dict(weight=a.preserve.weight, images=a.preserve.images, weighting=a.preserve.weighting),
     )
     disc = dict(disc_hidden=a.acte.disc_hidden, disc_dropout=a.acte.disc_dropout)
     if a.method == "finetune":

@@ -107,11 +107,30 @@ def trainer_from_checkpoint(path: str | Path, overrides: list[str] | None = None
 
 def init_from_source(trainer: Trainer, path: str) -> None:
     """Load a source model's segmenter weights; the method's own modules start fresh."""
+    load_segmenter(trainer.model, path)
+
+
+def load_segmenter(model: torch.nn.Module, path: str) -> None:
+    """Load the segmenter weights (model.*) of a checkpoint into a segmenter."""
     ckpt = load_checkpoint(path)
     seg = {k[len("model.") :]: v for k, v in ckpt.weights.items() if k.startswith("model.")}
     if not seg:
         raise CheckpointError(f"{path}: holds no segmenter weights (model.*)")
-    load_weights(trainer.model, seg, source=str(path))
+    load_weights(model, seg, source=str(path))
+
+
+def attach_teacher(cfg: Config, trainer: Trainer, device: torch.device) -> None:
+    """The frozen source model that the preservation term (adapt.preserve) compares against: loaded from
+    adapt.source_checkpoint on a fresh start and on a resume alike, never saved with the run."""
+    if not trainer.method.wants_teacher:
+        return
+    if not cfg.adapt.source_checkpoint:
+        raise ConfigError("config key adapt.preserve.weight: > 0 needs the source model (adapt.source_checkpoint)")
+    from .models.build import build_model
+
+    teacher = build_model(cfg)
+    load_segmenter(teacher, cfg.adapt.source_checkpoint)
+    trainer.method.set_teacher(teacher.to(device))
 
 
 def _check_data(cfg: Config, splits: tuple[str, ...]) -> None:
@@ -194,6 +213,7 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
     if init_from:
         init_from_source(trainer, init_from)
     trainer.to(device)
+    attach_teacher(cfg, trainer, device)
     optimizer = build_optimizer(cfg, trainer)
     state, last_good = LoopState(), None
     metrics_log = run_dir / "metrics.jsonl"
