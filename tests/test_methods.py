@@ -119,3 +119,63 @@ def test_tmt_loss_weight_reweights_the_mask_losses_only():
         out[name] = trainer({"target": batch, "source": _batch(2)}, step=3)
     torch.testing.assert_close(out["half"]["loss_ce"], out["plain"]["loss_ce"])
     assert not torch.allclose(out["half"]["loss_mask"], out["plain"]["loss_mask"])
+
+
+def _with_teacher(overrides):
+    """A trainer and a frozen copy of its segmenter as the source model (as the runner attaches one)."""
+    import copy
+
+    torch.manual_seed(0)
+    trainer = build_trainer(load_config([], [*TINY, *overrides]))
+    trainer.method.set_teacher(copy.deepcopy(trainer.model))
+    return trainer
+
+
+@pytest.mark.parametrize("images", ["source", "target", "both"])
+def test_preserve_is_zero_at_the_source_model_and_grows_as_the_model_moves(images):
+    trainer = _with_teacher(["adapt.method=tmt", "adapt.preserve.weight=1.0", f"adapt.preserve.images={images}"])
+    batches = {"target": _batch(1), "source": _batch(2)}
+    losses = trainer(batches, step=3)
+    assert losses["loss_preserve"].item() == pytest.approx(0.0, abs=1e-5)  # the adapted model is still the source
+    with torch.no_grad():
+        trainer.model.decoder.class_embed.bias.add_(torch.randn_like(trainer.model.decoder.class_embed.bias))
+    losses = trainer(batches, step=3)
+    assert losses["loss_preserve"].item() > 1e-3
+    losses["loss"].backward()
+    assert trainer.model.decoder.class_embed.bias.grad is not None
+    # the teacher is no part of the trainer: never optimised, never in a checkpoint
+    assert not any(k.startswith("method._teacher") for k in trainer.state_dict())
+    assert all(p.grad is None for p in trainer.method._teacher[0].parameters())
+
+
+def test_finetune_with_preserve_on_source_images_reads_the_source_batch():
+    plain = build_trainer(load_config([], [*TINY, "adapt.method=finetune"]))
+    assert not plain.method.needs_source and not plain.method.wants_teacher
+    trainer = _with_teacher(["adapt.method=finetune", "adapt.preserve.weight=1.0"])
+    assert trainer.method.needs_source and trainer.method.transferability(None, (4, 4)) is None  # uniform weights
+    with torch.no_grad():
+        trainer.model.decoder.class_embed.bias.add_(1.0)
+    a = trainer({"target": _batch(1), "source": _batch(2)}, step=3)["loss_preserve"]
+    b = trainer({"target": _batch(1), "source": _batch(3)}, step=3)["loss_preserve"]
+    assert a.item() != pytest.approx(b.item())  # computed on the source batch
+
+
+def test_preserve_counts_each_pixel_by_its_transferability():
+    trainer = _with_teacher(["adapt.method=tmt", "adapt.preserve.weight=1.0", "adapt.preserve.images=target"])
+    method = trainer.method
+    batch = _batch(1)
+    with torch.no_grad():
+        trainer.model.decoder.class_embed.bias.add_(torch.randn_like(trainer.model.decoder.class_embed.bias))
+        hooks = method.hooks(grl=0.5)
+        outputs = trainer.model(batch["image"], hooks=hooks)
+        t = method.transferability(hooks, outputs["pred_masks"].shape[-2:])
+        assert t.shape == (2, 1, *outputs["pred_masks"].shape[-2:]) and 0 <= t.min() and t.max() <= 1
+        weighted = method.preserve_loss(batch["image"], outputs, hooks)
+        method.transferability = lambda h, hw: torch.ones(2, 1, *hw)
+        uniform = method.preserve_loss(batch["image"], outputs, hooks)
+        right = torch.zeros(2, 1, *outputs["pred_masks"].shape[-2:])
+        right[..., right.shape[-1] // 2 :] = 1.0
+        method.transferability = lambda h, hw: right
+        half = method.preserve_loss(batch["image"], outputs, hooks)
+    assert uniform.item() > 0 and weighted.item() > 0
+    assert half.item() != pytest.approx(uniform.item())  # only the right half counts

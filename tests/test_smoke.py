@@ -60,29 +60,21 @@ def test_train_eval_predict_viz_resume_adapt(tmp_path, capsys):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000004", "iter_0000005"]  # keep_last=2
     ckpt = run / "checkpoints" / "iter_0000005"
 
-    # adapt with TMT from the source model: the adapted checkpoint evaluates with the usual command
+    # adapt with TMT (and the preservation term) from the source model: the adapted checkpoint evaluates with the
+    # usual command; a resume loads the frozen source model again
     ad = tmp_path / "tmt"
-    assert (
-        main(
-            [
-                *common,
-                "adapt",
-                *TINY,
-                *DATA,
-                "train.iters=2",
-                f"output_dir={ad}",
-                "--method",
-                "tmt",
-                "--source-checkpoint",
-                str(ckpt),
-                "data.train.domain=dusk",
-                "data.val.domain=dusk",
-            ]
-        )
-        == 0
-    )
+    adapt = [*common, "adapt", *TINY, *DATA, f"output_dir={ad}", "--method", "tmt", "--source-checkpoint", str(ckpt),
+             "data.train.domain=dusk", "data.val.domain=dusk", "adapt.preserve.weight=1.0", "train.save_every=2"]  # fmt: skip
+    assert main([*adapt, "train.iters=2"]) == 0
     assert main([*common, "eval", str(ad / "checkpoints" / "iter_0000002")]) == 0
     assert "tmt" in (ad / "config.yaml").read_text()
+    assert main([*adapt, "train.iters=3", "--resume"]) == 0
+    log = [json.loads(line) for line in (ad / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3] and all(r["loss_preserve"] >= 0 for r in log)
+    assert log[-1]["loss_preserve"] > 0  # the model has moved away from the source model
+    capsys.readouterr()
+    assert main([*common, "train", *TINY, *DATA, "adapt.preserve.weight=1.0", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "adapt.preserve.weight" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_with_exit_codes(tmp_path, capsys):
