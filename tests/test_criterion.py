@@ -161,3 +161,33 @@ def test_point_weight_scales_each_point_and_zero_acts_like_ignore():
     # more weight on the wrong quarter: more loss
     weight[..., :2, :] = 3.0
     assert loss(weight)["loss_mask"] > 1.5 * plain["loss_mask"]
+
+
+def test_layers_batched_in_one_pass_equal_the_layers_one_by_one(monkeypatch):
+    """Deep supervision computes every layer's matching and losses together; each layer's losses must be what that
+    layer alone gives (the matcher's points drawn in the same order; the loss points made independent of the row
+    count, since one draw for all rows cannot equal one draw per layer)."""
+    import tmtseg.models.criterion as crit_mod
+
+    def fixed_points(logits, *, num_points, **_):
+        g = torch.Generator().manual_seed(0)
+        return torch.rand(num_points, 2, generator=g).expand(logits.shape[0], -1, -1)
+
+    monkeypatch.setattr(crit_mod, "uncertain_point_coords", fixed_points)
+    torch.manual_seed(0)
+    labels = [label_map(), label_map().flip(1)]
+    labels[1][:4] = 255  # some void
+    targets = [semantic_targets(lab, num_classes=K, ignore_index=255) for lab in labels]
+    layers = [
+        {"pred_logits": torch.randn(2, Q, K + 1), "pred_masks": torch.randn(2, Q, H // 4, W // 4) * 3}
+        for _ in range(3)
+    ]
+    out = {**layers[-1], "aux_outputs": layers[:-1], "point_weight": torch.rand(2, 1, H // 4, W // 4)}
+    torch.manual_seed(1)
+    together = criterion(True)(out, targets, num_masks=5.0)
+    torch.manual_seed(1)
+    for i, layer in enumerate(layers):
+        alone = criterion(False)({**layer, "point_weight": out["point_weight"]}, targets, num_masks=5.0)
+        suffix = "" if i == len(layers) - 1 else f"_{i}"
+        for k in ("loss_ce", "loss_mask", "loss_dice"):
+            torch.testing.assert_close(together[k + suffix], alone[k], rtol=1e-5, atol=1e-6)

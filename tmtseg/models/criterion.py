@@ -31,8 +31,10 @@ def uncertain_point_coords(logits: Tensor, *, num_points: int, oversample_ratio:
     candidates = torch.rand(M, int(num_points * oversample_ratio), 2, device=logits.device)  # [M, P', 2]
     uncertainty = -point_sample(logits, candidates)[:, 0].abs()  # [M, P']
     num_uncertain = int(importance_ratio * num_points)
-    idx = uncertainty.topk(num_uncertain, dim=1).indices  # [M, P_u]
-    coords = candidates.gather(1, idx[..., None].expand(-1, -1, 2))  # [M, P_u, 2]
+    # unsorted: the order of the points is irrelevant to the losses, and sorting costs CPU topk 3x the selection
+    idx = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # [M, P_u]
+    flat = (idx + torch.arange(M, device=idx.device)[:, None] * candidates.shape[1]).flatten()  # rows of [M * P', 2]
+    coords = candidates.view(-1, 2).index_select(0, flat).view(M, num_uncertain, 2)  # [M, P_u, 2]
     extra = torch.rand(M, num_points - num_uncertain, 2, device=logits.device)
     return torch.cat([coords, extra], dim=1)  # [M, P, 2]
 
@@ -74,69 +76,88 @@ class SetCriterion(nn.Module):
         """Ground-truth masks in this batch (the normaliser; under DDP the engine averages it over processes)."""
         return float(sum(len(t["labels"]) for t in targets))
 
-    def loss_labels(self, pred_logits: Tensor, targets: list[dict], indices) -> Tensor:
-        B, Q = pred_logits.shape[:2]
-        gt_classes = torch.full((B, Q), self.num_classes, dtype=torch.int64, device=pred_logits.device)  # [B, Q]
-        for b, (src, tgt) in enumerate(indices):
-            gt_classes[b, src.to(gt_classes.device)] = targets[b]["labels"][tgt].to(gt_classes.device)
-        return F.cross_entropy(pred_logits.float().transpose(1, 2), gt_classes, self.empty_weight)  # [B, K+1, Q]
+    def loss_labels(self, logits: list[Tensor], targets: list[dict], indices) -> Tensor:
+        """Class CE of every layer: logits per layer [B, Q, K+1], indices per layer and image -> [L]."""
+        L, (B, Q) = len(logits), logits[0].shape[:2]
+        gt = torch.full((L, B, Q), self.num_classes, dtype=torch.int64, device=logits[0].device)  # [L, B, Q]
+        for layer, per_image in enumerate(indices):
+            for b, (src, tgt) in enumerate(per_image):
+                gt[layer, b, src.to(gt.device)] = targets[b]["labels"][tgt].to(gt.device)
+        x = torch.stack(logits).float().flatten(0, 2)  # [L*B*Q, K+1]
+        ce = F.cross_entropy(x, gt.flatten(), self.empty_weight, reduction="none").view(L, -1)  # weighted, [L, B*Q]
+        return ce.sum(1) / self.empty_weight[gt].view(L, -1).sum(1)  # the weighted mean of each layer
 
     def loss_masks(
-        self, pred_masks: Tensor, targets: list[dict], indices, num_masks: float, point_weight: Tensor | None = None
+        self,
+        pred_masks: list[Tensor],
+        targets: list[dict],
+        indices,
+        num_masks: float,
+        point_weight: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """BCE and Dice on sampled points; `point_weight` [B, 1, h, w] (at pred_masks' grid) scales each point."""
-        batch = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
-        query = torch.cat([src for src, _ in indices])
-        if query.numel() == 0:  # no ground truth anywhere: zero that keeps the graph
-            zero = pred_masks.sum() * 0.0
-            return zero, zero
-        pred = pred_masks[batch.to(pred_masks.device), query.to(pred_masks.device)].float()[:, None]  # [M, 1, h, w]
+        """BCE and Dice of every layer on sampled points -> ([L], [L]). pred_masks per layer [B, Q, h, w]; the matched
+        masks of all layers are sampled together. `point_weight` [B, 1, h, w] (at pred_masks' grid) scales each
+        point."""
+        L = len(pred_masks)
+        layer, batch, query, target = [], [], [], []  # one entry per matched (query, ground-truth mask) pair
+        for i, per_image in enumerate(indices):
+            for b, (src, tgt) in enumerate(per_image):
+                layer.append(torch.full_like(src, i))
+                batch.append(torch.full_like(src, b))
+                query.append(src)
+                target.append(tgt)
+        layer, batch, query, target = (torch.cat(x) for x in (layer, batch, query, target))
+        if query.numel() == 0:  # no ground truth anywhere: zeros that keep the graph
+            zero = sum(m.sum() for m in pred_masks) * 0.0
+            return zero.repeat(L), zero.repeat(L)
+        device = pred_masks[0].device
+        pred = torch.cat(
+            [m[batch[layer == i].to(device), query[layer == i].to(device)] for i, m in enumerate(pred_masks)]
+        ).float()[:, None]  # [R, 1, h, w], rows ordered by layer
         with torch.no_grad():
             coords = uncertain_point_coords(
                 pred,
                 num_points=self.num_points,
                 oversample_ratio=self.oversample_ratio,
                 importance_ratio=self.importance_sample_ratio,
-            )  # [M, P, 2] in prediction coordinates
-            gts, ws, start = [], [], 0
-            for b, (_, tgt) in enumerate(indices):
-                t, n = targets[b], len(tgt)
-                masks = t["masks"][tgt.to(t["masks"].device)]  # [m, H, W]
+            )  # [R, P, 2] in prediction coordinates
+            gt = coords.new_zeros(coords.shape[:2])  # [R, P]
+            w = coords.new_zeros(coords.shape[:2])  # [R, P]
+            for b, t in enumerate(targets):  # every layer's rows of an image in one draw
+                rows = (batch == b).nonzero()[:, 0]
+                if rows.numel() == 0:
+                    continue
+                masks = t["masks"][target[rows].to(t["masks"].device)]  # [r, H, W]
                 valid = t.get("valid")
                 if valid is None:
                     valid = torch.ones(masks.shape[-2:], dtype=torch.bool, device=masks.device)
                 scale = pred_coord_scale(pred.shape[-2:], masks.shape[-2:], device=coords.device)
-                gt_coords = coords[start : start + n] / scale  # [m, P, 2] in label coordinates
-                gt, w = sample_targets(masks.to(coords.device), valid.to(coords.device), gt_coords)
-                gts.append(gt)
-                ws.append(w)
-                start += n
-            gt, w = torch.cat(gts), torch.cat(ws)  # [M, P]
+                rows = rows.to(coords.device)
+                gt[rows], w[rows] = sample_targets(masks.to(coords.device), valid.to(coords.device), coords[rows] / scale)
             if point_weight is not None:
-                pw = point_weight[batch.to(point_weight.device)].float()  # [M, 1, h, w]
-                w = w * point_sample(pw, coords, padding_mode="border")[:, 0]  # [M, P]
-        logits = point_sample(pred, coords)[:, 0]  # [M, P]
-        bce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")  # [M, P]
-        loss_mask = ((bce * w).sum(1) / w.sum(1).clamp(min=1e-6)).sum() / num_masks
-        p = logits.sigmoid() * w  # [M, P]
-        dice = 1 - (2 * (p * gt).sum(1) + 1) / (p.sum(1) + (gt * w).sum(1) + 1)  # [M]
-        return loss_mask, dice.sum() / num_masks
-
-    def _losses(self, outputs: dict, targets: list[dict], num_masks: float, suffix: str) -> dict[str, Tensor]:
-        indices = self.matcher(outputs, targets)
-        loss_mask, loss_dice = self.loss_masks(
-            outputs["pred_masks"], targets, indices, num_masks, point_weight=outputs.get("point_weight")
-        )
-        raw = {"loss_ce": self.loss_labels(outputs["pred_logits"], targets, indices)}
-        raw.update(loss_mask=loss_mask, loss_dice=loss_dice)
-        return {k + suffix: self.weights[k] * v for k, v in raw.items()}
+                pw = point_weight[batch.to(point_weight.device)].float()  # [R, 1, h, w]
+                w = w * point_sample(pw, coords, padding_mode="border")[:, 0]  # [R, P]
+        logits = point_sample(pred, coords)[:, 0]  # [R, P]
+        bce = F.binary_cross_entropy_with_logits(logits, gt, reduction="none")  # [R, P]
+        loss_mask = (bce * w).sum(1) / w.sum(1).clamp(min=1e-6)  # [R]
+        p = logits.sigmoid() * w  # [R, P]
+        dice = 1 - (2 * (p * gt).sum(1) + 1) / (p.sum(1) + (gt * w).sum(1) + 1)  # [R]
+        layer = layer.to(logits.device)
+        per_layer = logits.new_zeros(2, L).index_add(1, layer, torch.stack([loss_mask, dice]))  # [2, L]
+        return per_layer[0] / num_masks, per_layer[1] / num_masks
 
     def forward(self, outputs: dict, targets: list[dict], num_masks: float | None = None) -> dict[str, Tensor]:
         n = max(self.num_masks(targets) if num_masks is None else float(num_masks), 1.0)
-        losses = self._losses(outputs, targets, n, "")
-        if self.deep_supervision:
-            for i, aux in enumerate(outputs.get("aux_outputs", [])):
-                aux = {**aux, "point_weight": outputs.get("point_weight")}  # the same per-pixel weights on every layer
-                losses.update(self._losses(aux, targets, n, f"_{i}"))
+        layers = [*outputs.get("aux_outputs", []), outputs] if self.deep_supervision else [outputs]
+        suffixes = [f"_{i}" for i in range(len(layers) - 1)] + [""]
+        indices = self.matcher.match_layers(layers, targets)  # one batched matching for all layers
+        raw = {"loss_ce": self.loss_labels([o["pred_logits"] for o in layers], targets, indices)}  # [L] each
+        # the same per-pixel weights (the final prediction's) on every layer
+        raw["loss_mask"], raw["loss_dice"] = self.loss_masks(
+            [o["pred_masks"] for o in layers], targets, indices, n, point_weight=outputs.get("point_weight")
+        )
+        losses = {}
+        for i in [len(layers) - 1, *range(len(layers) - 1)]:  # the last layer's keys first
+            losses.update({k + suffixes[i]: self.weights[k] * v[i] for k, v in raw.items()})
         losses["loss"] = sum(losses.values())
         return losses

@@ -42,17 +42,19 @@ def sample_targets(masks: Tensor, valid: Tensor, coords: Tensor) -> tuple[Tensor
 
 
 def batch_sigmoid_ce(pred: Tensor, gt: Tensor, w: Tensor) -> Tensor:
-    """Weighted mean BCE of every prediction [Q, P] against every target [M, P] with point weights [P] -> [Q, M]."""
-    pos = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred), reduction="none") * w  # [Q, P]
-    neg = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none") * w  # [Q, P]
-    return (pos @ gt.T + neg @ (1 - gt).T) / w.sum().clamp(min=1e-6)  # [Q, M]
+    """Weighted mean BCE of every prediction [.., Q, P] against every target [.., M, P] with point weights [.., 1, P]
+    -> [.., Q, M]."""
+    pos = F.softplus(-pred)  # BCE against 1, [.., Q, P]
+    neg = pos + pred  # BCE against 0: softplus(x) = softplus(-x) + x
+    return ((pos * w) @ gt.mT + (neg * w) @ (1 - gt).mT) / w.sum(-1, keepdim=True).clamp(min=1e-6)  # [.., Q, M]
 
 
 def batch_dice(pred: Tensor, gt: Tensor, w: Tensor) -> Tensor:
-    """Dice cost of every prediction [Q, P] against every target [M, P] with point weights [P] -> [Q, M]."""
-    p = pred.sigmoid() * w  # [Q, P]
-    numerator = 2 * p @ gt.T  # [Q, M]
-    denominator = p.sum(-1)[:, None] + (gt * w).sum(-1)[None, :]  # [Q, M]
+    """Dice cost of every prediction [.., Q, P] against every target [.., M, P] with point weights [.., 1, P] ->
+    [.., Q, M]."""
+    p = pred.sigmoid() * w  # [.., Q, P]
+    numerator = 2 * p @ gt.mT  # [.., Q, M]
+    denominator = p.sum(-1)[..., :, None] + (gt * w).sum(-1)[..., None, :]  # [.., Q, M]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
@@ -65,19 +67,26 @@ class HungarianMatcher(nn.Module):
         self.num_points = num_points
 
     def cost_matrix(self, logits: Tensor, masks: Tensor, target: dict, coords: Tensor) -> Tensor:
-        """logits [Q, K+1], masks [Q, h, w], target dict (labels [M], masks [M, H, W], valid [H, W]) -> cost [Q, M]."""
+        """logits [Q, K+1], masks [Q, h, w], target dict (labels [M], masks [M, H, W], valid [H, W]), coords [P, 2]
+        -> cost [Q, M]. With a leading layer dimension (logits [L, Q, K+1], masks [L, Q, h, w], coords [L, P, 2]):
+        every layer's cost at once, [L, Q, M]."""
+        if logits.ndim == 2:
+            return self.cost_matrix(logits[None], masks[None], target, coords[None])[0]
         gt_masks = target["masks"]
         valid = target.get("valid")
         if valid is None:
             valid = torch.ones(gt_masks.shape[-2:], dtype=torch.bool, device=gt_masks.device)
-        gt, w = sample_targets(gt_masks, valid, coords[None])  # [M, P], [1, P]
+        L, P = coords.shape[:2]
+        gt, w = sample_targets(gt_masks, valid, coords.reshape(1, L * P, 2))  # every layer's points in one draw
+        gt = gt.view(-1, L, P).transpose(0, 1)  # [L, M, P]
+        w = w.view(1, L, P).transpose(0, 1)  # [L, 1, P]
         scale = pred_coord_scale(masks.shape[-2:], gt_masks.shape[-2:], device=coords.device)
-        pred = point_sample(masks[None], (coords * scale)[None])[0]  # [Q, P]
-        cost_class = -logits.softmax(-1)[:, target["labels"]]  # [Q, M]
+        pred = point_sample(masks, coords * scale)  # [L, Q, P]
+        cost_class = -logits.softmax(-1)[..., target["labels"]]  # [L, Q, M]
         return (
             self.cost_class * cost_class
-            + self.cost_mask * batch_sigmoid_ce(pred, gt, w[0])
-            + self.cost_dice * batch_dice(pred, gt, w[0])
+            + self.cost_mask * batch_sigmoid_ce(pred, gt, w)
+            + self.cost_dice * batch_dice(pred, gt, w)
         )
 
     @torch.no_grad()
@@ -88,19 +97,31 @@ class HungarianMatcher(nn.Module):
         One set of random points serves the whole batch, so a batch matches exactly like its images one by one under
         the same seed.
         """
-        logits, masks = outputs["pred_logits"], outputs["pred_masks"]
-        device = logits.device
+        return self.match_layers([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_layers(self, layers: list[dict], targets: list[dict]) -> list[list[tuple[Tensor, Tensor]]]:
+        """`forward` for the predictions of several decoder layers at once (deep supervision): the cost matrices of
+        all layers of an image come from one batched computation, with one set of random points per layer.
+        Returns per layer what `forward` returns; for one layer it draws and matches exactly as `forward`."""
+        logits = torch.stack([o["pred_logits"] for o in layers])  # [L, B, Q, K+1]
+        masks = torch.stack([o["pred_masks"] for o in layers])  # [L, B, Q, h, w]
+        L, device = len(layers), logits.device
         with torch.autocast(device_type=device.type, enabled=False):
-            coords = torch.rand(self.num_points, 2, device=device)  # [P, 2]
-            indices = []
+            coords = torch.rand(L, self.num_points, 2, device=device)  # [L, P, 2]
+            indices: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(L)]
             for b, target in enumerate(targets):
                 if len(target["labels"]) == 0:
-                    empty = torch.zeros(0, dtype=torch.int64)
-                    indices.append((empty, empty.clone()))
+                    for per_layer in indices:
+                        empty = torch.zeros(0, dtype=torch.int64)
+                        per_layer.append((empty, empty.clone()))
                     continue
-                cost = self.cost_matrix(logits[b].float(), masks[b].float(), target, coords)  # [Q, M]
+                cost = self.cost_matrix(logits[:, b].float(), masks[:, b].float(), target, coords)  # [L, Q, M]
                 # a non-finite prediction must reach the loss (where the engine handles it), not crash scipy here
-                cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8)
-                rows, cols = linear_sum_assignment(cost.cpu().numpy())
-                indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+                cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8).cpu().numpy()
+                for per_layer, c in zip(indices, cost, strict=True):
+                    rows, cols = linear_sum_assignment(c)
+                    per_layer.append(
+                        (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
+                    )
         return indices
