@@ -35,10 +35,11 @@ def test_tmt_with_lambda_zero_predicts_exactly_as_vanilla():
 @pytest.mark.parametrize("method", ["finetune", "dann", "tvt", "tmt"])
 def test_every_method_trains_every_parameter(method):
     torch.manual_seed(0)
-    trainer = build_trainer(load_config([], [*TINY, f"adapt.method={method}", "adapt.tma.lambda_init=0.5"]))
+    trainer = _with_teacher([f"adapt.method={method}", "adapt.tma.lambda_init=0.5"])
     losses = trainer({"target": _batch(1), "source": _batch(2)}, step=5)
     assert torch.isfinite(losses["loss"])
     assert ("loss_adv" in losses) == (method != "finetune")
+    assert ("loss_preserve" in losses) == (method == "tmt")  # TMT's default: the preservation term on
     losses["loss"].backward()
     no_grad = [n for n, p in trainer.named_parameters() if p.requires_grad and (p.grad is None)]
     # msdeform is not used here; the class-token positional entry only feeds the class token, which the decoder
@@ -48,7 +49,7 @@ def test_every_method_trains_every_parameter(method):
 
 def test_unsupervised_variant_never_reads_target_labels():
     torch.manual_seed(0)
-    trainer = build_trainer(load_config([], [*TINY, "adapt.method=tmt", "adapt.unsupervised=true"]))
+    trainer = _with_teacher(["adapt.method=tmt", "adapt.unsupervised=true"])
     trainer.eval()  # no dropout: the two calls must see the same computation
     target, source = _batch(1), _batch(2)
     torch.manual_seed(0)  # the criterion samples random points
@@ -100,7 +101,7 @@ def test_optimizer_gives_lambda_and_discriminators_their_own_lr():
 
 def test_tmt_loss_weight_reweights_the_mask_losses_only():
     torch.manual_seed(0)
-    trainer = build_trainer(load_config([], [*TINY, "adapt.method=tmt", "adapt.tma.loss_weight=2.0"]))
+    trainer = _with_teacher(["adapt.method=tmt", "adapt.tma.loss_weight=2.0"])
     batch = _batch(1)
     hooks = trainer.method.hooks(grl=0.5)
     outputs = trainer.model(batch["image"], hooks=hooks)
@@ -151,7 +152,7 @@ def test_preserve_is_zero_at_the_source_model_and_grows_as_the_model_moves(image
 def test_finetune_with_preserve_on_source_images_reads_the_source_batch():
     plain = build_trainer(load_config([], [*TINY, "adapt.method=finetune"]))
     assert not plain.method.needs_source and not plain.method.wants_teacher
-    trainer = _with_teacher(["adapt.method=finetune", "adapt.preserve.weight=1.0"])
+    trainer = _with_teacher(["adapt.method=finetune", "adapt.preserve.weight=1.0", "adapt.preserve.methods=[finetune]"])
     assert trainer.method.needs_source and trainer.method.transferability(None, (4, 4)) is None  # uniform weights
     with torch.no_grad():
         trainer.model.decoder.class_embed.bias.add_(1.0)

@@ -73,7 +73,7 @@ def test_train_eval_predict_viz_resume_adapt(tmp_path, capsys):
     assert [r["step"] for r in log] == [2, 3] and all(r["loss_preserve"] >= 0 for r in log)
     assert log[-1]["loss_preserve"] > 0  # the model has moved away from the source model
     capsys.readouterr()
-    assert main([*common, "train", *TINY, *DATA, "adapt.preserve.weight=1.0", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert main([*common, "train", *TINY, *DATA, "adapt.method=tmt", f"output_dir={tmp_path / 'x'}"]) == 2
     assert "adapt.preserve.weight" in capsys.readouterr().err
 
 

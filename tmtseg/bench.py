@@ -174,10 +174,7 @@ class Run:
 
 # Config keys added after runs were recorded, each with the value at which it computes what the code before it did:
 # at that value a key is left out of the hash, so that adding an option does not invalidate every finished run.
-NEUTRAL_SINCE_ADDED = {
-    ("adapt", "tma", "loss_weight"): 0.0,
-    ("adapt", "preserve"): {"weight": 0.0, "images": "source", "weighting": "transferability"},
-}
+NEUTRAL_SINCE_ADDED = {("adapt", "tma", "loss_weight"): 0.0}
 
 
 def config_hash(cfg: Config) -> str:
@@ -190,6 +187,10 @@ def config_hash(cfg: Config) -> str:
             node = node[part]
         if node.get(key) == NEUTRAL_SINCE_ADDED[(*path, key)]:
             del node[key]
+    # the preservation term counts only where it acts (which methods list it is no part of what a run computes)
+    preserve = d["adapt"].pop("preserve")
+    if d["adapt"]["method"] in preserve.pop("methods") and preserve["weight"] > 0:
+        d["adapt"]["preserve"] = preserve
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -158,11 +158,12 @@ class TMAConfig:
 @dataclass
 class PreserveConfig:
     """Source-knowledge preservation (an extension; not in the paper): a KL term that keeps the adapted model's
-    semantic prediction close to the frozen source model's. With a transferability map (TMT) each pixel counts by
+    semantic prediction close to the frozen source model's, for the methods listed in `methods`. With a transferability map (TMT) each pixel counts by
     T(p): what the source model knows is kept where the domains look alike, and adaptation is free where they do not
     (method.md §5's "prioritising adaptation in regions with low transferability"). 0 = off."""
 
-    weight: float = 0.0
+    weight: float = 10.0
+    methods: list[str] = field(default_factory=lambda: ["tmt"])  # the methods that use it (a control: [finetune])
     images: str = "source"  # source (the unlabelled source batch) | target (the labelled target batch) | both
     weighting: str = "transferability"  # transferability (T(p) where the method has a map; else uniform) | uniform
 
@@ -225,6 +226,9 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key {key}={value!r}: must be one of {', '.join(map(str, choices))}")
+    bad = [m for m in cfg.adapt.preserve.methods if m not in _CHOICES["adapt.method"]]
+    if bad:
+        raise ConfigError(f"config key adapt.preserve.methods: {bad} not among {', '.join(_CHOICES['adapt.method'])}")
     if cfg.data.num_classes < 1:
         raise ConfigError(f"config key data.num_classes={cfg.data.num_classes}: must be >= 1")
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:

@@ -295,6 +295,12 @@ class Trainer(nn.Module):
 METHODS: dict[str, type[Finetune]] = {"finetune": Finetune, "dann": DANN, "tvt": TVT, "tmt": TMT}
 
 
+def preserve_weight(cfg) -> float:
+    """The preservation term's weight for cfg's method: adapt.preserve.weight if the method is listed, else 0."""
+    p = cfg.adapt.preserve
+    return float(p.weight) if cfg.adapt.method in p.methods else 0.0
+
+
 def build_method(cfg) -> Finetune:
     """The only reader of cfg.adapt: every [choice] of method.md becomes a constructor argument here."""
     a = cfg.adapt
@@ -304,7 +310,7 @@ def build_method(cfg) -> Finetune:
         unsupervised=a.unsupervised,
         adv_weight=a.adv_weight,
         max_iter=a.grl_max_iter or cfg.train.iters,
-        preserve=dict(weight=a.preserve.weight, images=a.preserve.images, weighting=a.preserve.weighting),
+        preserve=dict(weight=preserve_weight(cfg), images=a.preserve.images, weighting=a.preserve.weighting),
     )
     disc = dict(disc_hidden=a.acte.disc_hidden, disc_dropout=a.acte.disc_dropout)
     if a.method == "finetune":
