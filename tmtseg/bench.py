@@ -420,13 +420,26 @@ def provenance() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip
 
 
+def _identity(key: str, run_hash: str) -> str:
+    """What makes two runs the same run: task, pair (or domain), seed and config hash. The method's name is left out,
+    so that a variant renamed, or promoted to a method's default, finds the runs it already made."""
+    task, pair, _name, *seed = key.split("/")
+    return "/".join([task, pair, *seed]) + "#" + run_hash
+
+
 def _finished(p: Plan, bench: BenchConfig) -> dict[str, dict]:
     """The plan's finished runs by key: recorded with the same config hash in this bench's results.jsonl or in that
-    of a bench it reuses."""
+    of a bench it reuses (under whatever method name they were recorded: they are relabelled with the plan's)."""
     recorded = {}
     for folder in [*bench.reuse, bench.output_dir]:
-        recorded.update(read_results(Path(folder) / "results.jsonl"))
-    return {r.key: recorded[f"{r.key}#{r.out.name}"] for r in p.runs if f"{r.key}#{r.out.name}" in recorded}
+        for rec in read_results(Path(folder) / "results.jsonl").values():
+            recorded[_identity(rec["key"], rec["hash"])] = rec
+    done = {}
+    for r in p.runs:
+        rec = recorded.get(_identity(r.key, r.out.name))
+        if rec is not None:
+            done[r.key] = {**rec, "key": r.key, "method": r.method}
+    return done
 
 
 def describe(bench: BenchConfig, base: Path) -> str:
