@@ -200,3 +200,36 @@ def test_only_restricts_the_plan_to_tasks_or_pairs(tmp_path):
     assert len(plan(bench, base).runs) == 5
     bench, base = load_bench(str(_bench_file(tmp_path)), ["only=[other]"])
     assert plan(bench, base).runs == []
+
+
+def test_a_run_is_found_under_another_method_name_and_preserve_hashes_only_where_it_acts(tmp_path):
+    from tmtseg.bench import config_hash, describe, report
+
+    variants = {"tmt-p10": {"method": "tmt", "overrides": ["adapt.preserve.weight=10.0"]},
+                "tmt-paper": {"method": "tmt", "overrides": ["adapt.preserve.weight=0.0"]}}  # fmt: skip
+    base = _bench_file(tmp_path, methods=["finetune", "tmt", "tmt-p10", "tmt-paper"], variants=variants)
+    bench, b = load_bench(str(base))
+    runs = {r.key: r for r in plan(bench, b).runs}
+    h = {k.split("/")[2]: r.out.name for k, r in runs.items() if "->" in k}
+    assert h["tmt"] == h["tmt-p10"]  # the default weight is 10: the same run under two names
+    assert h["tmt-paper"] not in (h["tmt"], h["finetune"])
+    # finetune does not use the term: listing it elsewhere, or its weight, does not move finetune's hash
+    cfg = runs["synthetic/day->dusk/finetune/seed0"].cfg
+    cfg.adapt.preserve.weight = 3.0
+    assert config_hash(cfg) == h["finetune"]
+    cfg.adapt.preserve.methods = ["finetune"]
+    assert config_hash(cfg) != h["finetune"]
+    # a run recorded as tmt-p10 (by an earlier bench) counts as done for tmt, relabelled
+    (tmp_path / "old").mkdir()
+    rec = {"key": "synthetic/day->dusk/tmt-p10/seed0", "method": "tmt-p10", "hash": h["tmt"], "metrics": {"mIoU": 7.0},
+           "task": "synthetic", "pair": "day->dusk", "seed": 0}  # fmt: skip
+    (tmp_path / "old" / "results.jsonl").write_text(json.dumps(rec) + "\n")
+    bench.reuse = [str(tmp_path / "old")]
+    bench.output_dir = str(tmp_path / "fresh")  # --report-only into a folder that does not exist yet
+    bench.source_dir = str(tmp_path / "out" / "sources")  # the same source models, so the same hashes
+    states = {line.split()[1]: line.split()[0] for line in describe(bench, b).splitlines()[:-1]}
+    assert states["synthetic/day->dusk/tmt/seed0"] == "done" and states["synthetic/day->dusk/tmt-p10/seed0"] == "done"
+    assert states["synthetic/day->dusk/tmt-paper/seed0"] == "todo"
+    report(bench, b)
+    table = (tmp_path / "fresh" / "report.md").read_text()
+    assert "| tmt | " in table and "| tmt-p10 | " in table

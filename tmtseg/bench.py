@@ -461,6 +461,7 @@ def report(bench: BenchConfig, base: Path, p: Plan | None = None) -> Path:
 
     p = p or plan(bench, base)
     out_dir = Path(bench.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # --report-only of a bench that only reuses other benches' runs
     done = _finished(p, bench)
     prof = bench.profiles[bench.profile]
     commits = sorted({r.get("commit", "") for r in done.values()} - {""})
