@@ -179,8 +179,7 @@ def test_layers_batched_in_one_pass_equal_the_layers_one_by_one(monkeypatch):
     labels[1][:4] = 255  # some void
     targets = [semantic_targets(lab, num_classes=K, ignore_index=255) for lab in labels]
     layers = [
-        {"pred_logits": torch.randn(2, Q, K + 1), "pred_masks": torch.randn(2, Q, H // 4, W // 4) * 3}
-        for _ in range(3)
+        {"pred_logits": torch.randn(2, Q, K + 1), "pred_masks": torch.randn(2, Q, H // 4, W // 4) * 3} for _ in range(3)
     ]
     out = {**layers[-1], "aux_outputs": layers[:-1], "point_weight": torch.rand(2, 1, H // 4, W // 4)}
     torch.manual_seed(1)

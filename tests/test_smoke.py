@@ -63,8 +63,9 @@ def test_train_eval_predict_viz_resume_adapt(tmp_path, capsys):
     # adapt with TMT (and the preservation term) from the source model: the adapted checkpoint evaluates with the
     # usual command; a resume loads the frozen source model again
     ad = tmp_path / "tmt"
-    adapt = [*common, "adapt", *TINY, *DATA, f"output_dir={ad}", "--method", "tmt", "--source-checkpoint", str(ckpt),
-             "data.train.domain=dusk", "data.val.domain=dusk", "adapt.preserve.weight=1.0", "train.save_every=2"]  # fmt: skip
+    adapt = [*common, "adapt", *TINY, *DATA, f"output_dir={ad}", "--method", "tmt", "--source-checkpoint",
+             str(ckpt), "data.train.domain=dusk", "data.val.domain=dusk", "adapt.preserve.weight=1.0",
+             "train.save_every=2"]  # fmt: skip
     assert main([*adapt, "train.iters=2"]) == 0
     assert main([*common, "eval", str(ad / "checkpoints" / "iter_0000002")]) == 0
     assert "tmt" in (ad / "config.yaml").read_text()

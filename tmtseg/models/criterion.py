@@ -133,7 +133,9 @@ class SetCriterion(nn.Module):
                     valid = torch.ones(masks.shape[-2:], dtype=torch.bool, device=masks.device)
                 scale = pred_coord_scale(pred.shape[-2:], masks.shape[-2:], device=coords.device)
                 rows = rows.to(coords.device)
-                gt[rows], w[rows] = sample_targets(masks.to(coords.device), valid.to(coords.device), coords[rows] / scale)
+                gt[rows], w[rows] = sample_targets(
+                    masks.to(coords.device), valid.to(coords.device), coords[rows] / scale
+                )
             if point_weight is not None:
                 pw = point_weight[batch.to(point_weight.device)].float()  # [R, 1, h, w]
                 w = w * point_sample(pw, coords, padding_mode="border")[:, 0]  # [R, P]
