@@ -33,7 +33,9 @@ class Finetune(nn.Module):
     """The plain segmentation loss on the labelled batch: vanilla fine-tuning, and supervised source training.
 
     Subclasses add a domain-adversarial term: `hooks()` makes the per-forward hook object that records what the
-    discriminators need (and supplies attention terms), `domain_loss()` turns two such records into a loss.
+    discriminators need (and supplies attention terms), `domain_loss()` turns two such records into a loss. Any method
+    may add the preservation term (`preserve`: a KL to the frozen source model set by `set_teacher`, per pixel weighted
+    by `transferability()` where the method estimates one); build_method gives it to the methods adapt.preserve lists.
     """
 
     name = "finetune"
