@@ -54,7 +54,7 @@ class Finetune(nn.Module):
         super().__init__()
         self.num_classes, self.ignore_index, self.unsupervised = num_classes, ignore_index, unsupervised
         self.adv_weight, self.max_iter = adv_weight, max_iter
-        preserve = {"weight": 0.0, "images": "source", "weighting": "uniform", **(preserve or {})}
+        preserve = {"weight": 0.0, "images": "source", "weighting": "transferability", **(preserve or {})}
         self.preserve_weight = float(preserve["weight"])
         images = preserve["images"]
         self.preserve_on = ("source", "target") if images == "both" else (images,)
@@ -102,9 +102,10 @@ class Finetune(nn.Module):
             outputs = {**outputs, "point_weight": weight}
         losses = self.seg_loss(criterion, batches[labelled_key], outputs)
         passes = {labelled_key: (outputs, hooks)}
-        if other_key in batches and (hooks is not None or (self.wants_teacher and other_key in self.preserve_on)):
+        preserve_other = self.wants_teacher and other_key in self.preserve_on  # needs the decoder on that batch too
+        if other_key in batches and (hooks is not None or preserve_other):
             other = self.hooks(grl=grl)
-            if self.wants_teacher and other_key in self.preserve_on:
+            if preserve_other:
                 passes[other_key] = (model(batches[other_key]["image"], hooks=other), other)
             else:
                 model.encode(batches[other_key]["image"], hooks=other)  # features only: the decoder is not needed
