@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DataError
-from .matcher import HungarianMatcher, point_sample, pred_coord_scale, sample_targets
+from .matcher import HungarianMatcher, point_sample, pred_coord_scale, sample_targets, target_valid
 
 
 def semantic_targets(label: Tensor, *, num_classes: int, ignore_index: int) -> dict[str, Tensor]:
@@ -128,9 +128,7 @@ class SetCriterion(nn.Module):
                 if rows.numel() == 0:
                     continue
                 masks = t["masks"][target[rows].to(t["masks"].device)]  # [r, H, W]
-                valid = t.get("valid")
-                if valid is None:
-                    valid = torch.ones(masks.shape[-2:], dtype=torch.bool, device=masks.device)
+                valid = target_valid(t)
                 scale = pred_coord_scale(pred.shape[-2:], masks.shape[-2:], device=coords.device)
                 rows = rows.to(coords.device)
                 gt[rows], w[rows] = sample_targets(

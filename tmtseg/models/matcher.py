@@ -28,6 +28,14 @@ def pred_coord_scale(pred_hw: tuple[int, int], gt_hw: tuple[int, int], *, device
     return torch.tensor(scale, dtype=torch.float32, device=device)
 
 
+def target_valid(target: dict) -> Tensor:
+    """A target's valid-pixel map [H, W]: its `valid`, or every pixel of its masks when it has none."""
+    valid = target.get("valid")
+    if valid is None:
+        valid = torch.ones(target["masks"].shape[-2:], dtype=torch.bool, device=target["masks"].device)
+    return valid
+
+
 def sample_targets(masks: Tensor, valid: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
     """Ground truth at points: masks [M, H, W], valid [H, W], coords [M or 1, P, 2] -> (labels [M, P], weights [M or 1,
     P]). Labels are interpolated over valid pixels only; weights are the valid fraction (0 inside ignore regions)."""
@@ -73,9 +81,7 @@ class HungarianMatcher(nn.Module):
         if logits.ndim == 2:
             return self.cost_matrix(logits[None], masks[None], target, coords[None])[0]
         gt_masks = target["masks"]
-        valid = target.get("valid")
-        if valid is None:
-            valid = torch.ones(gt_masks.shape[-2:], dtype=torch.bool, device=gt_masks.device)
+        valid = target_valid(target)
         L, P = coords.shape[:2]
         gt, w = sample_targets(gt_masks, valid, coords.reshape(1, L * P, 2))  # every layer's points in one draw
         gt = gt.view(-1, L, P).transpose(0, 1)  # [L, M, P]
