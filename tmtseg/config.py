@@ -57,15 +57,28 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
-    # ViT-Tiny-like defaults: the smallest standard ViT, trainable on a laptop CPU
+    # ViT-Tiny-like defaults: the smallest standard ViT, trainable from scratch on a laptop CPU. The real task configs
+    # use DINOv2 ViT-S/14 (`pretrained: dinov2_vits14` with its architecture: 384 wide, 12 deep, 6 heads, patch 14,
+    # LayerScale, img_size 518); from scratch is `model.backbone.pretrained=""`.
     embed_dim: int = 192
     depth: int = 6
     num_heads: int = 3
-    patch_size: int = 16
+    patch_size: int = 16  # any size; a pretrained kernel of another size is resampled FlexiViT-style at load
     mlp_ratio: float = 4.0
-    drop_path: float = 0.0  # stochastic depth; off for tiny data
-    img_size: int = 224  # grid of the position embedding at init; resized to the input grid at run time
-    pretrained: str = ""  # a ViT checkpoint on disk (.safetensors/.pth, timm or HF layout); "" = random init
+    drop_path: float = 0.0  # stochastic depth (max rate, linear over depth); off for tiny data
+    img_size: int = 224  # grid of the position table (img_size / patch); resized to the input grid at run time
+    layerscale: float = 0.0  # LayerScale's initial value; 0 = none (DINOv2 has it: 1e-5 at init, learned values load)
+    num_registers: int = 0  # register tokens (DINOv2 "with registers": 4)
+    pos_offset: float = 0.0  # position-table interpolation: 0 = size-based (HF / timm); DINOv2's own hub models: 0.1
+    pos_antialias: bool = False  # antialiased table shrinking, as DINOv2 with registers (hub and HF) does
+    # input pixels per token that the feature pyramid starts from (a power of two; 0 = the patch size, which must
+    # then be one). With patch 14, 16 gives the pyramid the true strides 4/8/16/32 (see `fit`).
+    token_stride: int = 0
+    # how a patch that is not token_stride meets it: resize_input (the image is resized by patch / token_stride
+    # before the ViT: exact token grid, 0.77x the tokens at 14 -> 16) | resize_tokens (the ViT sees the image as it
+    # is; its token map is resampled to the grid)
+    fit: str = "resize_input"
+    pretrained: str = ""  # a known name (`tmtseg weights list`: dinov2_vits14) or a ViT checkpoint file; "" = random
 
 
 @dataclass
@@ -102,7 +115,9 @@ class LossConfig:
 class TrainConfig:
     iters: int = 300
     lr: float = 2e-4
-    backbone_lr_mult: float = 1.0  # 0.1 when starting from a pretrained backbone
+    backbone_lr_mult: float = 1.0  # the ViT's lr (not the pyramid's, which starts fresh) = lr * this
+    layer_decay: float = 1.0  # layer-wise lr decay: ViT block i of n gets decay^(n - i), the embeddings decay^(n + 1)
+    freeze_blocks: int = 0  # the patch embedding and the first N ViT blocks get no gradient; -1 = the whole ViT
     weight_decay: float = 0.05
     warmup_iters: int = 20  # linear warmup, then poly decay
     poly_power: float = 0.9
@@ -202,6 +217,7 @@ _CHOICES = {
     "data.val.kind": ("synthetic", "manifest", "folder", "cityscapes"),
     "data.source.kind": ("synthetic", "manifest", "folder", "cityscapes"),
     "model.pixel_decoder": ("fpn", "msdeform"),
+    "model.backbone.fit": ("resize_input", "resize_tokens"),
     "train.amp": ("none", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.nonfinite": ("stop", "skip"),
@@ -248,8 +264,29 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key data.batch_size={cfg.data.batch_size}: must be >= 1")
     if cfg.model.hidden_dim % cfg.model.nheads:
         raise ConfigError(f"config key model.nheads={cfg.model.nheads}: must divide model.hidden_dim")
-    if cfg.model.backbone.embed_dim % cfg.model.backbone.num_heads:
+    b = cfg.model.backbone
+    if b.embed_dim % b.num_heads:
         raise ConfigError("config key model.backbone.num_heads: must divide model.backbone.embed_dim")
+    stride = b.token_stride or b.patch_size
+    if stride not in (4, 8, 16, 32):
+        raise ConfigError(
+            f"config key model.backbone.token_stride={b.token_stride}: the pyramid starts from a power of two in"
+            f" 4..32 (patch_size={b.patch_size}; with patch 14 set token_stride: 16)"
+        )
+    if b.embed_dim % max(stride // 4, 1):  # the stride-4 level halves the width log2(stride/4) times
+        raise ConfigError(f"config key model.backbone.embed_dim={b.embed_dim}: must be divisible by token_stride/4")
+    if b.patch_size < 1 or b.num_registers < 0 or b.layerscale < 0 or not 0 <= b.drop_path < 1:
+        raise ConfigError(
+            "config keys model.backbone.patch_size >= 1, num_registers >= 0, layerscale >= 0, drop_path in [0, 1)"
+        )
+    if not 0 < cfg.train.layer_decay <= 1:
+        raise ConfigError(f"config key train.layer_decay={cfg.train.layer_decay}: must be in (0, 1]")
+    if not -1 <= cfg.train.freeze_blocks <= b.depth:
+        raise ConfigError(f"config key train.freeze_blocks={cfg.train.freeze_blocks}: must be in [-1, {b.depth}]")
+    from .weights import check_arch
+
+    if bad := check_arch(b.pretrained, dataclasses.asdict(b)):
+        raise ConfigError(f"config key {bad[0]}; set the architecture of the pretrained weights")
     if cfg.train.iters < 1:
         raise ConfigError(f"config key train.iters={cfg.train.iters}: must be >= 1")
     if not 0.0 <= cfg.adapt.tma.alpha <= 1.0:

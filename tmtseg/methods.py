@@ -343,7 +343,11 @@ def build_method(cfg) -> Finetune:
     )
 
 
-def build_trainer(cfg) -> Trainer:
+def build_trainer(cfg, *, pretrained: bool = True) -> Trainer:
+    """The trainer of cfg.adapt.method; `pretrained=False` skips loading the ViT's pretrained weights (a checkpoint
+    is about to replace them)."""
     from .models.build import build_criterion, build_model
 
-    return Trainer(model=build_model(cfg), method=build_method(cfg), criterion=build_criterion(cfg))
+    return Trainer(
+        model=build_model(cfg, pretrained=pretrained), method=build_method(cfg), criterion=build_criterion(cfg)
+    )

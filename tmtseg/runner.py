@@ -56,15 +56,38 @@ _RESUMABLE_CHANGES = {
 
 
 def lr_mult(cfg: Config, name: str) -> float:
-    """The lr multiplier of a trainer parameter: the backbone's, the adaptation method's fresh modules' (its
-    discriminators start from scratch while the segmenter is only nudged), and TMA's lambda."""
-    if name.startswith("model.backbone."):
-        return cfg.train.backbone_lr_mult
+    """The lr multiplier of a trainer parameter: the pretrained ViT's (backbone_lr_mult, times layer_decay to the
+    power of its distance from the top), the adaptation method's fresh modules' (its discriminators start from
+    scratch while the segmenter is only nudged), and TMA's lambda. The feature pyramid starts fresh: lr x 1."""
+    if name.startswith("model.backbone.vit."):
+        return cfg.train.backbone_lr_mult * cfg.train.layer_decay ** vit_depth_from_top(cfg, name)
     if name == "method.tma.lambdas":
         return cfg.adapt.tma.lambda_lr_mult
     if name.startswith("method."):
         return cfg.adapt.head_lr_mult
     return 1.0
+
+
+def vit_depth_from_top(cfg: Config, name: str) -> int:
+    """0 for the final norm, n - i for block i of n, n + 1 for the embeddings and prefix tokens (BEiT's layer decay)."""
+    depth = cfg.model.backbone.depth
+    rest = name.removeprefix("model.backbone.vit.")
+    if rest.startswith("blocks."):
+        return depth - int(rest.split(".")[1])
+    return 0 if rest.startswith("norm.") else depth + 1
+
+
+def freeze(cfg: Config, trainer: Trainer) -> None:
+    """train.freeze_blocks: the patch embedding, position table, prefix tokens and the first N ViT blocks (-1: the
+    whole ViT) get requires_grad False; the optimizer then skips them and DDP ignores them."""
+    n = cfg.train.freeze_blocks
+    if n == 0:
+        return
+    depth = cfg.model.backbone.depth
+    for name, p in trainer.model.backbone.vit.named_parameters():
+        level = vit_depth_from_top(cfg, "model.backbone.vit." + name)  # depth + 1 for the embeddings
+        if n == -1 or depth - level < n:
+            p.requires_grad_(False)
 
 
 def build_optimizer(cfg: Config, trainer: Trainer) -> torch.optim.Optimizer:
@@ -100,7 +123,7 @@ def trainer_from_checkpoint(path: str | Path, overrides: list[str] | None = None
     cfg = config_mod.config_from_dict(ckpt.meta["config"])
     if overrides:
         cfg = config_mod.load_config_over(cfg, overrides)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, pretrained=False)
     load_weights(trainer, ckpt.weights, source=str(path))
     return trainer, cfg, ckpt.meta
 
@@ -128,7 +151,7 @@ def attach_teacher(cfg: Config, trainer: Trainer, device: torch.device) -> None:
         raise ConfigError("config key adapt.preserve.weight: > 0 needs the source model (adapt.source_checkpoint)")
     from .models.build import build_model
 
-    teacher = build_model(cfg)
+    teacher = build_model(cfg, pretrained=False)
     load_segmenter(teacher, cfg.adapt.source_checkpoint)
     trainer.method.set_teacher(teacher.to(device))
 
@@ -204,7 +227,8 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
                 f"config key output_dir={run_dir}: cannot create the run folder ({err.strerror})"
             ) from None
     torch.manual_seed(cfg.train.seed)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, pretrained=not (init_from or resume))  # a checkpoint replaces the ViT's weights
+    freeze(cfg, trainer)
     needs_source = trainer.method.needs_source or cfg.adapt.unsupervised
     _check_data(cfg, ("train", "val", "source") if needs_source else ("train", "val"))
     train_ds = build_dataset(cfg.data.train, cfg.data, train=True)

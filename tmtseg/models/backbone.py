@@ -1,19 +1,15 @@
-"""The backbone (method.md §3): a plain ViT with timm's parameter names, its pretrained-weight loader (timm or HF
-layout) and ViTDet's simple feature pyramid to strides 4/8/16/32."""
+"""The backbone (method.md §3): a plain ViT with timm's parameter names (LayerScale and register tokens as DINOv2
+has them) and ViTDet's simple feature pyramid to the true strides 4/8/16/32 for any patch size."""
 
 from __future__ import annotations
 
 import math
-import pickle
-import re
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
 from .layers import DropPath, LayerNorm2d
 
 # hook(tokens [B, N, C], (h, w)) -> additive per-key bias [B, 1 or heads, N] or None
@@ -44,20 +40,33 @@ class ViTMlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm ViT block; `bias` [B, 1 or h, 1, N] is added to every query's attention logits."""
+class LayerScale(nn.Module):
+    """CaiT / DINOv2 LayerScale: a learned per-channel scale of a residual branch (timm's `gamma`)."""
 
-    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float, drop_path: float) -> None:
+    def __init__(self, dim: int, init: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block with optional LayerScale; `bias` [B, 1 or h, 1, N] is added to every query's logits."""
+
+    def __init__(self, *, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, layerscale: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = ViTAttention(dim=dim, num_heads=num_heads)
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = ViTMlp(dim=dim, hidden_dim=int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), bias))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), bias)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
 
 class PatchEmbed(nn.Module):
@@ -69,19 +78,48 @@ class PatchEmbed(nn.Module):
         return self.proj(x)  # [B, 3, H, W] -> [B, C, H/p, W/p]
 
 
-def resize_pos_embed(pos: Tensor, grid: tuple[int, int], num_prefix: int = 1) -> Tensor:
-    """Bicubic resize of a [1, prefix + g*g, C] position table to `grid`; prefix (class) entries kept as they are."""
+def resize_pos_embed(
+    pos: Tensor, grid: tuple[int, int], num_prefix: int = 1, offset: float = 0.0, antialias: bool = False
+) -> Tensor:
+    """Bicubic resize of a [1, prefix + g*g, C] position table to `grid`, as DINOv2 interpolates it; the prefix (class)
+    entries are kept as they are.
+
+    offset 0 samples the table at size-based coordinates (HF transformers' Dinov2 and timm); DINOv2's own hub models
+    use offset 0.1, i.e. the scale factor (grid + 0.1) / g, a workaround for a floating-point issue in old torch.
+    DINOv2 with registers (hub and HF) interpolates with antialias: it only matters when the grid shrinks.
+    """
     prefix, table = pos[:, :num_prefix], pos[:, num_prefix:]
     g = math.isqrt(table.shape[1])
-    if (g, g) == tuple(grid):
+    if (g, g) == tuple(grid) and not offset:
         return pos
-    table = table.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
-    table = F.interpolate(table.float(), size=grid, mode="bicubic", align_corners=False).to(pos.dtype)  # [1, C, h, w]
-    return torch.cat([prefix, table.flatten(2).transpose(1, 2)], dim=1)  # [1, prefix + h*w, C]
+    table = table.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # [1, C, g, g]
+    if offset:
+        factor = ((grid[0] + offset) / g, (grid[1] + offset) / g)
+        table = F.interpolate(table, scale_factor=factor, mode="bicubic", antialias=antialias)  # [1, C, h, w]
+        table = table[..., : grid[0], : grid[1]]
+    else:
+        table = F.interpolate(table, size=tuple(grid), mode="bicubic", antialias=antialias)  # [1, C, h, w]
+    return torch.cat([prefix, table.to(pos.dtype).flatten(2).transpose(1, 2)], dim=1)  # [1, prefix + h*w, C]
+
+
+def resample_patch_kernel(weight: Tensor, size: int) -> Tensor:
+    """FlexiViT's pseudo-inverse resize of a patch-embedding kernel [C, 3, p, p] to [C, 3, size, size]: the new
+    kernel on a bilinearly resized patch gives the same token as the old kernel on the original patch (exact when
+    upsampling, least squares when downsampling)."""
+    p = weight.shape[-1]
+    if p == size:
+        return weight
+    basis = torch.eye(p * p, dtype=torch.float64).view(p * p, 1, p, p)  # one image per input pixel
+    resize = F.interpolate(basis, size=(size, size), mode="bilinear", align_corners=False)  # [p*p, 1, s, s]
+    resize = resize.view(p * p, size * size)  # row i: the resized image of basis pixel i, i.e. R^T
+    w = weight.double().flatten(2).transpose(1, 2)  # [C, p*p, 3]
+    new = torch.linalg.pinv(resize) @ w  # solve R^T w' = w: [s*s, p*p] x [C, p*p, 3] -> [C, s*s, 3]
+    return new.transpose(1, 2).reshape(*weight.shape[:2], size, size).to(weight.dtype)  # [C, 3, s, s]
 
 
 class VisionTransformer(nn.Module):
-    """Plain ViT with a class token; parameter names as timm's VisionTransformer (minus the head)."""
+    """Plain ViT with a class token, optional register tokens and LayerScale; parameter names as timm's
+    VisionTransformer (minus the head), so timm's `vit_small_patch14_dinov2` weights load as they are."""
 
     def __init__(
         self,
@@ -93,20 +131,30 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
         img_size: int = 224,
+        layerscale: float = 0.0,
+        num_registers: int = 0,
+        pos_offset: float = 0.0,
+        pos_antialias: bool = False,
     ) -> None:
         super().__init__()
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.num_prefix = 1 + num_registers  # class token, then registers; position embeddings reach the class token
+        self.pos_offset, self.pos_antialias = pos_offset, pos_antialias
         self.grid = img_size // patch_size
         self.patch_embed = PatchEmbed(patch_size=patch_size, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, embed_dim))
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=r) for r in rates
+            Block(dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, drop_path=r, layerscale=layerscale)
+            for r in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -118,27 +166,30 @@ class VisionTransformer(nn.Module):
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # [B, N, C]
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+N, C]
-        x = x + resize_pos_embed(self.pos_embed, hw)
+        x = x + resize_pos_embed(self.pos_embed, hw, offset=self.pos_offset, antialias=self.pos_antialias)
+        if self.reg_token is not None:  # DINOv2: registers join after the position embedding, without one
+            x = torch.cat([x[:, :1], self.reg_token.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+R+N, C]
         for i, block in enumerate(self.blocks):
             bias = None
             if attn_hook is not None and i == len(self.blocks) - 1:
-                bias = attn_hook(x[:, 1:], hw)  # [B, 1 or h, N]
+                bias = attn_hook(x[:, self.num_prefix :], hw)  # [B, 1 or h, N]
                 if bias is not None:
-                    # the class-token key gets no bias; one bias row is shared by every query
-                    bias = F.pad(bias, (1, 0)).to(x.dtype)[:, :, None, :]  # [B, 1 or h, 1, 1+N]
+                    # the class and register keys get no bias; one bias row is shared by every query
+                    bias = F.pad(bias, (self.num_prefix, 0)).to(x.dtype)[:, :, None, :]  # [B, 1 or h, 1, P+N]
             x = block(x, bias)
-        return self.norm(x)[:, 1:], hw  # [B, N, C]
+        return self.norm(x)[:, self.num_prefix :], hw  # [B, N, C]
 
 
 class SimpleFeaturePyramid(nn.Module):
-    """ViTDet's simple feature pyramid: the last ViT map, resampled by transposed convs / max-pooling to each stride."""
+    """ViTDet's simple feature pyramid: a token map at stride `in_stride` (a power of two), resampled by transposed
+    convs / max-pooling to each stride."""
 
-    def __init__(self, *, in_dim: int, out_dim: int, patch_size: int, strides: tuple[int, ...] = (4, 8, 16, 32)):
+    def __init__(self, *, in_dim: int, out_dim: int, in_stride: int, strides: tuple[int, ...] = (4, 8, 16, 32)):
         super().__init__()
         self.strides = strides
         self.stages = nn.ModuleDict()
         for s in strides:
-            steps = int(round(math.log2(patch_size / s)))  # > 0: upsample x2 that many times; < 0: downsample
+            steps = int(round(math.log2(in_stride / s)))  # > 0: upsample x2 that many times; < 0: downsample
             layers: list[nn.Module] = []
             dim = in_dim
             for j in range(max(steps, 0)):
@@ -157,120 +208,41 @@ class SimpleFeaturePyramid(nn.Module):
             self.stages[str(s)] = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> dict[int, Tensor]:
-        """x [B, C, h, w] at the patch stride -> {stride: [B, Cb, H/stride, W/stride]}."""
+        """x [B, C, h, w] at the input stride -> {stride: [B, Cb, h * in_stride / stride, ...]}."""
         return {s: self.stages[str(s)](x) for s in self.strides}
 
 
 class ViTBackbone(nn.Module):
-    """ViT + simple feature pyramid; `vit` holds the timm-named weights that `load_pretrained` fills."""
+    """ViT + simple feature pyramid at the true strides 4/8/16/32 for any patch size.
 
-    def __init__(self, *, vit: VisionTransformer, pyramid: SimpleFeaturePyramid) -> None:
+    The pyramid starts from a token map at `token_stride` input pixels per token (a power of two). When the patch
+    differs (DINOv2's 14), `fit` says how the two meet: "resize_input" resizes the image by patch / token_stride
+    before the ViT, so the token grid is exactly the stride-`token_stride` grid (14 -> 16: 0.77x the tokens);
+    "resize_tokens" runs the ViT on the image as it is (padded to the patch) and resamples the token map to that grid.
+    `vit` holds the timm-named weights that `load_pretrained` fills.
+    """
+
+    def __init__(self, *, vit: VisionTransformer, pyramid: SimpleFeaturePyramid, token_stride: int, fit: str) -> None:
         super().__init__()
-        self.vit = vit
-        self.pyramid = pyramid
+        if fit not in ("resize_input", "resize_tokens"):
+            raise ValueError(f"fit must be resize_input or resize_tokens, not {fit!r}")
+        self.vit, self.pyramid = vit, pyramid
+        self.token_stride, self.fit = token_stride, fit
 
     def forward(self, x: Tensor, *, attn_hook: BackboneHook | None = None) -> dict:
-        """x [B, 3, H, W] -> dict(tokens [B, N, C], tokens_hw (h, w), pyramid {stride: [B, Cb, H/s, W/s]})."""
+        """x [B, 3, H, W], H and W multiples of the coarsest stride -> dict(tokens [B, N, C], tokens_hw (h, w),
+        pyramid {stride: [B, Cb, H/s, W/s]})."""
+        p, s = self.vit.patch_size, self.token_stride
+        H, W = x.shape[-2:]
+        h, w = H // s, W // s  # the token grid the pyramid needs
+        if p != s and self.fit == "resize_input":
+            x = F.interpolate(x, size=(h * p, w * p), mode="bilinear", align_corners=False)  # [B, 3, h*p, w*p]
+        elif p != s:
+            x = F.pad(x, (0, -W % p, 0, -H % p))  # [B, 3, H'', W''] multiples of the patch
         tokens, hw = self.vit(x, attn_hook=attn_hook)
-        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *hw)  # [B, N, C] -> [B, C, h, w]
+        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *hw)  # [B, N, C] -> [B, C, h', w']
+        if tuple(hw) != (h, w):
+            # token centres sit at (i + 0.5) * p input pixels: sample them at the centres of the stride-s grid
+            grid = F.interpolate(grid, scale_factor=p / s, mode="bilinear", align_corners=False)
+            grid = grid[..., :h, :w]  # [B, C, h, w]
         return {"tokens": tokens, "tokens_hw": hw, "pyramid": self.pyramid(grid)}
-
-
-_HF_RULES = [
-    (r"embeddings\.cls_token", "cls_token"),
-    (r"embeddings\.position_embeddings", "pos_embed"),
-    (r"embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
-    (r"encoder\.layer\.(\d+)\.layernorm_before\.", r"blocks.\1.norm1."),
-    (r"encoder\.layer\.(\d+)\.layernorm_after\.", r"blocks.\1.norm2."),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
-    (r"layernorm\.", "norm."),
-]
-_HF_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)")
-_IGNORED = ("head.", "pooler.", "classifier.")
-
-
-def _to_timm_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Rename an HF-layout ViT state dict (with or without the `vit.` prefix) to timm names; timm names pass through."""
-    out: dict[str, Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.").removeprefix("vit.")
-        if key.startswith(_IGNORED):
-            continue
-        if m := _HF_QKV.fullmatch(key):
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-            continue
-        for pattern, repl in _HF_RULES:
-            if re.match(pattern, key):
-                key = re.sub(pattern, repl, key, count=1)
-                break
-        out[key] = value
-    for (layer, kind), parts in qkv.items():
-        if set(parts) != {"query", "key", "value"}:
-            raise CheckpointError(f"layer {layer}: {kind} of query/key/value incomplete (found {sorted(parts)})")
-        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
-    if out.get("cls_token") is not None and out["cls_token"].ndim == 2:
-        out["cls_token"] = out["cls_token"][None]
-    return out
-
-
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    if path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            detail = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
-            detail = detail.group(1).split(". ")[0] if detail else str(err).splitlines()[0]
-            if "GLOBAL" in detail:
-                raise CheckpointError(
-                    f"{path}: refused: the pickle holds code or objects other than tensors, which weights_only "
-                    f"loading does not execute ({detail})"
-                ) from None
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from None
-        except (RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
-        for wrapper in ("model", "state_dict", "module"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
-        return state
-    raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or .pth)")
-
-
-def load_pretrained(model: VisionTransformer | ViTBackbone, path: str | Path) -> None:
-    """Load ViT weights (timm or HF layout, .safetensors or .pth) into `model`, resizing pos_embed to its grid.
-
-    Raises CheckpointError listing every missing, unexpected or mis-shaped key.
-    """
-    vit = model.vit if isinstance(model, ViTBackbone) else model
-    path = Path(path)
-    state = _to_timm_names(_read_state_dict(path))
-    own = vit.state_dict()
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].ndim == 3:
-        pos = state["pos_embed"]
-        if math.isqrt(pos.shape[1]) ** 2 == pos.shape[1]:  # no class-token entry (timm no_embed_class): give it zero
-            pos = torch.cat([pos.new_zeros(1, 1, pos.shape[2]), pos], dim=1)
-        state["pos_embed"] = resize_pos_embed(pos, (vit.grid, vit.grid))
-    problems = [f"missing: {k}" for k in own if k not in state]
-    problems += [f"unexpected: {k}" for k in state if k not in own]
-    problems += [
-        f"shape: {k} checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:12]) + (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
-        raise CheckpointError(f"{path}: does not fit the ViT ({len(problems)} problems): {shown}")
-    vit.load_state_dict(state)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from ..config import Config
 from ..errors import ConfigError
-from .backbone import SimpleFeaturePyramid, VisionTransformer, ViTBackbone, load_pretrained
+from .backbone import SimpleFeaturePyramid, VisionTransformer, ViTBackbone
 from .criterion import SetCriterion
 from .mask_decoder import MaskedAttentionDecoder
 from .matcher import HungarianMatcher
 from .pixel_decoder import FPNPixelDecoder, MSDeformPixelDecoder
-from .segmenter import SIZE_DIVISOR, Segmenter
+from .segmenter import Segmenter
+from .vit_checkpoint import load_pretrained
 
 
 def _fpn(cfg: Config) -> nn.Module:
@@ -37,30 +40,35 @@ def _msdeform(cfg: Config) -> nn.Module:
 PIXEL_DECODERS = {"fpn": _fpn, "msdeform": _msdeform}
 
 
-def build_backbone(cfg: Config) -> ViTBackbone:
+def build_backbone(cfg: Config, *, pretrained: bool = True) -> ViTBackbone:
+    """ViT + pyramid from cfg.model.backbone; with `pretrained` (and a name or path configured) the ViT weights are
+    loaded, fetching a known name into the cache on first use. Models about to receive a checkpoint skip that."""
     b = cfg.model.backbone
-    p = b.patch_size
-    if p < 1 or p & (p - 1) or SIZE_DIVISOR % p:
-        raise ConfigError(f"config key model.backbone.patch_size={p}: must be a power of two dividing {SIZE_DIVISOR}")
-    if b.embed_dim % max(p // 4, 1):  # the stride-4 level halves the width log2(p/4) times
-        raise ConfigError(f"config key model.backbone.embed_dim={b.embed_dim}: must be divisible by patch_size/4")
+    stride = b.token_stride or b.patch_size  # validated: a power of two in 4..32
     vit = VisionTransformer(
         embed_dim=b.embed_dim,
         depth=b.depth,
         num_heads=b.num_heads,
-        patch_size=p,
+        patch_size=b.patch_size,
         mlp_ratio=b.mlp_ratio,
         drop_path=b.drop_path,
         img_size=b.img_size,
+        layerscale=b.layerscale,
+        num_registers=b.num_registers,
+        pos_offset=b.pos_offset,
+        pos_antialias=b.pos_antialias,
     )
-    if b.pretrained:
-        load_pretrained(vit, b.pretrained)
-    pyramid = SimpleFeaturePyramid(in_dim=b.embed_dim, out_dim=cfg.model.conv_dim, patch_size=p)
-    return ViTBackbone(vit=vit, pyramid=pyramid)
+    if pretrained and b.pretrained:
+        from ..weights import resolve
+
+        load_pretrained(vit, resolve(b.pretrained, log=lambda msg: print(msg, file=sys.stderr, flush=True)))
+    pyramid = SimpleFeaturePyramid(in_dim=b.embed_dim, out_dim=cfg.model.conv_dim, in_stride=stride)
+    return ViTBackbone(vit=vit, pyramid=pyramid, token_stride=stride, fit=b.fit)
 
 
-def build_model(cfg: Config) -> Segmenter:
-    """Segmenter from cfg.model and cfg.data.num_classes (pretrained ViT weights loaded if configured)."""
+def build_model(cfg: Config, *, pretrained: bool = True) -> Segmenter:
+    """Segmenter from cfg.model and cfg.data.num_classes (pretrained ViT weights loaded if configured and
+    `pretrained`: pass False when a checkpoint's weights replace them anyway)."""
     m = cfg.model
     if m.conv_dim % 2 or m.hidden_dim % 2:
         raise ConfigError("config keys model.conv_dim and model.hidden_dim must be even (sine position encoding)")
@@ -76,7 +84,7 @@ def build_model(cfg: Config) -> Segmenter:
         dropout=m.dropout,
     )
     return Segmenter(
-        backbone=build_backbone(cfg),
+        backbone=build_backbone(cfg, pretrained=pretrained),
         pixel_decoder=PIXEL_DECODERS[m.pixel_decoder](cfg),
         decoder=decoder,
         pixel_mean=m.pixel_mean,
