@@ -166,3 +166,53 @@ def test_frozen_blocks_get_no_gradient_and_stay_put(blocks):
     after = vit.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in frozen)
     assert all(not torch.equal(after[k], before[k]) for k in trainable)
+
+
+def test_pretrained_weights_are_read_once_and_never_needed_again(tmp_path):
+    """A run starts from the pretrained file; its checkpoint then evaluates, resumes and adapts without it."""
+    from safetensors.torch import save_file
+
+    from tmtseg.cli import main
+
+    torch.manual_seed(0)
+    src = VisionTransformer(embed_dim=32, depth=2, num_heads=2, patch_size=14, img_size=56, layerscale=1e-5)
+    save_file(src.state_dict(), tmp_path / "vit.safetensors")
+    arch = [
+        "model.backbone.patch_size=14",
+        "model.backbone.token_stride=8",
+        "model.backbone.layerscale=1e-5",
+        "model.backbone.img_size=56",
+        f"model.backbone.pretrained={tmp_path / 'vit.safetensors'}",
+    ]
+    data = ["data.train.num_images=4", "data.val.num_images=2", "data.source.num_images=4", "train.warmup_iters=1"]
+    run = tmp_path / "run"
+    args = ["--no-progress", "train", *TINY, *arch, *data, "train.iters=2", "train.save_every=1", f"output_dir={run}"]
+    assert main(args) == 0
+    ckpt = run / "checkpoints" / "iter_0000002"
+    from tmtseg.checkpoint import load_checkpoint
+
+    # the run really started from the file: two small steps moved the ViT's LayerScale little
+    start = load_checkpoint(run / "checkpoints" / "iter_0000001").weights["model.backbone.vit.blocks.1.ls2.gamma"]
+    assert torch.allclose(start, src.blocks[1].ls2.gamma, atol=1e-2)
+    (tmp_path / "vit.safetensors").unlink()
+    assert main(["--no-progress", "eval", str(ckpt), "--out", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "--no-progress",
+                "adapt",
+                *TINY,
+                *arch,
+                *data,
+                "--method",
+                "tmt",
+                "--source-checkpoint",
+                str(ckpt),
+                "train.iters=1",
+                f"output_dir={tmp_path / 'adapt'}",
+            ]
+        )
+        == 0
+    )
+    with pytest.warns(UserWarning, match="train.iters changed"):
+        assert main([*args[:-2], "train.iters=3", f"output_dir={run}", "--resume"]) == 0
