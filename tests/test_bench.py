@@ -71,6 +71,14 @@ def test_plan_core_and_all_pairs_share_sources_and_target_only(tmp_path):
     assert by_key["synthetic/day->dusk/tmt/seed0"].cfg.adapt.method == "tmt"
     assert src.cfg.train.eval_every == src.cfg.train.iters  # a source is always scored, so `best` exists
 
+    # a profile's schedules are written out as overrides after each task's own, and nothing else is rescaled
+    changes = ["profiles.quick.source=[train.iters=5]", "profiles.quick.adapt=[train.iters=1]"]
+    by_key = {r.key: r for r in plan(*load_bench(str(_bench_file(tmp_path)), changes)).runs}
+    assert by_key["synthetic/day/source/seed0"].cfg.train.iters == 5
+    assert by_key["synthetic/day->dusk/tmt/seed0"].cfg.train.iters == 1
+    assert by_key["synthetic/dusk/target-only/seed0"].cfg.train.iters == 5  # the source schedule, from scratch
+    assert by_key["synthetic/day/source/seed0"].cfg.train.warmup_iters == src.cfg.train.warmup_iters
+
     bench, base = load_bench(str(_bench_file(tmp_path)), ["profiles.quick.pairs=all"])
     # day has no adapt/eval split, so dusk->day is refused naming the key
     with pytest.raises(ConfigError, match=r"tasks\.synthetic\.domains\.day\.adapt"):
@@ -148,7 +156,8 @@ def test_report_wins_and_deltas_follow_the_seed_spread():
     assert "| tmt | 57.00 ± 2.00 | 40.50 ± 1.50 | 48.75 ± 1.52 | +2.75 ± 0.75 | 1/2 | 1/2 |" in text
 
 
-def test_extends_reuse_and_a_neutral_new_key_keep_finished_runs(tmp_path):
+def test_extends_reuse_and_the_versioned_hash(tmp_path, monkeypatch):
+    from tmtseg import bench as bench_mod
     from tmtseg.bench import config_hash, describe
 
     base = _bench_file(tmp_path)
@@ -183,11 +192,16 @@ def test_extends_reuse_and_a_neutral_new_key_keep_finished_runs(tmp_path):
     states = {line.split()[1]: line.split()[0] for line in describe(bench, b).splitlines()[:-1]}
     assert states == {"synthetic/day/source/seed0": "done", "synthetic/day->dusk/finetune/seed0": "done",
                       "synthetic/day->dusk/tmt-beta/seed0": "todo"}  # fmt: skip
-    # adapt.tma.loss_weight came later: at its neutral 0 it is not in the hash, at 1 it is
+    # a run's identity: every key of its resolved config, and the hash version (bumped when the code changes what a
+    # config computes)
     cfg = runs["synthetic/day->dusk/finetune/seed0"].cfg
-    assert config_hash(cfg) == runs["synthetic/day->dusk/finetune/seed0"].out.name
+    name = runs["synthetic/day->dusk/finetune/seed0"].out.name
+    assert config_hash(cfg) == name
     cfg.adapt.tma.loss_weight = 1.0
-    assert config_hash(cfg) != runs["synthetic/day->dusk/finetune/seed0"].out.name
+    assert config_hash(cfg) != name
+    cfg.adapt.tma.loss_weight = 0.0
+    monkeypatch.setattr(bench_mod, "HASH_VERSION", bench_mod.HASH_VERSION + 1)
+    assert config_hash(cfg) != name
 
     cyclic = tmp_path / "cyclic.yaml"
     cyclic.write_text("extends: cyclic.yaml\n")

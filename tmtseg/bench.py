@@ -70,7 +70,10 @@ class Profile:
     seeds: list[int] = field(default_factory=lambda: [0])
     pairs: str = "core"  # core | all (every ordered pair of domains within a task)
     overrides: list[str] = field(default_factory=list)  # every run of the profile
-    iters_scale: float = 1.0  # every schedule (steps, warmup) scaled: a quick profile runs shorter
+    # schedule overrides after each task's own (a quick profile runs shorter), written out as config keys
+    source: list[str] = field(default_factory=list)
+    adapt: list[str] = field(default_factory=list)
+    target_only: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -172,26 +175,20 @@ class Run:
         return 0 if self.kind == "eval" else self.cfg.train.iters
 
 
-# Config keys added after runs were recorded, each with the value at which it computes what the code before it did:
-# at that value a key is left out of the hash, so that adding an option does not invalidate every finished run.
-NEUTRAL_SINCE_ADDED = {("adapt", "tma", "loss_weight"): 0.0}
+# A run's identity is a hash of its resolved config and of this version: bump it when the code computes something
+# else for the same config (a fix), so that finished runs are not mistaken for current ones. 2: DINOv2-S sources.
+HASH_VERSION = 2
 
 
 def config_hash(cfg: Config) -> str:
-    """What a run computes: the resolved config without where it is written."""
+    """What a run computes: the resolved config without where it is written, with the hash version."""
     d = config_mod.to_dict(cfg)
     d.pop("output_dir"), d.pop("name")
-    for *path, key in NEUTRAL_SINCE_ADDED:
-        node = d
-        for part in path:
-            node = node[part]
-        if node.get(key) == NEUTRAL_SINCE_ADDED[(*path, key)]:
-            del node[key]
     # the preservation term counts only where it acts (which methods list it is no part of what a run computes)
     preserve = d["adapt"].pop("preserve")
     if d["adapt"]["method"] in preserve.pop("methods") and preserve["weight"] > 0:
         d["adapt"]["preserve"] = preserve
-    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha1(json.dumps({"version": HASH_VERSION, "config": d}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _pairs(task: TaskSpec, which: str, name: str) -> list[tuple[str, str]]:
@@ -243,7 +240,7 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
 
         def make(train, val, extra, *, seed, source=None, _files=base_files, _common=common) -> Config:
             overrides = [*_common, *extra, f"train.seed={seed}"]
-            return _run_config(_files, overrides, train=train, val=val, source=source, scale=profile.iters_scale)
+            return _run_config(_files, overrides, train=train, val=val, source=source)
 
         for seed in profile.seeds:
             for a, b in _pairs(task, profile.pairs, tname):
@@ -254,7 +251,7 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
                 src_key = f"{tname}/{a}/source/seed{seed}"
                 if src_key not in runs:
                     train = _split(tname, a, sa, "train")
-                    cfg = make(train, sa.val or train, task.source, seed=seed)
+                    cfg = make(train, sa.val or train, [*task.source, *profile.source], seed=seed)
                     runs[src_key] = _named(Run(src_key, "train", tname, a, "source", seed, cfg), src_dir)
                 src = runs[src_key]
                 src_ckpt = str(source_checkpoint(src.out))
@@ -262,15 +259,16 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
                 for method in bench.methods:
                     key = f"{tname}/{pair}/{method}/seed{seed}"
                     if method == "source-only":
-                        cfg = make(src.cfg.data.train, evaluate, task.source, seed=seed)
+                        cfg = make(src.cfg.data.train, evaluate, [*task.source, *profile.source], seed=seed)
                         run = Run(key, "eval", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)
                     elif method == "target-only":  # from scratch: the source schedule; one run per target domain
                         key = f"{tname}/{b}/target-only/seed{seed}"
-                        cfg = make(adapt, evaluate, [*task.source, *task.target_only], seed=seed)
+                        extra = [*task.source, *profile.source, *task.target_only, *profile.target_only]
+                        cfg = make(adapt, evaluate, extra, seed=seed)
                         run = Run(key, "train", tname, b, method, seed, cfg)
                     else:
                         v = bench.variants.get(method, Variant(method=method))
-                        extra = [*task.adapt, f"adapt.method={v.method}", *v.overrides,
+                        extra = [*task.adapt, *profile.adapt, f"adapt.method={v.method}", *v.overrides,
                                  f"adapt.source_checkpoint={src_ckpt}"]  # fmt: skip
                         cfg = make(adapt, evaluate, extra, seed=seed, source=src.cfg.data.train)
                         run = Run(key, "train", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)
@@ -280,12 +278,8 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
     return Plan(runs=list(runs.values()), cells=cells)
 
 
-def _run_config(files: list[str], overrides: list[str], *, train, val, source, scale: float) -> Config:
+def _run_config(files: list[str], overrides: list[str], *, train, val, source) -> Config:
     cfg = config_mod.load_config(files, overrides)
-    if scale != 1.0:
-        cfg.train.iters = max(1, round(cfg.train.iters * scale))
-        cfg.train.warmup_iters = round(cfg.train.warmup_iters * scale)
-        cfg.train.eval_every = round(cfg.train.eval_every * scale)
     cfg.data.train, cfg.data.val = train, val
     if source is not None:
         cfg.data.source = source
