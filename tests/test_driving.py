@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
-from tmtseg.bench import PACKAGED, load_bench, plan
+from tmtseg.bench import PACKAGED, data_splits, load_bench, plan
+from tmtseg.cli import main
 from tmtseg.config import DataConfig, SplitConfig, load_config
 from tmtseg.data import build_dataset, check_config, check_split
 from tmtseg.data.sources import list_source
@@ -67,16 +69,21 @@ def test_bdd_palette_indices_are_train_ids(shared_data):
         np.testing.assert_array_equal(label, np.where(raw == 255, 254, raw))
 
 
-def test_idd_value_outside_the_level1_ids_is_a_data_error(tmp_path):
-    folder = tmp_path / "idd-lite"
+def make_bad_idd(root: Path) -> None:
+    """A one-frame idd-lite folder whose label holds 7, no level-1 id."""
+    folder = root / "idd-lite"
     (folder / "images").mkdir(parents=True)
     (folder / "labels").mkdir()
     Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(folder / "images" / "1_image.jpg")
-    Image.fromarray(np.full((4, 6), 7, np.uint8)).save(folder / "labels" / "1_label.png")  # 7: no level-1 id
+    Image.fromarray(np.full((4, 6), 7, np.uint8)).save(folder / "labels" / "1_label.png")
     with open(folder / "manifest.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label", "domain", "suggested_role", "sequence"])
         w.writerow(["images/1_image.jpg", "labels/1_label.png", "idd", "source_train", "0"])
+
+
+def test_idd_value_outside_the_level1_ids_is_a_data_error(tmp_path):
+    make_bad_idd(tmp_path)
     lines = check_split(manifest("idd-lite", "idd"), DataConfig(root=str(tmp_path)))
     assert len(lines) == 1 and "1_label.png" in lines[0] and "7" in lines[0]
     with pytest.raises(DataError, match="1_label.png"):
@@ -145,10 +152,19 @@ def test_driving_bench_plan(shared_data):
 
 def test_every_split_of_the_driving_bench_selects_images(shared_data):
     bench, base = load_bench("driving", [f"data_root={shared_data}"])
-    data = replace(load_config([DRIVING]).data, root=str(shared_data))
-    for dname, splits in bench.tasks["driving"].domains.items():
-        for which in ("train", "val", "adapt", "eval"):
-            split = getattr(splits, which)
-            if split is not None:
-                assert list_source(split, data).records, f"{dname}.{which} selects no images"
-    assert Path(base) == PACKAGED / "bench"
+    configs = data_splits(bench, base)
+    assert len(configs) == 13  # day, dusk, idd: train, val, adapt, eval (dusk has no val); bdd: adapt, eval
+    for cfg in configs:
+        assert cfg.data.num_classes == 7 and list_source(cfg.data.train, cfg.data).records
+
+
+def test_data_check_on_a_bench_config_checks_every_split(tmp_path, capsys):
+    """`tmtseg data check BENCH.yaml`: each bad file once, though two splits read it; exit code 2."""
+    make_bad_idd(tmp_path / "root")
+    split = {"kind": "manifest", "dataset": "idd-lite", "domain": "idd"}
+    bench = {"data_root": str(tmp_path / "root"),
+             "tasks": {"t": {"config": DRIVING, "domains": {"idd": {"train": split, "eval": split}}}}}  # fmt: skip
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    assert main(["data", "check", str(tmp_path / "bench.yaml")]) == 2
+    out, err = capsys.readouterr()
+    assert out.count("1_label.png") == 1 and "in 2 split group(s)" in err
