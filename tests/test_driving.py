@@ -168,3 +168,13 @@ def test_data_check_on_a_bench_config_checks_every_split(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "bench.yaml")]) == 2
     out, err = capsys.readouterr()
     assert out.count("1_label.png") == 1 and "in 2 split group(s)" in err
+
+
+def test_class_shares_script_prints_before_and_after(shared_data, capsys):
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "class_shares.py"))
+    assert script["main"](["-c", DRIVING, "bdd100k-sample:bdd"]) == 0
+    out = capsys.readouterr().out
+    assert "| road | 19.76 | drivable |" in out and "| void | 15.92 | ignore |" in out  # BDD's PROVENANCE.md
+    assert "| vehicles | 11.16 |" in out and "| ignore | 15.92 |" in out  # car 8.63 + truck 1.47 + bus 1.04 + ...
