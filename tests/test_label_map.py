@@ -98,3 +98,13 @@ def test_split_scale_overrides_data_scale():
     assert build_dataset(SplitConfig(num_images=1), data, train=False).scale == 0.5
     with pytest.raises(ConfigError, match=r"data\.val\.scale=-1"):
         load_config_over(Config(), ["data.val.scale=-1"])
+
+
+def test_label_map_and_split_scale_at_their_defaults_keep_finished_runs_hashes():
+    """Both keys came after the core bench's runs were recorded: at their defaults they are left out of a run's hash."""
+    from tmtseg.bench import config_hash
+
+    cfg = Config()
+    assert config_hash(cfg) == "2c5226e9a7"  # the default config's hash before the keys existed (commit 84349f5)
+    for change in (["data.val.scale=0.5"], ["data.label_map.synthetic.sky=sky"]):
+        assert config_hash(load_config_over(cfg, change)) != "2c5226e9a7"

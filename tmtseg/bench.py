@@ -175,7 +175,11 @@ class Run:
 
 # Config keys added after runs were recorded, each with the value at which it computes what the code before it did:
 # at that value a key is left out of the hash, so that adding an option does not invalidate every finished run.
-NEUTRAL_SINCE_ADDED = {("adapt", "tma", "loss_weight"): 0.0}
+NEUTRAL_SINCE_ADDED = {
+    ("adapt", "tma", "loss_weight"): 0.0,
+    ("data", "label_map"): {},
+    **{("data", split, "scale"): 0.0 for split in ("train", "val", "source")},
+}
 
 
 def config_hash(cfg: Config) -> str:
