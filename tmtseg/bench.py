@@ -9,6 +9,7 @@ target-only training. Each run lives in a folder named by a hash of its resolved
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -296,6 +297,21 @@ def _named(run: Run, root: Path) -> Run:
     run.out = root / run.key.replace("->", "-to-") / h
     run.cfg = config_mod.load_config_over(run.cfg, [f"output_dir={run.out}", f"name={run.key}"])
     return run
+
+
+def data_splits(bench: BenchConfig, base: Path) -> list[Config]:
+    """Every split the bench names (train, val, adapt, eval of every domain), each as data.train of its task's config:
+    what ``tmtseg data check BENCH.yaml`` decodes."""
+    beside = [base] if base.resolve() != (PACKAGED / "bench").resolve() else []
+    out = []
+    for task in bench.tasks.values():
+        files = [str(_resolve_file(task.config, *beside, PACKAGED))] if task.config else []
+        cfg = config_mod.load_config(files, [f"data.root={json.dumps(bench.data_root)}", *task.overrides])
+        for splits in task.domains.values():
+            for which in ("train", "val", "adapt", "eval"):
+                if (split := getattr(splits, which)) is not None:
+                    out.append(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=split)))
+    return out
 
 
 # -------------------------------------------------------------------------------------------------------- execution

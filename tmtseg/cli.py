@@ -265,6 +265,16 @@ def _check_targets(target: Path, overrides: list[str]):
     from .config import SplitConfig, load_config, load_config_over
 
     if target.suffix in (".yaml", ".yml") and target.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(target.read_text())
+        except yaml.YAMLError:
+            data = None  # load_config names the error
+        if isinstance(data, dict) and "tasks" in data:  # a bench config: every split of every domain
+            from .bench import data_splits, load_bench
+
+            return [(cfg, ("train",)) for cfg in data_splits(*load_bench(str(target), overrides))]
         cfg = load_config([str(target)], overrides)
         return [(cfg, ("train", "val", "source"))]
     if (target / "dataset.yaml").is_file():
@@ -313,7 +323,7 @@ def _cmd_data(args) -> int:
     problems: list[str] = []
     checked = 0
     for cfg, splits in _check_targets(target, args.overrides):
-        problems += check_config(cfg, splits=splits)
+        problems += [line for line in check_config(cfg, splits=splits) if line not in problems]
         checked += 1
     for line in problems:
         print(line)

@@ -24,7 +24,7 @@ class SplitConfig:
     """One selection of labelled images: a dataset kind, a domain and a slice of it."""
 
     kind: str = "synthetic"  # synthetic | manifest | folder | cityscapes
-    dataset: str = ""  # manifest: folder under data.root (camvid-daydusk, polyp-multicenter, retina-vessels)
+    dataset: str = ""  # manifest: folder under data.root (camvid-daydusk, polyp-multicenter, retina-vessels, ...)
     path: str = ""  # folder / cityscapes: the dataset directory (relative = from the working directory)
     domain: str = "day"  # manifest: the `domain` column; synthetic: day | dusk; cityscapes: train | val
     roles: list[str] = field(default_factory=list)  # manifest `suggested_role` filter; empty = all roles
@@ -33,6 +33,9 @@ class SplitConfig:
     stop: int | None = None  # None = to the end
     num_images: int = 32  # synthetic only: how many scenes
     seed: int = 0  # synthetic only: the scene generator's seed, i.e. which scenes
+    # this split's resize factor, 0 = data.scale: datasets of different resolutions in one task (CamVid 480 px wide,
+    # BDD100K 1280) are brought to one apparent object size
+    scale: float = 0.0
 
 
 @dataclass
@@ -40,6 +43,9 @@ class DataConfig:
     root: str = ""  # manifest datasets live here; "" = ../shared/data beside the working dir or the repo
     num_classes: int = 5  # synthetic scenes: sky, road, building, tree, car
     class_names: list[str] = field(default_factory=list)  # empty = the dataset's own names
+    # per dataset (manifest name, or a folder's directory name): {its class: a class_names entry or "ignore"}. Puts
+    # datasets with other label sets into this task's classes; every class of a mapped dataset must be listed
+    label_map: dict[str, dict[str, str]] = field(default_factory=dict)
     ignore_index: int = 255  # every label format is decoded to this for void / outside the field of view
     binary: bool = False  # a foreground-vs-background task: also report foreground Dice and IoU
     train: SplitConfig = field(default_factory=SplitConfig)
@@ -260,6 +266,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key data.scale_range={cfg.data.scale_range}: [low, high] with 0 < low <= high")
     if cfg.data.scale <= 0:
         raise ConfigError(f"config key data.scale={cfg.data.scale}: must be > 0")
+    for name in ("train", "val", "source"):
+        if (split_scale := getattr(cfg.data, name).scale) < 0:
+            raise ConfigError(f"config key data.{name}.scale={split_scale}: must be >= 0 (0 = data.scale)")
     if cfg.data.batch_size < 1:
         raise ConfigError(f"config key data.batch_size={cfg.data.batch_size}: must be >= 1")
     if cfg.model.hidden_dim % cfg.model.nheads:

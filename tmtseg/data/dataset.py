@@ -88,7 +88,7 @@ def build_dataset(split: SplitConfig, data: DataConfig, *, train: bool, key: str
         palette=source.palette,
         ignore_index=data.ignore_index,
         train=train,
-        scale=data.scale,
+        scale=split.scale or data.scale,
         crop_size=data.crop_size,
         scale_range=data.scale_range,
         hflip=data.hflip,

@@ -213,3 +213,11 @@ def folder_decoder(*, num_classes: int, ignore_index: int, raw_ignore: int, id_m
     mapping[raw_ignore] = ignore_index
     size = max(256, max(mapping) + 1)
     return IndexedDecoder(mapping=mapping, size=size, missing_hint="(no masks/<same stem>.<png|jpg|tif|bmp|gif>)")
+
+
+def id_decoder(*, num_classes: int, raw_ignore: int, ignore_index: int) -> IndexedDecoder:
+    """Labels that store class ids 0..K-1 directly, with one void value (IDD-Lite level-1 ids, BDD100K's palette
+    indices = Cityscapes trainIds); any other value is a DataError naming the file."""
+    mapping = {v: v for v in range(num_classes)}
+    mapping[raw_ignore] = ignore_index
+    return IndexedDecoder(mapping=mapping)

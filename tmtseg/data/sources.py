@@ -26,7 +26,9 @@ from .decode import (
     camvid_decoder,
     cityscapes_decoder,
     folder_decoder,
+    id_decoder,
 )
+from .label_map import MappedDecoder, build_lut, dataset_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 BINARY_PALETTE = np.array([[0, 0, 0], [255, 255, 255]], dtype=np.uint8)
@@ -51,6 +53,22 @@ class ManifestSet:
     group_of: Callable[[dict], str] | None = None  # manifest row -> group id; None = no groups
 
 
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+]  # fmt: skip
+CITYSCAPES_PALETTE = [
+    [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
+    [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60], [255, 0, 0],
+    [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32],
+]  # fmt: skip
+
+IDD_LEVEL1_CLASSES = ["drivable", "non-drivable", "living things", "vehicles", "roadside objects", "far objects", "sky"]
+# the Cityscapes colour of each level-1 class's main member: road, sidewalk, person, car, traffic sign, building, sky
+IDD_LEVEL1_PALETTE = [[128, 64, 128], [244, 35, 232], [220, 20, 60], [0, 0, 142], [220, 220, 0], [70, 70, 70],
+                      [70, 130, 180]]  # fmt: skip
+
+
 def _chase_child(row: dict) -> str:
     match = re.match(r"Image_(\d+)[LR]", Path(row["image"]).name)
     return match.group(1) if match else ""
@@ -72,17 +90,16 @@ MANIFEST_SETS = {
         class_names=["background", "vessel"], palette=BINARY_PALETTE.tolist(), decoder=RetinaDecoder,
         group_of=lambda row: _chase_child(row) if row["domain"] == "chase_db1" else "",
     ),
+    "idd-lite": ManifestSet(  # level-1 ids 0-6, 255 = void; a sequence folder is one drive
+        class_names=IDD_LEVEL1_CLASSES, palette=IDD_LEVEL1_PALETTE,
+        decoder=lambda *, ignore_index: id_decoder(num_classes=7, raw_ignore=255, ignore_index=ignore_index),
+        group_of=lambda row: row["sequence"],
+    ),
+    "bdd100k-sample": ManifestSet(  # palette PNG whose index is the Cityscapes trainId, 255 = void
+        class_names=CITYSCAPES_CLASSES, palette=CITYSCAPES_PALETTE,
+        decoder=lambda *, ignore_index: id_decoder(num_classes=19, raw_ignore=255, ignore_index=ignore_index),
+    ),
 }  # fmt: skip
-
-CITYSCAPES_CLASSES = [
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
-]  # fmt: skip
-CITYSCAPES_PALETTE = [
-    [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153], [153, 153, 153],
-    [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152], [70, 130, 180], [220, 20, 60], [255, 0, 0],
-    [0, 0, 142], [0, 0, 70], [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32],
-]  # fmt: skip
 
 
 def default_palette(num_classes: int) -> np.ndarray:
@@ -295,7 +312,7 @@ SOURCES = {"manifest": _manifest, "folder": _folder, "cityscapes": _cityscapes, 
 
 
 def list_source(split: SplitConfig, data: DataConfig, *, key: str = "split", check_classes: bool = True) -> Source:
-    """The split's records (possibly none), decoder, class names and palette.
+    """The split's records (possibly none), decoder, class names and palette; data.label_map applied.
 
     ``check_classes``: data.num_classes must equal the dataset's class count (off for data checks,
     whose decoding does not depend on it).
@@ -304,6 +321,13 @@ def list_source(split: SplitConfig, data: DataConfig, *, key: str = "split", che
     if split.kind in ("folder", "cityscapes") and not split.path:
         raise ConfigError(f"config key {key}.path: a {split.kind} split needs the dataset directory")
     source = SOURCES[split.kind](split, data, key)
+    name = dataset_name(split.kind, split.dataset, split.path)
+    if name in data.label_map:  # the dataset's classes -> the task's (data.class_names)
+        lut = build_lut(data.label_map[name], source_classes=source.class_names, task_classes=list(data.class_names),
+                        ignore_index=data.ignore_index, key=f"data.label_map.{name}")  # fmt: skip
+        source.decoder = MappedDecoder(source.decoder, lut)
+        source.class_names = list(data.class_names)
+        source.palette = default_palette(len(source.class_names))  # one palette for every dataset mapped to the task
     num_classes = len(source.class_names)
     if check_classes and data.num_classes != num_classes:
         raise ConfigError(f"config key data.num_classes={data.num_classes}: {source.where} has {num_classes} classes")
