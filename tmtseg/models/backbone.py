@@ -4,7 +4,6 @@ layout) and ViTDet's simple feature pyramid to strides 4/8/16/32."""
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import looks_like_pickle, refuse_finite, torch_load_weights
 from ..errors import CheckpointError
 from .layers import DropPath, LayerNorm2d
 
@@ -222,24 +222,14 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        if looks_like_pickle(path):  # say what it is, not "header too large"; never unpickled
+            raise CheckpointError(f"{path}: refused: a pickle named .safetensors (a pickle can run code when loaded)")
         try:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     if path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            detail = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
-            detail = detail.group(1).split(". ")[0] if detail else str(err).splitlines()[0]
-            if "GLOBAL" in detail:
-                raise CheckpointError(
-                    f"{path}: refused: the pickle holds code or objects other than tensors, which weights_only "
-                    f"loading does not execute ({detail})"
-                ) from None
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from None
-        except (RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+        state = torch_load_weights(path)
         for wrapper in ("model", "state_dict", "module"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
@@ -257,6 +247,7 @@ def load_pretrained(model: VisionTransformer | ViTBackbone, path: str | Path) ->
     vit = model.vit if isinstance(model, ViTBackbone) else model
     path = Path(path)
     state = _to_timm_names(_read_state_dict(path))
+    refuse_finite(state, path)
     own = vit.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].ndim == 3:
         pos = state["pos_embed"]
