@@ -227,8 +227,8 @@ def _cmd_viz(args) -> int:
 
     out = Path(args.out)
     inputs = list_images(Path(args.input)) if args.input else []
-    names = output_names(inputs)
-    refuse_overwrite([out / "grid.png", *(out / f"{n}.png" for n in names.values())], inputs, option="--out")
+    out_names = output_names(inputs)
+    refuse_overwrite([out / "grid.png", *(out / f"{n}.png" for n in out_names.values())], inputs, option="--out")
     trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
     palette = np.asarray(meta["palette"], dtype=np.uint8)
     names = meta["class_names"]
@@ -244,7 +244,7 @@ def _cmd_viz(args) -> int:
                     .clamp(0, 255)
                     .to(torch.uint8)
                 )
-            items.append((names[path], image, None))
+            items.append((out_names[path], image, None))
     else:
         ds = build_dataset(cfg.data.val, cfg.data, train=False)
         items = []

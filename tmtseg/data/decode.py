@@ -58,7 +58,7 @@ def rgb_array(img: Image.Image, path: Path | None) -> np.ndarray:
     holding 16-bit values) map 0-65535 to 0-255; float images in [0, 1] or [0, 255] map to 0-255; anything else (a
     float outside both, NaN, integers above 16 bits) is refused, naming the file, rather than guessed."""
     if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
-        return np.asarray(img.convert("RGB"))  # [H, W, 3]
+        return np.array(img.convert("RGB"))  # [H, W, 3], writable (torch.from_numpy warns about a read-only one)
     raw = np.asarray(img).astype(np.float64)  # [H, W]
     if not np.isfinite(raw).all():
         raise DataError(f"{path}: image holds NaN or inf values (mode {img.mode})")
