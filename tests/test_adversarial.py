@@ -170,6 +170,20 @@ def test_predict_writes_distinct_results_for_the_same_stem(checkpoint, tmp_path)
     ]
 
 
+def test_a_config_file_inside_the_run_folder_is_not_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = run_dir / "config.yaml"
+    config.write_text("train:\n  iters: 2\n")
+    one_error(inproc("train", "-c", str(config), *QUICK, f"output_dir={run_dir}"), 2, config, "output_dir")
+    assert config.read_text() == "train:\n  iters: 2\n"
+
+
+def test_viz_layers_out_of_range(checkpoint, tmp_path):
+    one_error(inproc("viz", str(checkpoint), "--layers", "0", "7", "--out", str(tmp_path / "v")), 2, "--layers 7")
+    assert not (tmp_path / "v").exists()
+
+
 def test_a_second_writer_of_a_run_folder_fails_at_once_and_a_dead_holders_lock_is_taken_over(tmp_path):
     data, run = make_folder(tmp_path / "data"), tmp_path / "run"
     args = ["train", *TINY, *folder_args(data), "train.log_every=1", "train.save_every=1", f"output_dir={run}"]
@@ -325,10 +339,18 @@ def _unwritable(tmp_path: Path) -> Path:
     return locked
 
 
-def test_random_bytes_as_config_file(tmp_path):
+def test_random_bytes_or_a_folder_as_config_file(tmp_path):
     config = tmp_path / "noise.yaml"
     config.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 400, dtype=np.uint8)))
     one_error(inproc("train", "-c", str(config), f"output_dir={tmp_path / 'run'}"), 2, config)
+    one_error(inproc("train", "-c", str(tmp_path), f"output_dir={tmp_path / 'run'}"), 2, f"{tmp_path}: a folder")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("count", ["0", "-2"])
+def test_nproc_below_one(tmp_path, count):
+    result = inproc("train", *QUICK, "--nproc", count, f"output_dir={tmp_path / 'run'}")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "--nproc" in result.stderr
 
 
 @pytest.mark.parametrize(

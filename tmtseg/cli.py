@@ -135,6 +135,7 @@ def _cmd_train(args) -> int:
         return dist.launch_local(args.nproc, ["-m", "tmtseg", *rest], quiet=not args.debug)
 
     cfg = _load(args)
+    _refuse_config_overwrite(args.config, cfg, resume=args.resume)
     init = ""
     if args.command == "finetune":
         from .config import load_config_over
@@ -162,6 +163,21 @@ def _cmd_train(args) -> int:
         print(format_table(metrics, title=f"{cfg.name}: {cfg.adapt.method if init else 'train'} -> data.val"))
         print(f"run folder: {cfg.output_dir}")
     return 0
+
+
+def _refuse_config_overwrite(files: list[str], cfg, *, resume: bool) -> None:
+    """A run writes its resolved config to <output_dir>/config.yaml: refuse when that is a config file given with -c
+    whose text would change (resuming a run from its own config.yaml updates the run's record, which is fine)."""
+    from .config import to_yaml
+    from .errors import ConfigError
+
+    written = (Path(cfg.output_dir) / "config.yaml").resolve()
+    for name in files:
+        if not resume and Path(name).resolve() == written and Path(name).read_text() != to_yaml(cfg):
+            raise ConfigError(
+                f"config key output_dir={cfg.output_dir}: the run would overwrite its input config {name}; copy it"
+                " elsewhere or set another output_dir"
+            )
 
 
 def _cmd_eval(args) -> int:
@@ -230,6 +246,12 @@ def _cmd_viz(args) -> int:
     out_names = output_names(inputs)
     refuse_overwrite([out / "grid.png", *(out / f"{n}.png" for n in out_names.values())], inputs, option="--out")
     trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
+    depth = cfg.model.dec_layers
+    bad = [n for n in args.layers if not -depth <= n < depth]
+    if bad:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--layers {' '.join(map(str, bad))}: the model has {depth} decoder layers (0..{depth - 1})")
     palette = np.asarray(meta["palette"], dtype=np.uint8)
     names = meta["class_names"]
     if args.input:

@@ -358,7 +358,7 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
     for path in files:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            raise ConfigError(f"{path}: {'a folder, not a config file' if p.is_dir() else 'config file not found'}")
         try:
             data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
         except UnicodeDecodeError:
