@@ -18,6 +18,20 @@ from pathlib import Path
 from .errors import ConfigError
 
 LOCK_FILE = ".lock"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+_FORK_HOOK = False
+
+
+def _close_in_child() -> None:
+    """A forked child (a data-loader worker) closes its copies of the lock descriptors: the lock then dies with the
+    process that took it, not with the last worker, which may outlive a kill -9 of its parent by seconds. (Closing a
+    copy never unlocks: an flock lives until its last descriptor is closed, and the parent keeps its own.)"""
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
 
 
 class RunLock:
@@ -41,6 +55,11 @@ class RunLock:
                 f"config key output_dir={run_dir}: in use by another run ({holder}); wait for it to finish or set"
                 " another output_dir"
             ) from None
+        global _FORK_HOOK
+        if not _FORK_HOOK:  # once per process, at the first lock (no side effect on import)
+            os.register_at_fork(after_in_child=_close_in_child)
+            _FORK_HOOK = True
+        _HELD.add(self._fd)
         record = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -65,6 +84,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd >= 0:
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing drops the flock; the file stays (deleting it would race a new taker)
             self._fd = -1
 
