@@ -193,6 +193,16 @@ def looks_like_pickle(file: Path) -> bool:
     return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head == b"PK\x03\x04"
 
 
+def _ends_like_pickle(file: Path) -> bool:
+    """Protocol 0/1 pickles have no header, but every pickle ends with the STOP opcode '.'."""
+    try:
+        with open(file, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"."
+    except OSError:
+        return False
+
+
 def refuse_finite(weights: dict[str, torch.Tensor], file: Path) -> None:
     """A checkpoint whose weights hold NaN or inf scores and predicts garbage without any other sign: refused."""
     for key, t in weights.items():
@@ -213,6 +223,8 @@ def torch_load_weights(file: Path):
     except pickle.UnpicklingError as err:
         found = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         detail = (found[0].split(". ")[0] if found else "") or "not tensors only"
+        if "GLOBAL" not in detail and not looks_like_pickle(file) and not _ends_like_pickle(file):
+            raise CheckpointError(f"{file}: not a readable torch checkpoint (neither a pickle nor a torch.save zip)")
         raise CheckpointError(
             f"{file}: refused: the pickle holds code or objects other than tensors ({detail}); a pickle can run code"
             " when loaded, so tmtseg never loads one like it (save the weights as .safetensors)"
