@@ -224,7 +224,9 @@ def torch_load_weights(file: Path):
         found = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         detail = (found[0].split(". ")[0] if found else "") or "not tensors only"
         if "GLOBAL" not in detail and not looks_like_pickle(file) and not _ends_like_pickle(file):
-            raise CheckpointError(f"{file}: not a readable torch checkpoint (neither a pickle nor a torch.save zip)")
+            raise CheckpointError(
+                f"{file}: not a readable torch checkpoint (neither a pickle nor a torch.save zip)"
+            ) from None
         raise CheckpointError(
             f"{file}: refused: the pickle holds code or objects other than tensors ({detail}); a pickle can run code"
             " when loaded, so tmtseg never loads one like it (save the weights as .safetensors)"
