@@ -183,12 +183,68 @@ def read_meta(path: Path) -> dict:
     return json.loads(raw)
 
 
+def looks_like_pickle(file: Path) -> bool:
+    """A pickle (protocol 2+) or torch.save's zip of pickles, by the first bytes."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head == b"PK\x03\x04"
+
+
+def _ends_like_pickle(file: Path) -> bool:
+    """Protocol 0/1 pickles have no header, but every pickle ends with the STOP opcode '.'."""
+    try:
+        with open(file, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"."
+    except OSError:
+        return False
+
+
+def refuse_finite(weights: dict[str, torch.Tensor], file: Path) -> None:
+    """A checkpoint whose weights hold NaN or inf scores and predicts garbage without any other sign: refused."""
+    for key, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{file}: weight {key} holds NaN or inf; refused (the model would predict garbage)")
+
+
+def torch_load_weights(file: Path):
+    """``torch.load`` of a ``.pth``-style file with ``weights_only=True``; every failure is a CheckpointError naming the
+    file. A pickle that needs more than tensors and plain containers is refused as holding code: it is never loaded,
+    and torch's advice to turn the protection off (``weights_only=False``) is never passed on."""
+    import pickle
+
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not read: the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = str(err).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        detail = (found[0].split(". ")[0] if found else "") or "not tensors only"
+        if "GLOBAL" not in detail and not looks_like_pickle(file) and not _ends_like_pickle(file):
+            raise CheckpointError(
+                f"{file}: not a readable torch checkpoint (neither a pickle nor a torch.save zip)"
+            ) from None
+        raise CheckpointError(
+            f"{file}: refused: the pickle holds code or objects other than tensors ({detail}); a pickle can run code"
+            " when loaded, so tmtseg never loads one like it (save the weights as .safetensors)"
+        ) from None
+    except Exception as err:  # zip, EOF, key and type errors of a damaged or foreign file
+        reason = f"{type(err).__name__}: {_first_line(err)}" if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{file}: not a readable torch checkpoint ({reason})") from None
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load the weights of a checkpoint folder, or of a ``.safetensors`` file; errors name the file."""
+    """Load the weights of a checkpoint folder, or of a ``.safetensors`` file; errors name the file. Weights with a
+    NaN or inf are refused."""
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path
     if not file.exists():
         raise CheckpointError(f"{file}: checkpoint not found")
+    if not file.is_file():
+        raise CheckpointError(f"{file}: a folder where the checkpoint file should be")
     pickle_refused = (
         f"{file}: refused, a pickle (torch.save format) can run code when loaded; tmtseg checkpoints are safetensors"
         " and a pickle is never unpickled"
@@ -199,11 +255,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         weights = load_file(str(file))
         meta = read_meta(file)
     except (SafetensorError, OSError, ValueError) as err:
-        with open(file, "rb") as f:
-            head = f.read(4)
-        if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head == b"PK\x03\x04":
+        if looks_like_pickle(file):
             raise CheckpointError(pickle_refused) from None
         raise CheckpointError(f"{file}: unreadable checkpoint ({_first_line(err)})") from None
+    refuse_finite(weights, file)
     return Checkpoint(path=path, weights=weights, meta=meta)
 
 

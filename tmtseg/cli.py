@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -26,11 +25,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of 0 has nothing to draw)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
     p.add_argument(
         "--nproc",
-        type=int,
+        type=_positive,
         default=1,
         help="train with DDP in this many processes on this machine (as torchrun --standalone --nproc-per-node N)",
     )
@@ -79,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("input", nargs="?", help="an image or folder; default: the first --count images of data.val")
     p.add_argument("--out", default="viz", help="output folder: one figure per image plus grid.png")
-    p.add_argument("--count", type=int, default=4, help="images of data.val to draw (without INPUT)")
-    p.add_argument("--queries", type=int, default=2, help="the most confident queries to show")
+    p.add_argument("--count", type=_positive, default=4, help="images of data.val to draw (without INPUT)")
+    p.add_argument("--queries", type=_positive, default=2, help="the most confident queries to show")
     p.add_argument("--layers", type=int, nargs="+", default=[0, -1], help="decoder layers to show")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="key=value config override")
 
@@ -131,6 +141,7 @@ def _cmd_train(args) -> int:
         return dist.launch_local(args.nproc, ["-m", "tmtseg", *rest], quiet=not args.debug)
 
     cfg = _load(args)
+    _refuse_config_overwrite(args.config, cfg, resume=args.resume)
     init = ""
     if args.command == "finetune":
         from .config import load_config_over
@@ -160,16 +171,41 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _refuse_config_overwrite(files: list[str], cfg, *, resume: bool) -> None:
+    """A run writes its resolved config to <output_dir>/config.yaml: refuse when that is a config file given with -c
+    whose text would change (resuming a run from its own config.yaml updates the run's record, which is fine)."""
+    from .config import to_yaml
+    from .errors import ConfigError
+
+    written = (Path(cfg.output_dir) / "config.yaml").resolve()
+    for name in files:
+        if not resume and Path(name).resolve() == written and Path(name).read_text() != to_yaml(cfg):
+            raise ConfigError(
+                f"config key output_dir={cfg.output_dir}: the run would overwrite its input config {name}; copy it"
+                " elsewhere or set another output_dir"
+            )
+
+
 def _cmd_eval(args) -> int:
+    from .checkpoint import MODEL_FILE
+    from .errors import DataError
     from .metrics import format_table
+    from .predict import make_out_dir, refuse_overwrite
     from .runner import evaluate_checkpoint
 
-    metrics, cfg = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.no_progress)
-    print(format_table(metrics, title=f"{args.checkpoint} on data.val"))
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(ckpt), "val": _split_dict(cfg), **metrics}, indent=1))
+    # checked before the evaluation: the metrics go to a JSON file, never over the checkpoint or another input
+    if out.suffix != ".json" or out.is_dir():
+        raise DataError(f"--out {out}: the metrics are written as JSON; give a file name ending in .json")
+    refuse_overwrite([out], [ckpt, ckpt / MODEL_FILE], option="--out")
+    metrics, cfg = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.no_progress)
+    print(format_table(metrics, title=f"{args.checkpoint} on data.val"))
+    make_out_dir(out.parent, option="--out")
+    try:
+        out.write_text(json.dumps({"checkpoint": str(ckpt), "val": _split_dict(cfg), **metrics}, indent=1))
+    except OSError as err:
+        raise DataError(f"--out {out}: cannot write ({err.strerror})") from None
     print(f"metrics: {out}")
     return 0
 
@@ -187,8 +223,16 @@ def _cmd_predict(args) -> int:
     from .runner import trainer_from_checkpoint
 
     trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
+    ckpt = Path(args.checkpoint)
     written = predict_folder(
-        trainer, cfg, meta, Path(args.input), Path(args.out), progress=None if args.no_progress else tqdm
+        trainer,
+        cfg,
+        meta,
+        Path(args.input),
+        Path(args.out),
+        progress=None if args.no_progress else tqdm,
+        protected=[ckpt, ckpt / "model.safetensors"],
+        note=print,
     )
     print(f"wrote {len(written)} files to {args.out}")
     return 0
@@ -199,16 +243,26 @@ def _cmd_viz(args) -> int:
     import torch
 
     from .data import build_dataset
-    from .predict import list_images, read_image
+    from .predict import list_images, make_out_dir, output_names, read_image, refuse_overwrite
     from .runner import trainer_from_checkpoint
     from .viz import compute_panels, draw_figure, draw_grid
 
+    out = Path(args.out)
+    inputs = list_images(Path(args.input)) if args.input else []
+    out_names = output_names(inputs)
+    refuse_overwrite([out / "grid.png", *(out / f"{n}.png" for n in out_names.values())], inputs, option="--out")
     trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
+    depth = cfg.model.dec_layers
+    bad = [n for n in args.layers if not -depth <= n < depth]
+    if bad:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--layers {' '.join(map(str, bad))}: the model has {depth} decoder layers (0..{depth - 1})")
     palette = np.asarray(meta["palette"], dtype=np.uint8)
     names = meta["class_names"]
     if args.input:
         items = []
-        for path in list_images(Path(args.input)):
+        for path in inputs:
             image = torch.from_numpy(read_image(path)).permute(2, 0, 1)
             if cfg.data.scale != 1.0:
                 size = (round(image.shape[1] * cfg.data.scale), round(image.shape[2] * cfg.data.scale))
@@ -218,7 +272,7 @@ def _cmd_viz(args) -> int:
                     .clamp(0, 255)
                     .to(torch.uint8)
                 )
-            items.append((path.stem, image, None))
+            items.append((out_names[path], image, None))
     else:
         ds = build_dataset(cfg.data.val, cfg.data, train=False)
         items = []
@@ -230,7 +284,7 @@ def _cmd_viz(args) -> int:
                     label[None, None].float(), size=item["image"].shape[-2:], mode="nearest"
                 )[0, 0].long()
             items.append((Path(str(item["name"])).stem, item["image"], label))
-    out = Path(args.out)
+    make_out_dir(out, option="--out")
     acte = cfg.adapt.acte
     level = {32: 0, 16: 1, 8: 2}[acte.feature_stride]
     panels = []
@@ -290,8 +344,9 @@ def _check_targets(target: Path, overrides: list[str]):
     base = load_config([], overrides)
     out = []
     if kind == "manifest":
-        with open(target / "manifest.csv", newline="") as f:
-            domains = sorted({row["domain"] for row in csv.DictReader(f)})
+        from .data.sources import read_manifest
+
+        domains = sorted({row["domain"] for row in read_manifest(target / "manifest.csv")})
         for domain in domains:
             split = SplitConfig(kind="manifest", dataset=target.name, domain=domain)
             cfg = load_config_over(base, [f"data.root={target.parent}"])
@@ -303,10 +358,10 @@ def _check_targets(target: Path, overrides: list[str]):
             cfg.data.train = SplitConfig(kind="cityscapes", path=str(target), domain=sub)
             out.append((cfg, ("train",)))
     else:
-        import yaml
+        from .data.sources import _read_folder_yaml
 
-        classes = (yaml.safe_load((target / "dataset.yaml").read_text()) or {}).get("classes") or []
-        cfg = load_config_over(base, [f"data.num_classes={max(1, len(classes))}"])
+        classes = _read_folder_yaml(target / "dataset.yaml")["classes"]
+        cfg = load_config_over(base, [f"data.num_classes={len(classes)}"])
         cfg.data.train = SplitConfig(kind="folder", path=str(target))
         out.append((cfg, ("train",)))
     return out

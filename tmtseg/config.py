@@ -237,6 +237,88 @@ _CHOICES = {
 }
 
 
+# numeric ranges, checked before anything is built: a value outside them would crash (or silently misbehave) later,
+# after data loading or a wasted training step. (low, high, what): bounds inclusive, None = unbounded; ">0" keys
+# exclude 0
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.num_classes": (1, None),
+    "data.batch_size": (1, None),
+    "data.num_workers": (0, None),
+    "data.color_jitter": (0, 1),
+    "model.backbone.embed_dim": (1, None),
+    "model.backbone.depth": (1, None),
+    "model.backbone.num_heads": (1, None),
+    "model.backbone.patch_size": (1, None),
+    "model.backbone.mlp_ratio": (0, None),
+    "model.backbone.drop_path": (0, 1),
+    "model.backbone.img_size": (1, None),
+    "model.backbone.layerscale": (0, None),
+    "model.backbone.num_registers": (0, None),
+    "model.backbone.pos_offset": (0, 1),
+    "model.backbone.token_stride": (0, None),
+    "model.conv_dim": (1, None),
+    "model.mask_dim": (1, None),
+    "model.enc_layers": (0, None),
+    "model.hidden_dim": (1, None),
+    "model.num_queries": (1, None),
+    "model.nheads": (1, None),
+    "model.dec_layers": (1, None),
+    "model.dim_feedforward": (1, None),
+    "model.dropout": (0, 1),
+    "loss.class_weight": (0, None),
+    "loss.mask_weight": (0, None),
+    "loss.dice_weight": (0, None),
+    "loss.no_object_weight": (0, None),
+    "loss.num_points": (1, None),
+    "loss.oversample_ratio": (1, None),
+    "loss.importance_sample_ratio": (0, 1),
+    "train.iters": (1, None),
+    "train.lr": (0, None),
+    "train.backbone_lr_mult": (0, None),
+    "train.layer_decay": (0, 1),
+    "train.weight_decay": (0, None),
+    "train.warmup_iters": (0, None),
+    "train.poly_power": (0, None),
+    "train.grad_clip": (0, None),
+    "train.log_every": (1, None),
+    "train.eval_every": (0, None),
+    "train.save_every": (1, None),
+    "train.keep_last": (0, None),
+    "adapt.adv_weight": (0, None),
+    "adapt.head_lr_mult": (0, None),
+    "adapt.grl_max_iter": (0, None),
+    "adapt.acte.cell": (1, None),
+    "adapt.acte.iters": (0, None),
+    "adapt.acte.kappa": (0, None),
+    "adapt.acte.disc_hidden": (1, None),
+    "adapt.acte.disc_dropout": (0, 1),
+    "adapt.tma.alpha": (0, 1),
+    "adapt.tma.lambda_lr_mult": (0, None),
+    "adapt.tma.eps": (0, None),
+    "adapt.tma.loss_weight": (0, None),
+    "adapt.preserve.weight": (0, None),
+}
+# ... and of these, 0 itself is refused too (a zero learning rate trains nothing; a zero scale has no pixels)
+_POSITIVE = {
+    "train.lr",
+    "train.layer_decay",
+    "data.scale",
+    "model.backbone.mlp_ratio",
+    "adapt.acte.kappa",
+    "adapt.tma.eps",
+}
+
+
+def _check_range(key: str, value: float, low: float | None, high: float | None) -> None:
+    if value != value or value in (float("inf"), float("-inf")):  # NaN, inf
+        raise ConfigError(f"config key {key}={value}: must be a finite number")
+    if key in _POSITIVE and value <= 0:
+        raise ConfigError(f"config key {key}={value}: must be > 0")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"config key {key}={value}: must be {bound}")
+
+
 def _get(cfg: Config, dotted: str) -> Any:
     obj: Any = cfg
     for part in dotted.split("."):
@@ -250,6 +332,17 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if value not in choices:
             raise ConfigError(f"config key {key}={value!r}: must be one of {', '.join(map(str, choices))}")
+    for key, (low, high) in _RANGES.items():
+        _check_range(key, _get(cfg, key), low, high)
+    for key in ("data.scale", "adapt.tma.lambda_init"):
+        _check_range(key, _get(cfg, key), None, None)
+    for key in ("data.crop_size", "data.scale_range", "infer.stride", "model.pixel_mean", "model.pixel_std"):
+        for value in _get(cfg, key):
+            _check_range(key, value, None, None)
+    if len(cfg.infer.stride) != 2 or min(cfg.infer.stride) < 1:
+        raise ConfigError(f"config key infer.stride={cfg.infer.stride}: two steps [H, W], each >= 1")
+    if len(cfg.model.pixel_mean) != 3 or len(cfg.model.pixel_std) != 3 or min(cfg.model.pixel_std) <= 0:
+        raise ConfigError("config keys model.pixel_mean, model.pixel_std: three values each, std > 0")
     bad = [m for m in cfg.adapt.preserve.methods if m not in _CHOICES["adapt.method"]]
     if bad:
         raise ConfigError(f"config key adapt.preserve.methods: {bad} not among {', '.join(_CHOICES['adapt.method'])}")
@@ -284,12 +377,6 @@ def validate(cfg: Config) -> Config:
         )
     if b.embed_dim % max(stride // 4, 1):  # the stride-4 level halves the width log2(stride/4) times
         raise ConfigError(f"config key model.backbone.embed_dim={b.embed_dim}: must be divisible by token_stride/4")
-    if b.patch_size < 1 or b.num_registers < 0 or b.layerscale < 0 or not 0 <= b.drop_path < 1:
-        raise ConfigError(
-            "config keys model.backbone.patch_size >= 1, num_registers >= 0, layerscale >= 0, drop_path in [0, 1)"
-        )
-    if not 0 < cfg.train.layer_decay <= 1:
-        raise ConfigError(f"config key train.layer_decay={cfg.train.layer_decay}: must be in (0, 1]")
     if not -1 <= cfg.train.freeze_blocks <= b.depth:
         raise ConfigError(f"config key train.freeze_blocks={cfg.train.freeze_blocks}: must be in [-1, {b.depth}]")
     from .weights import check_arch
@@ -323,15 +410,20 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
     for path in files:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"{path}: config file not found")
+            raise ConfigError(f"{path}: {'a folder, not a config file' if p.is_dir() else 'config file not found'}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text (UTF-8) file; a config file is YAML") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read the config file ({err.strerror})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config file must hold a mapping of keys")
         try:
             merged = OmegaConf.merge(merged, data)
+            _as_config(merged)  # resolves ${...} interpolations now, so an error names this file
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {_omega_message(err)}") from None
     return load_config_over(_as_config(merged), overrides)
@@ -345,9 +437,12 @@ def load_config_over(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Con
             raise ConfigError(f"override {item!r}: expected key=value")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            cfg = _as_config(merged)  # resolves ${...} interpolations now, so an error names this override
         except OmegaConfBaseException as err:
             raise ConfigError(f"override {item!r}: {_omega_message(err)}") from None
-    return validate(_as_config(merged))
+        except yaml.YAMLError as err:  # a YAML tag (!!python/...) in the value: never constructed
+            raise ConfigError(f"override {item!r}: not a plain value ({str(err).splitlines()[0]})") from None
+    return validate(cfg if overrides else _as_config(merged))  # always a new object, as callers may edit it
 
 
 def config_from_dict(data: dict) -> Config:

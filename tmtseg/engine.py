@@ -105,6 +105,17 @@ def train_batches(
     return iter(loader)
 
 
+def close_batches(batches: Iterator[dict]) -> None:
+    """Shut down the data-loader workers of a `train_batches` iterator now, not at interpreter exit.
+
+    The workers ignore SIGTERM, and at exit multiprocessing stops them with SIGTERM and then waits for them: an error
+    that left them running would hang the process. Asked here, each worker reads its stop sentinel and exits.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # DataLoader's own clean stop (absent for num_workers=0)
+    if shutdown is not None:
+        shutdown()
+
+
 def step_seed(seed: int, step: int) -> int:
     """The global-RNG seed of a training step (criterion points, dropout): the same on every rank and after a resume.
 

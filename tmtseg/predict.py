@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .data.decode import open_image, rgb_array
 from .errors import DataError
 from .models.inference import predict_logits
 
@@ -24,14 +25,9 @@ def default_palette(num_classes: int) -> np.ndarray:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 [H, W, 3]; a missing, unreadable or truncated file raises DataError naming it."""
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DataError(f"{path}: unreadable image ({str(err).splitlines()[0]})") from None
+    """RGB uint8 [H, W, 3] (16-bit and float images rescaled from their real range); a missing, unreadable or
+    truncated file raises DataError naming it."""
+    return rgb_array(open_image(path, "image", missing=f"{path}: file not found"), path)
 
 
 def list_images(path: Path) -> list[Path]:
@@ -71,27 +67,108 @@ def predict_array(model, image: np.ndarray, *, scale: float, mode: str, crop, st
     return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
 
 
-def predict_folder(trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, progress=None) -> list[Path]:
-    """Write `<stem>_pred.png` (colour labels) and `<stem>_overlay.png` for each image; return the written paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+# Large inputs (pixels after data.scale): above WHOLE_MAX_PIXELS an image is predicted by sliding SLIDE_WINDOW windows
+# (whole-image attention memory grows with the square of the pixel count); above MAX_PIXELS it is refused up front, as
+# the class scores alone (K x H x W floats) would take gigabytes: set data.scale below 1 or cut the image into tiles.
+WHOLE_MAX_PIXELS = 1024 * 1024
+MAX_PIXELS = 4096 * 4096
+SLIDE_WINDOW, SLIDE_STRIDE = (512, 512), (384, 384)
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """A distinct output name per input: its stem, or its whole file name where stems clash (a.png and a.jpg)."""
+    stems: dict[str, int] = {}
+    for p in files:
+        stems[p.stem] = stems.get(p.stem, 0) + 1
+    names = {p: p.stem if stems[p.stem] == 1 else p.name.replace(".", "_") for p in files}
+    seen: dict[str, Path] = {}
+    for p, name in names.items():
+        if name in seen:  # e.g. "a_png.jpg" beside "a.png" and "a.jpg": no guess, say so
+            raise DataError(f"{p}: its output name {name!r} clashes with that of {seen[name]}; rename one of them")
+        seen[name] = p
+    return names
+
+
+def refuse_overwrite(targets: list[Path], protected: list[Path], *, option: str) -> None:
+    """An output that would replace an input file or a checkpoint is refused before anything is written."""
+    inputs = {p.resolve(): p for p in protected}
+    for target in targets:
+        resolved = target.resolve()
+        if resolved in inputs:
+            raise DataError(f"{option} {target}: would overwrite the input {inputs[resolved]}; choose another output")
+        if resolved.suffix == ".safetensors" or resolved.parent.name == "checkpoints":
+            raise DataError(f"{option} {target}: a checkpoint's place (a .safetensors file or a run's checkpoints/)")
+
+
+def make_out_dir(out_dir: Path, *, option: str) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{option} {out_dir}: cannot create the output folder ({err.strerror})") from None
+
+
+def save_png(arr: np.ndarray, target: Path, *, option: str) -> None:
+    try:
+        Image.fromarray(arr).save(target)
+    except OSError as err:
+        raise DataError(f"{option} {target}: cannot write ({err.strerror or err})") from None
+
+
+def image_pixels(path: Path, scale: float) -> int:
+    """The pixel count the model would see (header only; an unreadable file counts 0 and fails when read)."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception:  # reported, naming the file, by read_image
+        return 0
+    return round(h * scale) * round(w * scale)
+
+
+def predict_folder(
+    trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, progress=None, protected=(), note=None
+) -> list[Path]:
+    """Write `<stem>_pred.png` (colour labels) and `<stem>_overlay.png` for each image; return the written paths.
+
+    Checked before anything is written: output names are distinct, none replaces an input (or a `protected` file such
+    as the checkpoint), no image is above MAX_PIXELS. Images above WHOLE_MAX_PIXELS are predicted by sliding windows,
+    each announced through `note(line)`.
+    """
+    files = list_images(inputs)
+    names = output_names(files)
+    targets = {p: [out_dir / f"{names[p]}_{suffix}.png" for suffix in ("pred", "overlay")] for p in files}
+    refuse_overwrite([t for ts in targets.values() for t in ts], [*files, *map(Path, protected)], option="--out")
+    pixels = {p: image_pixels(p, cfg.data.scale) for p in files}
+    for p, n in pixels.items():
+        if n > MAX_PIXELS:
+            raise DataError(
+                f"{p}: {n} pixels after data.scale={cfg.data.scale}, above the limit of {MAX_PIXELS} (4096x4096);"
+                " set data.scale lower or cut the image into tiles"
+            )
+    make_out_dir(out_dir, option="--out")
     palette = np.asarray(meta.get("palette") or default_palette(cfg.data.num_classes), dtype=np.uint8)
     trainer.eval()
     written = []
-    files = list_images(inputs)
     for path in progress(files) if progress else files:
         image = read_image(path)
+        mode, crop, stride = cfg.infer.mode, tuple(cfg.data.crop_size), tuple(cfg.infer.stride)
+        if mode == "whole" and pixels[path] > WHOLE_MAX_PIXELS:
+            mode, crop, stride = "slide", SLIDE_WINDOW, SLIDE_STRIDE
+            if note is not None:
+                note(
+                    f"{path}: {pixels[path]} pixels, above {WHOLE_MAX_PIXELS}: predicted by sliding"
+                    f" {crop[0]}x{crop[1]} windows"
+                )
         pred = predict_array(
             trainer.model,
             image,
             scale=cfg.data.scale,
-            mode=cfg.infer.mode,
-            crop=tuple(cfg.data.crop_size),
-            stride=tuple(cfg.infer.stride),
+            mode=mode,
+            crop=crop,
+            stride=stride,
             hooks=trainer.method.inference_hooks(),
         )
         colours = colorize(pred, palette)
-        for suffix, arr in (("pred", colours), ("overlay", overlay(image, colours))):
-            target = out_dir / f"{path.stem}_{suffix}.png"
-            Image.fromarray(arr).save(target)
+        for target, arr in zip(targets[path], (colours, overlay(image, colours)), strict=True):
+            save_png(arr, target, option="--out")
             written.append(target)
     return written

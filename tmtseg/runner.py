@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from .data import build_dataset, check_config, collate
 from .engine import (
     LoopState,
     StopRequested,
+    close_batches,
     evaluate,
     log_jsonl,
     lr_factor,
@@ -37,6 +39,7 @@ from .engine import (
 )
 from .errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from .methods import Trainer, build_trainer
+from .runlock import RunLock
 
 _NO_DECAY = ("pos_embed", "cls_token", "query_feat", "query_embed", "level_embed")
 # config keys a resume may change: where and how often things are written, how data is loaded (samples are seeded
@@ -209,23 +212,37 @@ def _finite_weights(trainer: Trainer) -> str | None:
 def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: bool = True) -> dict:
     """Train `cfg.adapt.method` on data.train (+ unlabelled data.source) for train.iters; return the final metrics.
 
-    Under torchrun every process runs this same function (DDP, gloo on CPU, nccl on GPU); only rank 0 writes.
+    Under torchrun every process runs this same function (DDP, gloo on CPU, nccl on GPU); only rank 0 writes. The run
+    folder is locked for the whole run (a second writer is refused at once), and whatever way the run ends, its
+    data-loader workers are shut down before it returns or raises (they ignore SIGTERM, so nothing else would).
     """
     device = dist.local_device(cfg.train.device)
     dist.init_distributed(device)
+    with ExitStack() as cleanup:
+        _lock_run_folder(Path(cfg.output_dir), cleanup)
+        return _fit(cfg, device, cleanup, init_from=init_from, resume=resume, progress=progress)
+
+
+def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
+    """Rank 0 takes the run folder's lock; every rank learns whether it got it, so all stop together if not."""
+    refused = ""
+    if dist.is_main():
+        try:
+            cleanup.enter_context(RunLock(run_dir))
+        except ConfigError as err:
+            refused = str(err)
+    refused = dist.all_gather_lists([refused])[0][0]
+    if refused:
+        raise ConfigError(refused)
+
+
+def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: str, resume: bool, progress: bool):
     run_dir = Path(cfg.output_dir)
     if not resume and (list_checkpoints(run_dir) or (run_dir / "checkpoints" / "best").exists()):
         raise ConfigError(
             f"{run_dir / 'checkpoints'}: holds checkpoints of an earlier run; pass --resume to continue it or set"
             " another output_dir"
         )
-    if dist.is_main():
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(
-                f"config key output_dir={run_dir}: cannot create the run folder ({err.strerror})"
-            ) from None
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, pretrained=not (init_from or resume))  # a checkpoint replaces the ViT's weights
     freeze(cfg, trainer)
@@ -251,8 +268,12 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
     model = trainer
     if dist.is_distributed():
+        # static_graph: the parameters a config leaves out of the loss (e.g. the decoder's projection of a memory level
+        # that model.dec_layers < 3 never visits) are the same at every step, and DDP then handles them without
+        # find_unused_parameters' per-step graph walk; parameters with requires_grad=False (a frozen backbone) are
+        # not DDP's to synchronise at all
         model = torch.nn.parallel.DistributedDataParallel(
-            trainer, device_ids=[device] if device.type == "cuda" else None
+            trainer, device_ids=[device] if device.type == "cuda" else None, static_graph=True
         )
     iters = {
         "target": train_batches(
@@ -273,6 +294,8 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
             num_workers=cfg.data.num_workers,
             collate=collate,
         )
+    for it in iters.values():
+        cleanup.callback(close_batches, it)
     meta = checkpoint_meta(cfg, train_ds, method=cfg.adapt.method)
 
     def do_eval() -> dict:

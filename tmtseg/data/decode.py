@@ -52,9 +52,34 @@ def open_label(record: Record, *, hint: str = "") -> Image.Image:
     return open_image(record.label, "label", missing=missing)
 
 
+def rgb_array(img: Image.Image, path: Path | None) -> np.ndarray:
+    """uint8 [H, W, 3] from any image mode, rescaled from its real range: PIL's RGB conversion clips 16-bit values at
+    255 (a 16-bit PNG comes out all but white) and float images to 0/1 (all black). 16-bit (and 32-bit integer images
+    holding 16-bit values) map 0-65535 to 0-255; float images in [0, 1] or [0, 255] map to 0-255; anything else (a
+    float outside both, NaN, integers above 16 bits) is refused, naming the file, rather than guessed."""
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return np.array(img.convert("RGB"))  # [H, W, 3], writable (torch.from_numpy warns about a read-only one)
+    raw = np.asarray(img).astype(np.float64)  # [H, W]
+    if not np.isfinite(raw).all():
+        raise DataError(f"{path}: image holds NaN or inf values (mode {img.mode})")
+    low, high = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
+    if img.mode == "F" and low >= 0 and high <= 1:
+        grey = raw * 255
+    elif img.mode == "F" and low >= 0 and high <= 255:
+        grey = raw
+    elif img.mode != "F" and low >= 0 and high <= 65535:
+        grey = raw / 257  # 65535 -> 255 exactly
+    else:
+        raise DataError(
+            f"{path}: {img.mode} image with values {low:g}..{high:g}: expected 16-bit integers, or floats in [0, 1] or"
+            " [0, 255]; convert it to 8-bit"
+        )
+    return np.repeat(np.round(grey).astype(np.uint8)[..., None], 3, axis=2)  # [H, W, 3]
+
+
 def read_rgb(path: Path | None) -> tuple[Image.Image, np.ndarray]:
     img = open_image(path, "image")
-    return img, np.asarray(img.convert("RGB"))  # [H, W, 3]
+    return img, rgb_array(img, path)  # [H, W, 3]
 
 
 def check_size(label_path: Path, label: Image.Image, image: Image.Image) -> None:
@@ -176,7 +201,8 @@ class RetinaDecoder:
         self.chase_factor = chase_factor
 
     def __call__(self, record: Record) -> Pair:
-        image = open_image(record.image, "image").convert("RGB")
+        opened = open_image(record.image, "image")
+        image = Image.fromarray(rgb_array(opened, record.image))  # RGB, rescaled from 16-bit or float
         mask = open_label(record)
         check_size(record.label, mask, image)
         if record.domain == self.chase_domain:

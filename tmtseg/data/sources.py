@@ -153,11 +153,8 @@ def _manifest(split: SplitConfig, data: DataConfig, key: str) -> Source:
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
         raise DataError(f"{manifest}: manifest not found")
-    with manifest.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    label_col = "label" if rows and "label" in rows[0] else "mask"
-    if not rows or not {"image", label_col, "domain", "suggested_role"} <= set(rows[0]):
-        raise DataError(f"{manifest}: expected columns image, label (or mask), domain, suggested_role")
+    rows = read_manifest(manifest)
+    label_col = "label" if "label" in rows[0] else "mask"
     _one_of(f"{key}.domain", split.domain, {r["domain"] for r in rows})
     rows = [r for r in rows if r["domain"] == split.domain]
     for role in split.roles:
@@ -197,6 +194,31 @@ def _manifest(split: SplitConfig, data: DataConfig, key: str) -> Source:
     )
 
 
+def read_manifest(manifest: Path) -> list[dict]:
+    """The rows of a manifest.csv; a missing column, a row with too few or too many fields, or a file that is not CSV
+    text is a DataError naming the file (and the line)."""
+    try:
+        with manifest.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{manifest}: not a readable CSV file ({str(err).splitlines()[0]})") from None
+    except OSError as err:
+        raise DataError(f"{manifest}: cannot read the manifest ({err.strerror})") from None
+    needed = {"image", "label" if "label" in header else "mask", "domain", "suggested_role"}
+    if not rows or not needed <= set(header):
+        missing = ", ".join(sorted(needed - set(header))) or "every row"
+        raise DataError(
+            f"{manifest}: expected columns image, label (or mask), domain, suggested_role (missing: {missing})"
+        )
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        if None in row or None in row.values():  # DictReader's marks of a long and of a short row
+            fields = len(header) + len(row.get(None) or []) - sum(v is None for v in row.values())
+            raise DataError(f"{manifest}: line {line} has {fields} fields, the header has {len(header)}")
+    return rows
+
+
 FOLDER_KEYS = {"classes", "ignore_index", "id_map", "palette"}
 
 
@@ -204,8 +226,8 @@ def _read_folder_yaml(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: dataset.yaml not found (a folder dataset needs classes: [names])")
     try:
-        meta = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        meta = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(meta, dict):
         raise ConfigError(f"{path}: must hold a mapping with key classes")

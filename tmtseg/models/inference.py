@@ -17,11 +17,15 @@ def semantic_probs(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
 
 
 def _window_starts(size: int, crop: int, stride: int) -> list[int]:
-    """Start offsets of windows of `crop` every `stride` that cover [0, size); the last one is flush with the end."""
+    """Start offsets of windows of `crop` every `stride` that cover [0, size); the last one is flush with the end.
+
+    A stride larger than the crop would leave stripes no window covers (their scores 0/0 = NaN, argmax class 0), so
+    the step is at most the crop: every pixel is covered whatever the config says."""
     if size <= crop:
         return [0]
-    n = math.ceil((size - crop) / stride) + 1
-    return sorted({min(i * stride, size - crop) for i in range(n)})
+    step = max(1, min(stride, crop))
+    n = math.ceil((size - crop) / step) + 1
+    return sorted({min(i * step, size - crop) for i in range(n)})
 
 
 def _image_scores(model: nn.Module, images: Tensor, hooks) -> Tensor:

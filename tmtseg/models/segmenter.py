@@ -8,6 +8,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SIZE_DIVISOR = 32  # the coarsest memory stride: inputs are padded to a multiple of it
+# ... and to at least twice it: an input of 32 px or less would leave the stride-32 maps 1 px wide, where GroupNorm
+# with one channel per group has a single value to normalise and fails
+MIN_SIZE = 2 * SIZE_DIVISOR
+
+
+def _padded(size: int) -> int:
+    """The padded input size: a multiple of SIZE_DIVISOR, at least MIN_SIZE."""
+    return max(size + (-size % SIZE_DIVISOR), MIN_SIZE)
 
 
 class Segmenter(nn.Module):
@@ -22,8 +30,8 @@ class Segmenter(nn.Module):
         w]};
       with return_attn: attn (per layer [B, h, Q, N] probabilities), attn_masks (per layer bool [B, Q, N], True =
         masked out), attn_hw (per layer (h, w)).
-    Images are padded (bottom/right) to a multiple of 32; the backbone, pixel-decoder maps and everything the hooks see
-    live on that padded grid, while pred_masks and mask_features are cropped back to the image.
+    Images are padded (bottom/right) to a multiple of 32, at least 64; the backbone, pixel-decoder maps and everything
+    the hooks see live on that padded grid, while pred_masks and mask_features are cropped back to the image.
 
     hooks (any method may be absent): backbone_attn(tokens, hw) -> bias [B, 1 or h, N] | None, added to the keys of
     the last ViT block; pixel_features(features) -> None, after the pixel decoder; decoder_attn(layer, prev, hw) ->
@@ -53,7 +61,7 @@ class Segmenter(nn.Module):
         H, W = images.shape[-2:]
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         # zero after normalisation = the mean colour, as detectron2 pads its batches
-        x = F.pad(x, (0, -W % SIZE_DIVISOR, 0, -H % SIZE_DIVISOR))  # [B, 3, H', W']
+        x = F.pad(x, (0, _padded(W) - W, 0, _padded(H) - H))  # [B, 3, H', W']
         bb = self.backbone(x, attn_hook=getattr(hooks, "backbone_attn", None))
         pix = self.pixel_decoder(bb["pyramid"])
         features = {

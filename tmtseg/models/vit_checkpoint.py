@@ -4,13 +4,13 @@ HF Dinov2Model with or without registers, DINOv2's own `dinov2_vits14_pretrain.p
 from __future__ import annotations
 
 import math
-import pickle
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..checkpoint import looks_like_pickle, refuse_finite, torch_load_weights
 from ..errors import CheckpointError
 from .backbone import VisionTransformer, ViTBackbone, resample_patch_kernel, resize_pos_embed
 
@@ -81,24 +81,14 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        if looks_like_pickle(path):  # say what it is, not "header too large"; never unpickled
+            raise CheckpointError(f"{path}: refused: a pickle named .safetensors (a pickle can run code when loaded)")
         try:
             return load_file(str(path))
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     if path.suffix in (".pth", ".pt", ".bin"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            detail = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
-            detail = detail.group(1).split(". ")[0] if detail else str(err).splitlines()[0]
-            if "GLOBAL" in detail:
-                raise CheckpointError(
-                    f"{path}: refused: the pickle holds code or objects other than tensors, which weights_only "
-                    f"loading does not execute ({detail})"
-                ) from None
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({detail})") from None
-        except (RuntimeError, EOFError, OSError) as err:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(err).splitlines()[0]})") from None
+        state = torch_load_weights(path)
         for wrapper in ("model", "state_dict", "module", "teacher"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
@@ -117,6 +107,7 @@ def load_pretrained(model: VisionTransformer | ViTBackbone, path: str | Path) ->
     vit = model.vit if isinstance(model, ViTBackbone) else model
     path = Path(path)
     state = to_timm_names(read_state_dict(path))
+    refuse_finite(state, path)
     own = vit.state_dict()
     pos = state.get("pos_embed")
     if pos is not None and "pos_embed" in own and pos.ndim == 3:
