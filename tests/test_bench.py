@@ -233,3 +233,29 @@ def test_a_run_is_found_under_another_method_name_and_preserve_hashes_only_where
     report(bench, b)
     table = (tmp_path / "fresh" / "report.md").read_text()
     assert "| tmt | " in table and "| tmt-p10 | " in table
+
+
+def test_the_methods_refactor_keeps_the_hashes_of_finished_runs():
+    """Hashes computed before the methods refactor (84349f5, when the discriminator sizes were adapt.acte.disc_*):
+    the new sections (adapt.disc, tvt, l2sp, lora) leave a run's hash alone where they do not act."""
+    from tmtseg.bench import config_hash
+    from tmtseg.config import load_config
+
+    old = {
+        ("adapt.method=finetune",): "2c5226e9a7",
+        ("adapt.method=finetune", "adapt.preserve.methods=[finetune]"): "e27bca562f",
+        ("adapt.method=dann", "adapt.disc.hidden=64"): "8ebad17bb5",
+        ("adapt.method=tvt",): "306e5c309f",
+        ("adapt.method=tmt",): "b932efc72b",
+        ("adapt.method=tmt", "adapt.preserve.weight=0.0", "adapt.disc.dropout=0.2"): "fac6836136",
+    }
+    for overrides, h in old.items():
+        assert config_hash(load_config([], list(overrides))) == h, overrides
+    unused = ["adapt.l2sp.alpha=1.0", "adapt.lora.rank=2", "adapt.l2sp.methods=[dann]", "adapt.preserve.methods=[]"]
+    assert config_hash(load_config([], ["adapt.method=finetune", *unused])) == "2c5226e9a7"
+    assert config_hash(load_config([], ["adapt.method=tmt", "adapt.l2sp.methods=[tmt]"])) != "b932efc72b"
+    # lwf is fine-tuning with the KL: the runs of finetune + KL are its runs
+    assert config_hash(load_config([], ["adapt.method=lwf"])) == "e27bca562f"
+    l2sp = config_hash(load_config([], ["adapt.method=l2sp"]))
+    assert l2sp == config_hash(load_config([], ["adapt.method=finetune", "adapt.l2sp.methods=[finetune]"]))
+    assert len({l2sp, config_hash(load_config([], ["adapt.method=lora"])), "2c5226e9a7"}) == 3

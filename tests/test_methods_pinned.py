@@ -202,7 +202,10 @@ def test_losses_and_gradients_equal_the_pre_refactor_values(key):
         bias.add_(torch.randn(bias.shape, generator=torch.Generator().manual_seed(3)))
     trainer.train(mode == "train")
     torch.manual_seed(7)
-    losses = trainer({"target": _batch(1), "source": _batch(2)}, step=5)
+    target, source = _batch(1), _batch(2)  # the old code took them by domain; the unsupervised variant learns from
+    unsupervised = "adapt.unsupervised=true" in CASES[name]  # the source's labels
+    batches = {"labelled": source, "unlabelled": target} if unsupervised else {"labelled": target, "unlabelled": source}
+    losses = trainer(batches, step=5)
     losses["loss"].backward()
     grads = {part: [p.grad.norm() for n, p in trainer.named_parameters() if n.startswith(part) and p.grad is not None]
              for part in ("model.", "method.")}  # fmt: skip
