@@ -173,8 +173,8 @@ class TMAConfig:
 @dataclass
 class PreserveConfig:
     """Source-knowledge preservation (an extension; not in the paper): a KL term that keeps the adapted model's
-    semantic prediction close to the frozen source model's: the method `lwf` (LwF / distillation) is fine-tuning with it,
-    and the methods listed in `methods` get it too (TMT by default).
+    semantic prediction close to the frozen source model's: the method `lwf` (LwF / distillation) is fine-tuning
+    with it, and the methods listed in `methods` get it too (TMT by default).
     With a transferability map (TMT) each pixel counts by T(p): what the source model knows is kept where the domains
     look alike, and adaptation is free where they do not (method.md §5's "prioritising adaptation in regions with low
     transferability"). weight 0 = off, i.e. the paper's TMT. On the core bench (docs/results.md §3) it is what lifts

@@ -236,10 +236,12 @@ class L2SP:
     def loss(self, model: nn.Module, method: nn.Module) -> Tensor:
         if not self._source:
             raise RuntimeError("l2sp: set_teacher() was not called (the runner loads the source model)")
-        zero = next(model.parameters()).new_zeros(())
-        anchored = sum(((p - self._source[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad)
-        new = sum((p**2).sum() for p in method.parameters() if p.requires_grad)
-        return 0.5 * self.alpha * (anchored + zero) + 0.5 * self.beta * (new + zero)
+        zero = next(model.parameters()).new_zeros(())  # a tensor even where nothing is trained
+        anchored = sum(
+            (((p - self._source[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad), zero
+        )
+        new = sum(((p**2).sum() for p in method.parameters() if p.requires_grad), zero)
+        return 0.5 * self.alpha * anchored + 0.5 * self.beta * new
 
 
 # ----------------------------------------------------------------------------------------------- which weights train
@@ -257,7 +259,8 @@ class LoRA(nn.Module):
     on the frozen layer, so the segmenter's keys never change; `merged_state` writes W + (alpha / r) B A into the
     checkpoint's segmenter weights (what `tmtseg eval`/`predict` or any plain Segmenter load) and the exact frozen W
     beside it (`method.lora.base.*`), which `unmerge_state` puts back on load: a resume is bitwise exact. The frozen
-    weights have requires_grad=False, which DDP skips; every LoRA factor is used in every forward."""
+    weights have requires_grad=False, which DDP skips; every LoRA factor is used in every forward. As fresh modules
+    of the method, the factors train at adapt.head_lr_mult x train.lr (runner.lr_mult): B starts at zero."""
 
     def __init__(self, *, rank: int, alpha: float, targets: list[str]):
         super().__init__()
