@@ -291,7 +291,8 @@ def test_the_method_table_is_what_cli_config_and_bench_accept():
     assert tuple(adapt.choices) == tuple(METHODS)
     for name in METHODS:
         assert load_config([], [f"adapt.method={name}", f"adapt.preserve.methods=[{name}]"]).adapt.method == name
-    for bad in ("adapt.method=coral", "adapt.preserve.methods=[coral]", "adapt.l2sp.methods=[coral]"):
+    for bad in ("adapt.method=coral", "adapt.preserve.methods=[coral]", "adapt.l2sp.methods=[coral]",
+                "adapt.l2sp.alpha=-1", "adapt.lora.targets=[norm1]", "adapt.lora.rank=0"):  # fmt: skip
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config([], [bad])
 

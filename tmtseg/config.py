@@ -276,9 +276,13 @@ def validate(cfg: Config) -> Config:
         bad = [m for m in getattr(cfg.adapt, key).methods if m not in METHODS]
         if bad:
             raise ConfigError(f"config key adapt.{key}.methods: {bad} not among {', '.join(METHODS)}")
-    lora = cfg.adapt.lora
-    if lora.rank < 1 or not lora.targets or not set(lora.targets) <= {"qkv", "proj", "fc1", "fc2"}:
-        raise ConfigError(f"config key adapt.lora: rank >= 1 and targets among qkv, proj, fc1, fc2 (got {lora})")
+    for key in ("alpha", "beta"):
+        if getattr(cfg.adapt.l2sp, key) < 0:
+            raise ConfigError(f"config key adapt.l2sp.{key}={getattr(cfg.adapt.l2sp, key)}: must be >= 0")
+    if cfg.adapt.lora.rank < 1:
+        raise ConfigError(f"config key adapt.lora.rank={cfg.adapt.lora.rank}: must be >= 1")
+    if not cfg.adapt.lora.targets or not set(cfg.adapt.lora.targets) <= {"qkv", "proj", "fc1", "fc2"}:
+        raise ConfigError(f"config key adapt.lora.targets={cfg.adapt.lora.targets}: one or more of qkv, proj, fc1, fc2")
     if cfg.data.num_classes < 1:
         raise ConfigError(f"config key data.num_classes={cfg.data.num_classes}: must be >= 1")
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:

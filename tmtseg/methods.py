@@ -253,14 +253,16 @@ class LoRA(nn.Module):
     """LoRA (Hu et al., 2021): the ViT frozen; beside each targeted linear layer of its blocks a low-rank update
     y += (alpha / rank) * B(A x), A [r, in] (Kaiming init), B [out, r] (zeros: training starts at the source model).
 
-    Our own ~60 lines rather than peft: peft's injection swaps each nn.Linear for a wrapper, which renames the keys
-    (`qkv.base_layer.weight`), so the plain segmenter could no longer load an adapted checkpoint, and it would add a
-    dependency for two matmuls. Here A and B are the method's parameters (`method.lora.*`), applied by a forward hook
-    on the frozen layer, so the segmenter's keys never change; `merged_state` writes W + (alpha / r) B A into the
-    checkpoint's segmenter weights (what `tmtseg eval`/`predict` or any plain Segmenter load) and the exact frozen W
-    beside it (`method.lora.base.*`), which `unmerge_state` puts back on load: a resume is bitwise exact. The frozen
-    weights have requires_grad=False, which DDP skips; every LoRA factor is used in every forward. As fresh modules
-    of the method, the factors train at adapt.head_lr_mult x train.lr (runner.lr_mult): B starts at zero."""
+    Our own ~60 lines rather than peft's inject_adapter_in_model: it swaps each targeted nn.Linear for a LoRA layer that
+    holds the original as `base_layer` (keys `qkv.base_layer.weight`, `qkv.lora_A.default.weight`), so the plain
+    segmenter could no longer load an adapted checkpoint, and an injected model has none of PeftModel's merging (peft's
+    docs, "Adapter injection"): the merge, the key mapping and the exact resume would be ours to write anyway, on top of
+    an optional dependency, for two matmuls. Here A and B are the method's parameters (`method.lora.*`), applied by a
+    forward hook on the frozen layer, so the segmenter's keys never change; `merged_state` writes W + (alpha / r) B A
+    into the checkpoint's segmenter weights (what `tmtseg eval`/`predict` or any plain Segmenter load) and the exact
+    frozen W beside it (`method.lora.base.*`), which `unmerge_state` puts back on load: a resume is bitwise exact. The
+    frozen weights have requires_grad=False, which DDP skips; every LoRA factor is used in every forward. As fresh
+    modules of the method, the factors train at adapt.head_lr_mult x train.lr (runner.lr_mult): B starts at zero."""
 
     def __init__(self, *, rank: int, alpha: float, targets: list[str]):
         super().__init__()
