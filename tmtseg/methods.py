@@ -1,33 +1,25 @@
 """Adaptation methods as small typed pieces composed into one pipeline (method.md §2, §6).
 
 A method is the segmentation loss on the labelled batch plus pieces: domain alignment at image, patch or region level
-(DANN, TVT-style, ACTE), attention biasing (TVT-style, TMA), regularisers toward the source model (the preservation
-KL, L2-SP) and which weights train (all, LoRA, a frozen ViT). `METHODS` names every method by its pieces: the CLI, the
-config validation and the bench take their names from it. `Trainer` = segmenter + method + criterion: the one module
-that DDP wraps and that checkpoints hold.
+(DANN, TVT-style, ACTE) and attention biasing (TVT-style, TMA), here; regularisers toward the source model (the KL,
+L2-SP; regularisers.py) and which weights train (LoRA, a frozen ViT; models/tuning.py). `recipes.METHODS` names every
+method by its pieces; `build_method` makes them from their config sections. `Trainer` = segmenter + method +
+criterion: the one module that DDP wraps and that checkpoints hold.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dist
 from .models.acte import ACTE
 from .models.criterion import SetCriterion, semantic_targets
 from .models.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse, grl_coeff
-from .models.inference import semantic_probs
 from .models.tma import TMA, resize_map
+from .models.tuning import FrozenBackbone, LoRA
 from .recipes import METHODS, regularisers_of
-
-
-def class_distribution(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
-    """Per-pixel class distribution [B, K, h, w] (float32, sums to 1 over K) of a mask-classification output."""
-    probs = semantic_probs(pred_logits.float(), pred_masks.float())  # [B, K, h, w]
-    return probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
+from .regularisers import L2SP, PreserveKL
 
 
 def make_targets(labels: Tensor, *, num_classes: int, ignore_index: int) -> list[dict]:
@@ -175,147 +167,6 @@ class Hooks:
                 bias = b if bias is None or b is None else bias + b
                 scale = s if scale is None or s is None else scale * s
         return bias, scale
-
-
-# ------------------------------------------------------------------------------------------------------ regularisers
-
-
-class PreserveKL:
-    """LwF-style distillation, this project's "preservation term": KL(source model || adapted model) of the per-pixel
-    class distributions on the pred_masks grid, on the images of `domains`, each pixel weighted by the method's
-    transferability T(p) (weighting="transferability", where the method has a map) or uniformly."""
-
-    name = "loss_preserve"
-
-    def __init__(self, *, weight: float, domains: tuple[str, ...], weighting: str):
-        self.weight, self.domains, self.weighting = weight, domains, weighting
-        self._teacher: tuple[nn.Module, ...] = ()  # in a tuple: not a submodule, so never trained, saved or wrapped
-
-    def set_source(self, model: nn.Module) -> None:
-        self._teacher = (model,)
-
-    def term(self, images: Tensor, outputs: dict, weight: Tensor | None) -> Tensor:
-        """The KL on one batch; weight [B, 1, h, w] (detached) or None = uniform."""
-        if not self._teacher:
-            raise RuntimeError("preserve: set_teacher() was not called (the runner loads the source model)")
-        with torch.no_grad():
-            teacher = self._teacher[0](images)
-            p_t = class_distribution(teacher["pred_logits"], teacher["pred_masks"])  # [B, K, h, w]
-        p_s = class_distribution(outputs["pred_logits"], outputs["pred_masks"])  # [B, K, h, w]
-        kl = (torch.special.xlogy(p_t, p_t) - p_t * torch.log(p_s.clamp_min(1e-8))).sum(1, keepdim=True)  # [B, 1, h, w]
-        if weight is None:
-            return kl.mean()
-        weight = weight.detach().to(kl.dtype)
-        return (kl * weight).sum() / weight.sum().clamp_min(1e-6)
-
-    def loss(self, method: Method, passes: dict[str, tuple[Tensor, dict]]) -> Tensor:
-        terms = []
-        for domain in self.domains:
-            if domain in passes:
-                images, outputs = passes[domain]
-                hw = outputs["pred_masks"].shape[-2:]
-                t = method.transferability(outputs["adapt"], hw) if self.weighting == "transferability" else None
-                terms.append(self.term(images, outputs, t))
-        return self.weight * sum(terms) / max(len(terms), 1)
-
-
-class L2SP:
-    """L2-SP (Li et al., 2018): alpha/2 * |w - w_source|^2 over the segmenter's trained weights (all of which the
-    source model has), beta/2 * |w|^2 over the method's new ones. AdamW's decoupled decay stays on as for every
-    method (like for like); at lr 1e-4 it moves a weight by 5e-6 of itself per step, next to nothing."""
-
-    name = "loss_l2sp"
-
-    def __init__(self, *, alpha: float, beta: float):
-        self.alpha, self.beta = alpha, beta
-        self._source: dict[str, Tensor] = {}  # the source model's weights by name: not state, never saved
-
-    def set_source(self, model: nn.Module) -> None:
-        self._source = {n: p.detach() for n, p in model.named_parameters()}
-
-    def loss(self, model: nn.Module, method: nn.Module) -> Tensor:
-        if not self._source:
-            raise RuntimeError("l2sp: set_teacher() was not called (the runner loads the source model)")
-        zero = next(model.parameters()).new_zeros(())  # a tensor even where nothing is trained
-        anchored = sum(
-            (((p - self._source[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad), zero
-        )
-        new = sum(((p**2).sum() for p in method.parameters() if p.requires_grad), zero)
-        return 0.5 * self.alpha * anchored + 0.5 * self.beta * new
-
-
-# ----------------------------------------------------------------------------------------------- which weights train
-
-_LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-
-
-class LoRA(nn.Module):
-    """LoRA (Hu et al., 2021): the ViT frozen; beside each targeted linear layer of its blocks a low-rank update
-    y += (alpha / rank) * B(A x), A [r, in] (Kaiming init), B [out, r] (zeros: training starts at the source model).
-
-    Our own ~60 lines rather than peft's inject_adapter_in_model: it swaps each targeted nn.Linear for a LoRA layer that
-    holds the original as `base_layer` (keys `qkv.base_layer.weight`, `qkv.lora_A.default.weight`), so the plain
-    segmenter could no longer load an adapted checkpoint, and an injected model has none of PeftModel's merging (peft's
-    docs, "Adapter injection"): the merge, the key mapping and the exact resume would be ours to write anyway, on top of
-    an optional dependency, for two matmuls. Here A and B are the method's parameters (`method.lora.*`), applied by a
-    forward hook on the frozen layer, so the segmenter's keys never change; `merged_state` writes W + (alpha / r) B A
-    into the checkpoint's segmenter weights (what `tmtseg eval`/`predict` or any plain Segmenter load) and the exact
-    frozen W beside it (`method.lora.base.*`), which `unmerge_state` puts back on load: a resume is bitwise exact. The
-    frozen weights have requires_grad=False, which DDP skips; every LoRA factor is used in every forward. As fresh
-    modules of the method, the factors train at adapt.head_lr_mult x train.lr (runner.lr_mult): B starts at zero."""
-
-    def __init__(self, *, rank: int, alpha: float, targets: list[str]):
-        super().__init__()
-        self.rank, self.scale, self.targets = rank, alpha / rank, [_LORA_TARGETS[t] for t in targets]
-        self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
-        self._layers: dict[str, str] = {}  # factor key -> the layer's name in the segmenter
-        self._handles: list = []
-
-    def attach(self, model: nn.Module) -> None:
-        vit = model.backbone.vit
-        vit.requires_grad_(False)
-        for name, layer in vit.named_modules():
-            if isinstance(layer, nn.Linear) and any(name.endswith(t) for t in self.targets):
-                key = name.replace(".", "_")
-                a = torch.empty(self.rank, layer.in_features)
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear (and the LoRA reference) initialise A
-                self.a[key] = nn.Parameter(a)
-                self.b[key] = nn.Parameter(torch.zeros(layer.out_features, self.rank))
-                self._layers[key] = f"backbone.vit.{name}"
-                self._handles.append(layer.register_forward_hook(self._hook(key)))
-        if not self._layers:
-            raise RuntimeError(f"lora: no linear layer of the ViT matches {self.targets}")
-
-    def _hook(self, key: str):
-        def add_update(layer: nn.Module, inputs: tuple, output: Tensor) -> Tensor:  # noqa: ARG001
-            x = inputs[0]  # [B, N, in]
-            return output + self.scale * F.linear(F.linear(x, self.a[key]), self.b[key])  # [B, N, r] -> [B, N, out]
-
-        return add_update
-
-    def delta(self, key: str) -> Tensor:
-        return self.scale * self.b[key] @ self.a[key]  # [out, r] x [r, in] -> [out, in]
-
-    def merged_state(self, state: dict, prefix: str) -> None:
-        """In a trainer's state dict: the segmenter's weights with the update merged in, the frozen ones beside."""
-        for key, layer in self._layers.items():
-            w = state[f"{prefix}model.{layer}.weight"]
-            state[f"{prefix}method.lora.base.{key}"] = w
-            state[f"{prefix}model.{layer}.weight"] = w + self.delta(key).detach().to(w.dtype)
-
-    def unmerge_state(self, state: dict, prefix: str) -> None:
-        """Before loading a trainer's state dict: the frozen weights back in place of the merged ones."""
-        for key, layer in self._layers.items():
-            base = state.pop(f"{prefix}method.lora.base.{key}", None)
-            if base is not None:
-                state[f"{prefix}model.{layer}.weight"] = base
-
-
-class FrozenBackbone(nn.Module):
-    """The ViT frozen (the feature pyramid, pixel decoder and mask decoder train): linear-probing's analogue."""
-
-    def attach(self, model: nn.Module) -> None:
-        model.backbone.vit.requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------- method
