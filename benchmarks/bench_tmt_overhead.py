@@ -74,7 +74,7 @@ def _step(trainer, opt, batches, step):
 
 def train_step_times(cfgs: dict, rounds: int) -> dict:
     cfg = next(iter(cfgs.values()))[0]
-    batches = {"target": _batch(cfg, 1), "source": _batch(cfg, 2)}
+    batches = {"labelled": _batch(cfg, 1), "unlabelled": _batch(cfg, 2)}
     runs = {}
     for name, (cfg, use_source) in cfgs.items():
         torch.manual_seed(0)
@@ -82,7 +82,7 @@ def train_step_times(cfgs: dict, rounds: int) -> dict:
         if trainer.method.wants_teacher:  # the preservation term's frozen source model (here: the same init)
             trainer.method.set_teacher(copy.deepcopy(trainer.model))
         opt = torch.optim.AdamW(trainer.parameters(), lr=1e-5)
-        b = batches if use_source else {"target": batches["target"]}
+        b = batches if use_source else {"labelled": batches["labelled"]}
         _step(trainer, opt, b, 0)  # warm-up
         runs[name] = (trainer, opt, b, [])
     for r in range(rounds):
@@ -125,8 +125,8 @@ def acte_scaling(cfg, rounds: int) -> list[dict]:
         cell=a.cell,
         iters=a.iters,
         kappa=a.kappa,
-        disc_hidden=a.disc_hidden,
-        disc_dropout=a.disc_dropout,
+        disc_hidden=cfg.adapt.disc.hidden,
+        disc_dropout=cfg.adapt.disc.dropout,
     )
     rows = []
     for factor in (1, 2, 4):  # side x1, x2, x4 -> map area x1, x4, x16

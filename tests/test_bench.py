@@ -247,3 +247,22 @@ def test_a_run_is_found_under_another_method_name_and_preserve_hashes_only_where
     report(bench, b)
     table = (tmp_path / "fresh" / "report.md").read_text()
     assert "| tmt | " in table and "| tmt-p10 | " in table
+
+
+def test_a_regulariser_or_lora_enters_the_hash_only_where_it_acts():
+    """The sections a method does not use leave its hash alone; a method that is another plus a regulariser (lwf =
+    finetune + KL, l2sp = finetune + L2-SP) hashes as that one, so the same computation is found under either name."""
+    from tmtseg.bench import config_hash
+    from tmtseg.config import load_config
+
+    def h(*overrides: str) -> str:
+        return config_hash(load_config([], list(overrides)))
+
+    finetune, tmt = h("adapt.method=finetune"), h("adapt.method=tmt")
+    unused = ["adapt.l2sp.alpha=1.0", "adapt.lora.rank=2", "adapt.l2sp.methods=[dann]", "adapt.preserve.methods=[]"]
+    assert h("adapt.method=finetune", *unused) == finetune
+    assert h("adapt.method=tmt", "adapt.l2sp.methods=[tmt]") != tmt
+    assert h("adapt.method=lwf") == h("adapt.method=finetune", "adapt.preserve.methods=[finetune]") != finetune
+    l2sp = h("adapt.method=l2sp")
+    assert l2sp == h("adapt.method=finetune", "adapt.l2sp.methods=[finetune]")
+    assert len({l2sp, h("adapt.method=lora"), finetune}) == 3

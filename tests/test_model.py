@@ -119,7 +119,7 @@ class Hooks:
         self.bias_fn, self.scale_fn, self.backbone_fn = bias, scale, backbone
         self.calls, self.features = [], None
 
-    def decoder_attn(self, layer, prev, hw):
+    def decoder_attn(self, layer, prev, hw, adapt):  # noqa: ARG002
         self.calls.append((layer, {k: v.clone() for k, v in prev.items()}, hw))
         B = prev["pred_logits"].shape[0]
         bias = None if self.bias_fn is None else self.bias_fn(B, hw)
@@ -128,9 +128,10 @@ class Hooks:
 
     def pixel_features(self, features):
         self.features = features
+        return {"pixel": 1}
 
     def backbone_attn(self, tokens, hw):
-        return None if self.backbone_fn is None else self.backbone_fn(tokens, hw)
+        return (None if self.backbone_fn is None else self.backbone_fn(tokens, hw)), {"backbone": 1}
 
 
 def test_zero_bias_unit_scale_and_none_hooks_change_nothing():
@@ -158,6 +159,7 @@ def test_hooks_see_previous_prediction_features_and_hw():
         torch.testing.assert_close(prev["pred_logits"], aux["pred_logits"])
         torch.testing.assert_close(prev["pred_masks"], aux["pred_masks"])  # 64x96 needs no padding
     assert hooks.features is not None and set(hooks.features) == set(out["features"])
+    assert out["adapt"] == out["features"]["adapt"] == {"backbone": 1, "pixel": 1}  # what the hooks returned
 
 
 def test_large_negative_bias_silences_keys_and_masked_keys_stay_masked():

@@ -13,7 +13,7 @@ TINY = [
     "model.dec_layers=3",
     "model.dim_feedforward=64",
     "loss.num_points=256",
-    "adapt.acte.disc_hidden=32",
+    "adapt.disc.hidden=32",
     "data.crop_size=[64,64]",
     "data.batch_size=2",
 ]

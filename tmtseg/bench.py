@@ -29,9 +29,10 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config as config_mod
 from .config import Config, SplitConfig
 from .errors import ConfigError, TmtsegError
+from .recipes import METHODS, regularisers_of
 
 PACKAGED = Path(__file__).resolve().parent / "configs"
-ADAPT_METHODS = ("finetune", "dann", "tvt", "tmt")
+ADAPT_METHODS = tuple(METHODS)
 REFERENCE_METHODS = ("source-only", "target-only")
 
 
@@ -185,10 +186,22 @@ def config_hash(cfg: Config) -> str:
     """What a run computes: the resolved config without where it is written, with the hash version."""
     d = config_mod.to_dict(cfg)
     d.pop("output_dir"), d.pop("name")
-    # the preservation term counts only where it acts (which methods list it is no part of what a run computes)
-    preserve = d["adapt"].pop("preserve")
-    if d["adapt"]["method"] in preserve.pop("methods") and preserve["weight"] > 0:
-        d["adapt"]["preserve"] = preserve
+    a = d["adapt"]
+    # a regulariser or a LoRA counts only where it acts (which methods list it is no part of what a run computes)
+    acting = regularisers_of(cfg.adapt)
+    for kind in ("preserve", "l2sp"):
+        section = a.pop(kind)
+        section.pop("methods")
+        if kind in acting:
+            a[kind] = section
+    # a method that is another plus a regulariser (lwf = finetune + KL, l2sp = finetune + L2-SP) is hashed as that
+    # one with the regulariser's section: the same computation finds the same run under either name
+    own = METHODS[a["method"]]
+    a["method"] = next(n for n, r in METHODS.items() if not r.regularisers and (r.align, r.attention, r.tuning) ==
+                       (own.align, own.attention, own.tuning))  # fmt: skip
+    lora = a.pop("lora")
+    if any(kind == "lora" for _, kind in METHODS[cfg.adapt.method].tuning):
+        a["lora"] = lora
     return hashlib.sha1(json.dumps({"version": HASH_VERSION, "config": d}, sort_keys=True).encode()).hexdigest()[:10]
 
 

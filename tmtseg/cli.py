@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .recipes import METHODS
 
 EPILOG = (
     "Exit codes: 0 ok, 1 unexpected error, 2 bad config, data or arguments, 3 bad checkpoint, 4 training failed"
@@ -69,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapt", help="adapt a source model to the target split with a method")
     _add_config_args(p)
-    p.add_argument("--method", choices=("finetune", "dann", "tvt", "tmt"), help="overrides adapt.method")
+    p.add_argument("--method", choices=tuple(METHODS), help="overrides adapt.method")
     p.add_argument("--source-checkpoint", help="the source model (overrides adapt.source_checkpoint)")
     p.add_argument("--unsupervised", action="store_true", help="target labels unused; source labels used")
     _add_launch_args(p)

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
+from .recipes import METHODS
 
 
 @dataclass
@@ -152,8 +153,22 @@ class ACTEConfig:
     iters: int = 3  # L: soft-clustering iterations; 0 = fixed square patches
     kappa: float = 10.0  # temperature on the cosine similarity
     feature_stride: int = 8  # which pixel-decoder map clusters: 8 | 16 | 32
-    disc_hidden: int = 256
-    disc_dropout: float = 0.1
+
+
+@dataclass
+class DiscConfig:
+    """The domain discriminators of every aligning method (DANN's image level, TVT's patch and global, ACTE's region
+    level): a 3-layer MLP each. One section, so that the methods compare with discriminators of the same size."""
+
+    hidden: int = 256  # DANN's 1024 is for 2048-d ResNet features; our token widths are 192-384
+    dropout: float = 0.1
+
+
+@dataclass
+class TVTConfig:
+    """TVT-style patch-level alignment (method.md §6)."""
+
+    eps: float = 1e-6  # bias = log(eps + t): finite where a patch reads as certainly one domain (t = 0)
 
 
 @dataclass
@@ -179,7 +194,8 @@ class TMAConfig:
 @dataclass
 class PreserveConfig:
     """Source-knowledge preservation (an extension; not in the paper): a KL term that keeps the adapted model's
-    semantic prediction close to the frozen source model's, for the methods listed in `methods` (TMT by default).
+    semantic prediction close to the frozen source model's: the method `lwf` (LwF / distillation) is fine-tuning
+    with it, and the methods listed in `methods` get it too (TMT by default).
     With a transferability map (TMT) each pixel counts by T(p): what the source model knows is kept where the domains
     look alike, and adaptation is free where they do not (method.md §5's "prioritising adaptation in regions with low
     transferability"). weight 0 = off, i.e. the paper's TMT. On the core bench (docs/results.md §3) it is what lifts
@@ -192,8 +208,31 @@ class PreserveConfig:
 
 
 @dataclass
+class L2SPConfig:
+    """L2-SP (Li et al., 2018): alpha/2 * |w - w_source|^2 on the weights the source model has (the whole segmenter),
+    beta/2 * |w|^2 on the method's new ones (discriminators, TMA's lambda, LoRA factors). The method `l2sp` is
+    fine-tuning with it; `methods` gives it to others (like for like: TMT + L2-SP against fine-tuning + L2-SP)."""
+
+    # Li et al. find alpha in 0.01-0.1 best for transfer (0.01 for segmentation) and keep beta = 0.01; the pull is
+    # summed over every weight, against a segmentation loss of ~40 (7 deep-supervised layers), so the small end
+    alpha: float = 0.01
+    beta: float = 0.01
+    methods: list[str] = field(default_factory=list)  # other methods that get the term (l2sp has it always)
+
+
+@dataclass
+class LoRAConfig:
+    """Parameter-efficient tuning (method `lora`): the ViT frozen, a low-rank update B @ A (scaled by alpha / rank)
+    learnt beside each targeted linear layer of its blocks; the pixel decoder and the mask decoder are trained."""
+
+    rank: int = 8  # Hu et al.: r = 4-8 on the attention matches full fine-tuning; tens of target images ask no more
+    alpha: float = 8.0  # scale alpha / rank = 1: the update's size does not change with the rank
+    targets: list[str] = field(default_factory=lambda: ["qkv"])  # of qkv, proj (attention), fc1, fc2 (MLP)
+
+
+@dataclass
 class AdaptConfig:
-    method: str = "finetune"  # finetune | dann | tvt | tmt
+    method: str = "finetune"  # one of recipes.METHODS: finetune | lwf | l2sp | lora | frozen | dann | tvt | tmt
     unsupervised: bool = False  # True: target labels unused (source labels used instead)
     adv_weight: float = 0.1  # weight of each adversarial loss (TVT's beta = gamma = 0.1)
     # the discriminators' lr = train.lr * this: they start from scratch while the segmenter is only nudged (DANN's
@@ -201,9 +240,13 @@ class AdaptConfig:
     head_lr_mult: float = 10.0
     grl_max_iter: int = 0  # GRL ramp length; 0 = train.iters
     source_checkpoint: str = ""  # the source model every method starts from
+    disc: DiscConfig = field(default_factory=DiscConfig)
     acte: ACTEConfig = field(default_factory=ACTEConfig)
     tma: TMAConfig = field(default_factory=TMAConfig)
+    tvt: TVTConfig = field(default_factory=TVTConfig)
     preserve: PreserveConfig = field(default_factory=PreserveConfig)
+    l2sp: L2SPConfig = field(default_factory=L2SPConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -228,7 +271,6 @@ _CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.nonfinite": ("stop", "skip"),
     "infer.mode": ("whole", "slide"),
-    "adapt.method": ("finetune", "dann", "tvt", "tmt"),
     "adapt.acte.feature_stride": (8, 16, 32),
     "adapt.tma.combine": ("mix", "product"),
     "adapt.tma.form": ("additive", "multiplicative"),
@@ -290,8 +332,13 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "adapt.acte.cell": (1, None),
     "adapt.acte.iters": (0, None),
     "adapt.acte.kappa": (0, None),
-    "adapt.acte.disc_hidden": (1, None),
-    "adapt.acte.disc_dropout": (0, 1),
+    "adapt.disc.hidden": (1, None),
+    "adapt.disc.dropout": (0, 1),
+    "adapt.tvt.eps": (0, None),
+    "adapt.l2sp.alpha": (0, None),
+    "adapt.l2sp.beta": (0, None),
+    "adapt.lora.rank": (1, None),
+    "adapt.lora.alpha": (0, None),
     "adapt.tma.alpha": (0, 1),
     "adapt.tma.lambda_lr_mult": (0, None),
     "adapt.tma.eps": (0, None),
@@ -306,6 +353,7 @@ _POSITIVE = {
     "model.backbone.mlp_ratio",
     "adapt.acte.kappa",
     "adapt.tma.eps",
+    "adapt.tvt.eps",
 }
 
 
@@ -343,9 +391,14 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key infer.stride={cfg.infer.stride}: two steps [H, W], each >= 1")
     if len(cfg.model.pixel_mean) != 3 or len(cfg.model.pixel_std) != 3 or min(cfg.model.pixel_std) <= 0:
         raise ConfigError("config keys model.pixel_mean, model.pixel_std: three values each, std > 0")
-    bad = [m for m in cfg.adapt.preserve.methods if m not in _CHOICES["adapt.method"]]
-    if bad:
-        raise ConfigError(f"config key adapt.preserve.methods: {bad} not among {', '.join(_CHOICES['adapt.method'])}")
+    if cfg.adapt.method not in METHODS:
+        raise ConfigError(f"config key adapt.method={cfg.adapt.method!r}: must be one of {', '.join(METHODS)}")
+    for key in ("preserve", "l2sp"):
+        bad = [m for m in getattr(cfg.adapt, key).methods if m not in METHODS]
+        if bad:
+            raise ConfigError(f"config key adapt.{key}.methods: {bad} not among {', '.join(METHODS)}")
+    if not cfg.adapt.lora.targets or not set(cfg.adapt.lora.targets) <= {"qkv", "proj", "fc1", "fc2"}:
+        raise ConfigError(f"config key adapt.lora.targets={cfg.adapt.lora.targets}: one or more of qkv, proj, fc1, fc2")
     if cfg.data.num_classes < 1:
         raise ConfigError(f"config key data.num_classes={cfg.data.num_classes}: must be >= 1")
     if cfg.data.class_names and len(cfg.data.class_names) != cfg.data.num_classes:

@@ -1,346 +1,379 @@
-"""Adaptation methods as small pieces composed into one pipeline (method.md §2, §6).
+"""Adaptation methods as small typed pieces composed into one pipeline (method.md §2, §6).
 
-A method turns a step's batches into losses. `finetune` is the plain segmentation loss (also how source models are
-trained); the adversarial methods add discriminators and attention hooks. `Trainer` = segmenter + method + criterion:
-the one module that DDP wraps and that checkpoints hold.
+A method is the segmentation loss on the labelled batch plus pieces: domain alignment at image, patch or region level
+(DANN, TVT-style, ACTE) and attention biasing (TVT-style, TMA), here; regularisers toward the source model (the KL,
+L2-SP; regularisers.py) and which weights train (LoRA, a frozen ViT; models/tuning.py). `recipes.METHODS` names every
+method by its pieces; `build_method` makes them from their config sections. `Trainer` = segmenter + method +
+criterion: the one module that DDP wraps and that checkpoints hold.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import dist
 from .models.acte import ACTE
 from .models.criterion import SetCriterion, semantic_targets
 from .models.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse, grl_coeff
-from .models.inference import semantic_probs
 from .models.tma import TMA, resize_map
+from .models.tuning import FrozenBackbone, LoRA
+from .recipes import METHODS, regularisers_of
+from .regularisers import L2SP, PreserveKL
 
 
-def class_distribution(pred_logits: torch.Tensor, pred_masks: torch.Tensor) -> torch.Tensor:
-    """Per-pixel class distribution [B, K, h, w] (float32, sums to 1 over K) of a mask-classification output."""
-    probs = semantic_probs(pred_logits.float(), pred_masks.float())  # [B, K, h, w]
-    return probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
-
-
-def make_targets(labels: torch.Tensor, *, num_classes: int, ignore_index: int) -> list[dict]:
+def make_targets(labels: Tensor, *, num_classes: int, ignore_index: int) -> list[dict]:
     """[B, H, W] semantic labels -> per-image set targets (labels, masks, valid)."""
     return [semantic_targets(lab, num_classes=num_classes, ignore_index=ignore_index) for lab in labels]
 
 
-class Finetune(nn.Module):
-    """The plain segmentation loss on the labelled batch: vanilla fine-tuning, and supervised source training.
+# ----------------------------------------------------------------------------------------------- domain alignment
+# An alignment piece reads the segmenter's features through a hook and returns its outputs (the segmenter hands them
+# back in `out["adapt"]`); `loss(labelled, unlabelled)` turns the two batches' outputs into its adversarial loss.
+# Each piece is the discriminator module itself, so that the checkpoint keys stay `method.<name>.*`.
 
-    Subclasses add a domain-adversarial term: `hooks()` makes the per-forward hook object that records what the
-    discriminators need (and supplies attention terms), `domain_loss()` turns two such records into a loss. Any method
-    may add the preservation term (`preserve`: a KL to the frozen source model set by `set_teacher`, per pixel weighted
-    by `transferability()` where the method estimates one); build_method gives it to the methods adapt.preserve lists.
+
+class ImageAlignment(Discriminator):
+    """Image level (DANN; TVT's global term): one discriminator, behind a GRL, on the mean backbone token."""
+
+    key = "image_logits"
+    at_inference = False  # it changes no prediction
+
+    def pixel_features(self, features: dict, *, grl: float | None) -> dict:
+        if grl is None:
+            return {}
+        pooled = features["tokens"].mean(1)  # [B, N, C] -> [B, C]
+        return {self.key: self(grad_reverse(pooled, grl))}  # [B]
+
+    def loss(self, labelled: dict, unlabelled: dict, *, labelled_is_source: bool) -> Tensor:
+        return domain_bce(labelled[self.key], labelled_is_source) + domain_bce(
+            unlabelled[self.key], not labelled_is_source
+        )
+
+
+class PatchAlignment(Discriminator):
+    """Patch level (TVT-style): a discriminator, behind a GRL, on each input token of the last ViT block."""
+
+    key = "patch_logits"
+    at_inference = True  # its logits are the transferability that TVT's attention term reads
+
+    def backbone_tokens(self, tokens: Tensor, *, grl: float | None) -> dict:
+        x = tokens if grl is None else grad_reverse(tokens, grl)
+        return {self.key: self(x)}  # [B, N, C] -> [B, N]
+
+    def loss(self, labelled: dict, unlabelled: dict, *, labelled_is_source: bool) -> Tensor:
+        return domain_bce(labelled[self.key], labelled_is_source) + domain_bce(
+            unlabelled[self.key], not labelled_is_source
+        )
+
+
+class RegionAlignment(ACTE):
+    """Region level (ACTE, method.md §4) on one pixel-decoder map; its map T(p) feeds TMA and the KL's weighting."""
+
+    key = "acte"
+
+    def __init__(self, *, feature_stride: int, at_inference: bool, **acte):
+        super().__init__(**acte)
+        self.feature_stride = feature_stride
+        self.level = {32: 0, 16: 1, 8: 2}[feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
+        self.at_inference = at_inference
+
+    def pixel_features(self, features: dict, *, grl: float | None) -> dict:
+        return {self.key: self(features["multi_scale"][self.level], grl_coeff=grl)}  # on [B, C, h, w]
+
+    def loss(self, labelled: dict, unlabelled: dict, *, labelled_is_source: bool) -> Tensor:
+        return ACTE.loss(labelled[self.key], labelled_is_source) + ACTE.loss(
+            unlabelled[self.key], not labelled_is_source
+        )
+
+    def image_map(self, adapt: dict, hw: tuple[int, int]) -> Tensor:
+        """T [B, 1, h', w'] cut to the image whose pred_masks grid is hw (the map covers the padded grid)."""
+        s = self.feature_stride
+        return adapt[self.key]["tmap"][..., : -(-hw[0] * 4 // s), : -(-hw[1] * 4 // s)]
+
+
+# ------------------------------------------------------------------------------------------------ attention biasing
+
+
+class PatchAttention(nn.Module):
+    """TVT-style: the last ViT block's attention to each key re-weighted by that patch's transferability (binary
+    entropy of the patch discriminator): the dense analogue of TVT's scaling of the class-token row."""
+
+    at_inference = True
+
+    def __init__(self, *, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def backbone_bias(self, adapt: dict) -> Tensor:
+        t = binary_entropy_bits(torch.sigmoid(adapt[PatchAlignment.key].detach()))  # [B, N], 1 = transferable
+        return torch.log(self.eps + t)[:, None, :]  # [B, 1, N]: an additive per-key bias
+
+
+class TMAAttention(TMA):
+    """TMA (method.md §5) on ACTE's map in every masked cross-attention of the decoder; with loss_weight (beta) the
+    mask losses also weight each point by 1 + beta * W (an extension; beta = 0 is the paper's TMA)."""
+
+    def __init__(self, *, at_inference: bool, loss_weight: float, **tma):
+        super().__init__(**tma)
+        self.at_inference, self.loss_weight = at_inference, loss_weight
+
+    def decoder_attn(self, layer: int, prev: dict, hw: tuple[int, int], adapt: dict):  # noqa: ARG002
+        return self.attn_terms(resize_map(adapt[RegionAlignment.key]["tmap"], hw), prev, hw)  # [B, 1, h, w] map
+
+    def point_weight(self, tmap: Tensor, outputs: dict) -> Tensor:
+        """1 + beta * W(p) [B, 1, h, w] on the final prediction's grid (tmap: T cut to the image)."""
+        masks = outputs["pred_masks"]  # [B, Q, h, w], cropped to the image
+        hw = tuple(masks.shape[-2:])
+        prev = {"pred_logits": outputs["pred_logits"].detach(), "pred_masks": masks.detach()}
+        return 1.0 + self.loss_weight * self.importance(tmap, prev, hw)
+
+
+class Hooks:
+    """The segmenter's hook points (models/segmenter.py) over a method's pieces, for one forward; grl=None at
+    inference. It holds no state: what the pieces compute comes back in the segmenter's `adapt` output."""
+
+    def __init__(self, *, align: list[nn.Module], attention: list[nn.Module], grl: float | None):
+        self.align, self.attention, self.grl = align, attention, grl
+        pieces = [*align, *attention]
+        # a hook point no piece uses is absent, so that the segmenter runs exactly as without hooks there
+        if not any(hasattr(p, "backbone_tokens") or hasattr(p, "backbone_bias") for p in pieces):
+            self.backbone_attn = None
+        if not any(hasattr(p, "pixel_features") for p in pieces):
+            self.pixel_features = None
+        if not any(hasattr(p, "decoder_attn") for p in pieces):
+            self.decoder_attn = None
+
+    def backbone_attn(self, tokens: Tensor, hw: tuple[int, int]) -> tuple[Tensor | None, dict]:  # noqa: ARG002
+        out: dict = {}
+        for piece in self.align:
+            if hasattr(piece, "backbone_tokens"):
+                out.update(piece.backbone_tokens(tokens, grl=self.grl))
+        biases = [a.backbone_bias(out) for a in self.attention if hasattr(a, "backbone_bias")]
+        return (sum(biases[1:], biases[0]) if biases else None), out  # [B, 1 or h, N]
+
+    def pixel_features(self, features: dict) -> dict:
+        out: dict = {}
+        for piece in self.align:
+            if hasattr(piece, "pixel_features"):
+                out.update(piece.pixel_features(features, grl=self.grl))
+        return out
+
+    def decoder_attn(self, layer: int, prev: dict, hw: tuple[int, int], adapt: dict):
+        bias, scale = None, None  # several pieces: biases add, scales multiply
+        for a in self.attention:
+            if hasattr(a, "decoder_attn"):
+                b, s = a.decoder_attn(layer, prev, hw, adapt)
+                bias = b if bias is None or b is None else bias + b
+                scale = s if scale is None or s is None else scale * s
+        return bias, scale
+
+
+# ----------------------------------------------------------------------------------------------------------- method
+
+
+class Method(nn.Module):
+    """The segmentation loss on the labelled batch + the method's pieces; `forward` returns the step's losses.
+
+    batches: {"labelled": {image, label}, "unlabelled": {image}} (the unlabelled batch only where a piece needs it).
+    The labelled batch is the target's (the source's in the unsupervised variant); `domains` names them for the KL's
+    `images` choice. Pieces are registered under their names in `METHODS`, so checkpoint keys read method.<name>.*.
     """
-
-    name = "finetune"
-    needs_source = False
 
     def __init__(
         self,
         *,
+        name: str,
         num_classes: int,
         ignore_index: int,
-        unsupervised: bool = False,
-        adv_weight: float = 0.0,
-        max_iter: int = 1,
-        preserve: dict | None = None,
+        unsupervised: bool,
+        adv_weight: float,
+        max_iter: int,
+        align: dict[str, nn.Module],
+        attention: dict[str, nn.Module],
+        tuning: dict[str, nn.Module],
+        regularisers: list[PreserveKL | L2SP],
     ):
         super().__init__()
-        self.num_classes, self.ignore_index, self.unsupervised = num_classes, ignore_index, unsupervised
-        self.adv_weight, self.max_iter = adv_weight, max_iter
-        preserve = {"weight": 0.0, "images": "source", "weighting": "transferability", **(preserve or {})}
-        self.preserve_weight = float(preserve["weight"])
-        images = preserve["images"]
-        self.preserve_on = ("source", "target") if images == "both" else (images,)
-        self.preserve_weighting = preserve["weighting"]
-        self.needs_source = type(self).needs_source or (self.wants_teacher and "source" in self.preserve_on)
-        self._teacher: tuple[nn.Module, ...] = ()  # in a tuple: not a submodule, so never trained, saved or wrapped
+        self.name, self.num_classes, self.ignore_index = name, num_classes, ignore_index
+        self.labelled_is_source, self.adv_weight, self.max_iter = unsupervised, adv_weight, max_iter
+        self.labelled_domain, self.unlabelled_domain = ("source", "target") if unsupervised else ("target", "source")
+        for key, piece in {**align, **attention, **tuning}.items():
+            self.add_module(key, piece)
+        self.align, self.attention = list(align.values()), list(attention.values())
+        self.tuning = list(tuning.values())
+        self.regularisers = regularisers
+        self.preserve = next((r for r in regularisers if isinstance(r, PreserveKL)), None)
+        self.kl_on_unlabelled = self.preserve is not None and self.unlabelled_domain in self.preserve.domains
+        self.needs_unlabelled = bool(self.align) or self.kl_on_unlabelled
 
     @property
     def wants_teacher(self) -> bool:
-        """Whether the method needs the frozen source model (`set_teacher`) for the preservation term."""
-        return self.preserve_weight > 0
+        """Whether a regulariser needs the frozen source model (`set_teacher`)."""
+        return bool(self.regularisers)
 
     def set_teacher(self, model: nn.Module) -> None:
-        """The frozen source model of the preservation term (the runner loads it from adapt.source_checkpoint)."""
+        """The frozen source model of the regularisers (the runner loads it from adapt.source_checkpoint)."""
         model.eval().requires_grad_(False)
-        self._teacher = (model,)
+        for r in self.regularisers:
+            r.set_source(model)
+
+    def attach(self, model: nn.Module) -> None:
+        """Give the tuning pieces (LoRA, a frozen ViT) the segmenter: before the optimizer and DDP see it."""
+        for piece in self.tuning:
+            piece.attach(model)
+
+    def hooks(self, *, grl: float | None) -> Hooks | None:
+        """The hook object of one forward (None = vanilla Mask2Former); grl=None means inference."""
+        align = [p for p in self.align if grl is not None or p.at_inference]
+        attention = [p for p in self.attention if grl is not None or p.at_inference]
+        return Hooks(align=align, attention=attention, grl=grl) if align or attention else None
+
+    def inference_hooks(self) -> Hooks | None:
+        return self.hooks(grl=None)
+
+    def transferability(self, adapt: dict, hw: tuple[int, int]) -> Tensor | None:
+        """T(p) [B, 1, h, w] on the pred_masks grid of the image (None: no piece estimates one)."""
+        for piece in self.align:
+            if hasattr(piece, "image_map") and piece.key in adapt:
+                return resize_map(piece.image_map(adapt, hw), hw).clamp(0.0, 1.0)
+        return None
+
+    def point_weight(self, outputs: dict) -> Tensor | None:
+        """Per-pixel weights [B, 1, h, w] of the mask losses on the pred_masks grid (None = uniform)."""
+        weighted = [a for a in self.attention if getattr(a, "loss_weight", 0.0)]
+        region = next((p for p in self.align if hasattr(p, "image_map")), None)
+        if not weighted or region is None or region.key not in outputs["adapt"]:
+            return None
+        tmap = region.image_map(outputs["adapt"], tuple(outputs["pred_masks"].shape[-2:]))
+        return weighted[0].point_weight(tmap, outputs)
 
     def seg_loss(self, criterion: SetCriterion, batch: dict, outputs: dict) -> dict:
         targets = make_targets(batch["label"], num_classes=self.num_classes, ignore_index=self.ignore_index)
         num_masks = dist.all_reduce_mean(torch.tensor(float(criterion.num_masks(targets)))).clamp(min=1.0)
         return criterion(outputs, targets, num_masks=float(num_masks))
 
-    def hooks(self, *, grl: float | None):  # noqa: ARG002
-        """The hook object of one forward (None = vanilla Mask2Former); grl=None means inference."""
-        return None
-
-    def inference_hooks(self):
-        return self.hooks(grl=None)
-
-    def point_weight(self, hooks, outputs: dict) -> torch.Tensor | None:  # noqa: ARG002
-        """Per-pixel weights [B, 1, h, w] of the mask losses on the pred_masks grid (None = uniform)."""
-        return None
-
-    def domain_loss(self, labelled: object, other: object, *, labelled_is_source: bool) -> torch.Tensor:
-        raise NotImplementedError
-
     def forward(self, model: nn.Module, criterion: SetCriterion, batches: dict[str, dict], *, step: int) -> dict:
-        # the labelled batch is the target's; in the unsupervised variant it is the source's
-        labelled_key, other_key = ("source", "target") if self.unsupervised else ("target", "source")
         grl = grl_coeff(step, self.max_iter)
         hooks = self.hooks(grl=grl)
-        outputs = model(batches[labelled_key]["image"], hooks=hooks)
-        weight = self.point_weight(hooks, outputs)
+        labelled = batches["labelled"]
+        outputs = model(labelled["image"], hooks=hooks)
+        weight = self.point_weight(outputs)
         if weight is not None:
             outputs = {**outputs, "point_weight": weight}
-        losses = self.seg_loss(criterion, batches[labelled_key], outputs)
-        passes = {labelled_key: (outputs, hooks)}
-        preserve_other = self.wants_teacher and other_key in self.preserve_on  # needs the decoder on that batch too
-        if other_key in batches and (hooks is not None or preserve_other):
-            other = self.hooks(grl=grl)
-            if preserve_other:
-                passes[other_key] = (model(batches[other_key]["image"], hooks=other), other)
+        losses = self.seg_loss(criterion, labelled, outputs)
+        passes = {self.labelled_domain: (labelled["image"], outputs)}
+        if "unlabelled" in batches and self.needs_unlabelled:
+            images = batches["unlabelled"]["image"]
+            if self.kl_on_unlabelled:  # the KL needs the decoder on that batch too
+                other = model(images, hooks=self.hooks(grl=grl))
+                passes[self.unlabelled_domain] = (images, other)
             else:
-                model.encode(batches[other_key]["image"], hooks=other)  # features only: the decoder is not needed
-            if hooks is not None:
-                adv = self.domain_loss(hooks, other, labelled_is_source=self.unsupervised)
+                other = model.encode(images, hooks=self.hooks(grl=grl))  # features only: what the discriminators see
+            if self.align:
+                adv = sum(
+                    p.loss(outputs["adapt"], other["adapt"], labelled_is_source=self.labelled_is_source)
+                    for p in self.align
+                )
                 losses["loss_adv"] = self.adv_weight * adv
                 losses["loss"] = losses["loss"] + losses["loss_adv"]
-        if self.wants_teacher:
-            terms = [self.preserve_loss(batches[k]["image"], *passes[k]) for k in self.preserve_on if k in passes]
-            losses["loss_preserve"] = self.preserve_weight * sum(terms) / max(len(terms), 1)
-            losses["loss"] = losses["loss"] + losses["loss_preserve"]
+        for reg in self.regularisers:
+            if isinstance(reg, PreserveKL):
+                losses[reg.name] = reg.loss(self, passes)
+            else:
+                losses[reg.name] = reg.loss(model, self)
+            losses["loss"] = losses["loss"] + losses[reg.name]
         return losses
 
-    def transferability(self, hooks, hw: tuple[int, int]) -> torch.Tensor | None:  # noqa: ARG002
-        """T(p) [B, 1, h, w] on the pred_masks grid of the image (None: the method estimates none)."""
-        return None
 
-    def preserve_loss(self, images: torch.Tensor, outputs: dict, hooks) -> torch.Tensor:
-        """KL(source model || adapted model) of the per-pixel class distributions on the pred_masks grid, averaged
-        over pixels with weight T(p) (or uniformly)."""
-        if not self._teacher:
-            raise RuntimeError("preserve: set_teacher() was not called (the runner loads the source model)")
-        with torch.no_grad():
-            teacher = self._teacher[0](images)
-            p_t = class_distribution(teacher["pred_logits"], teacher["pred_masks"])  # [B, K, h, w]
-        p_s = class_distribution(outputs["pred_logits"], outputs["pred_masks"])  # [B, K, h, w]
-        kl = (torch.special.xlogy(p_t, p_t) - p_t * torch.log(p_s.clamp_min(1e-8))).sum(1, keepdim=True)  # [B, 1, h, w]
-        w = self.transferability(hooks, kl.shape[-2:]) if self.preserve_weighting == "transferability" else None
-        if w is None:
-            return kl.mean()
-        w = w.detach().to(kl.dtype)
-        return (kl * w).sum() / w.sum().clamp_min(1e-6)
+# ----------------------------------------------------------------------------------------------------- the builders
 
 
-class _Record:
-    """What one forward leaves for the discriminators; also the hook object the segmenter calls."""
-
-    def __init__(self, method: nn.Module, grl: float | None):
-        self.method, self.grl, self.store = method, grl, {}
+def _disc(cfg) -> dict:
+    return dict(in_dim=cfg.model.backbone.embed_dim, hidden=cfg.adapt.disc.hidden, dropout=cfg.adapt.disc.dropout)
 
 
-class DANNHooks(_Record):
-    def pixel_features(self, features: dict) -> None:
-        tokens = features["tokens"]  # [B, N, C]
-        pooled = tokens.mean(1)  # [B, C]
-        if self.grl is not None:
-            self.store["logits"] = self.method.disc(grad_reverse(pooled, self.grl))  # [B]
-
-
-class DANN(Finetune):
-    """Global adversarial (DANN-style): one image-level discriminator, behind a GRL, on pooled backbone tokens."""
-
-    name = "dann"
-    needs_source = True
-
-    def __init__(self, *, embed_dim: int, disc_hidden: int, disc_dropout: float, **common):
-        super().__init__(**common)
-        self.disc = Discriminator(in_dim=embed_dim, hidden=disc_hidden, dropout=disc_dropout)
-
-    def hooks(self, *, grl: float | None):
-        return DANNHooks(self, grl) if grl is not None else None  # nothing changes at inference
-
-    def domain_loss(self, labelled, other, *, labelled_is_source: bool) -> torch.Tensor:
-        return domain_bce(labelled.store["logits"], labelled_is_source) + domain_bce(
-            other.store["logits"], not labelled_is_source
-        )
-
-
-class TVTHooks(_Record):
-    def backbone_attn(self, tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Patch transferability from the last block's input tokens -> an additive per-key bias for that block."""
-        x = tokens if self.grl is None else grad_reverse(tokens, self.grl)
-        logits = self.method.patch_disc(x)  # [B, N]
-        self.store["patch_logits"] = logits
-        t = binary_entropy_bits(torch.sigmoid(logits.detach()))  # [B, N], 1 = transferable
-        return torch.log(self.method.eps + t)[:, None, :]  # [B, 1, N]: the dense analogue of TVT's row scaling
-
-    def pixel_features(self, features: dict) -> None:
-        if self.grl is not None:
-            pooled = features["tokens"].mean(1)  # [B, C]
-            self.store["global_logits"] = self.method.global_disc(grad_reverse(pooled, self.grl))  # [B]
-
-
-class TVT(Finetune):
-    """Patch-level (TVT-style): a patch discriminator on the last ViT block's tokens whose transferability
-    (binary entropy) re-weights that block's attention to each key, plus TVT's global discriminator."""
-
-    name = "tvt"
-    needs_source = True
-
-    def __init__(self, *, embed_dim: int, disc_hidden: int, disc_dropout: float, eps: float = 1e-6, **common):
-        super().__init__(**common)
-        self.patch_disc = Discriminator(in_dim=embed_dim, hidden=disc_hidden, dropout=disc_dropout)
-        self.global_disc = Discriminator(in_dim=embed_dim, hidden=disc_hidden, dropout=disc_dropout)
-        self.eps = eps
-
-    def hooks(self, *, grl: float | None):
-        return TVTHooks(self, grl)
-
-    def domain_loss(self, labelled, other, *, labelled_is_source: bool) -> torch.Tensor:
-        local = domain_bce(labelled.store["patch_logits"], labelled_is_source) + domain_bce(
-            other.store["patch_logits"], not labelled_is_source
-        )
-        glob = domain_bce(labelled.store["global_logits"], labelled_is_source) + domain_bce(
-            other.store["global_logits"], not labelled_is_source
-        )
-        return local + glob
-
-
-class TMTHooks(_Record):
-    def pixel_features(self, features: dict) -> None:
-        """ACTE on the chosen pixel-decoder map; caches the transferability map for TMA."""
-        x = features["multi_scale"][self.method.level]  # [B, C, h, w]
-        self.store["acte"] = self.method.acte(x, grl_coeff=self.grl)
-
-    def decoder_attn(self, layer: int, prev: dict, hw: tuple[int, int]):  # noqa: ARG002
-        # the layers go round-robin over three memory sizes: resize the map once per size
-        if hw not in self.store:
-            self.store[hw] = resize_map(self.store["acte"]["tmap"], hw)  # [B, 1, h, w]
-        return self.method.tma.attn_terms(self.store[hw], prev, hw)
-
-
-class TMT(Finetune):
-    """TMT (method.md §4-§5): ACTE's region discriminator (mass-weighted, behind a GRL) + TMA in the decoder."""
-
-    name = "tmt"
-    needs_source = True
-
-    def __init__(
-        self,
-        *,
-        feature_dim: int,
-        feature_stride: int,
-        acte: dict,
-        tma: dict,
-        at_inference: bool = True,
-        loss_weight: float = 0.0,
-        **common,
-    ):
-        super().__init__(**common)
-        self.feature_stride = feature_stride
-        self.level = {32: 0, 16: 1, 8: 2}[feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
-        self.acte = ACTE(in_dim=feature_dim, **acte)
-        self.tma = TMA(**tma)
-        self.at_inference = at_inference
-        self.loss_weight = loss_weight
-
-    def point_weight(self, hooks, outputs: dict) -> torch.Tensor | None:
-        """1 + beta * W(p) on the final prediction's grid: the segmentation loss, too, prioritises regions of low
-        transferability and high uncertainty (an extension of method.md §5; beta = 0 is the paper's TMT)."""
-        if not self.loss_weight or hooks is None:
-            return None
-        masks = outputs["pred_masks"]  # [B, Q, h, w], cropped to the image
-        hw = tuple(masks.shape[-2:])
-        prev = {"pred_logits": outputs["pred_logits"].detach(), "pred_masks": masks.detach()}
-        return 1.0 + self.loss_weight * self.tma.importance(self._image_tmap(hooks, hw), prev, hw)  # [B, 1, h, w]
-
-    def _image_tmap(self, hooks, hw: tuple[int, int]) -> torch.Tensor:
-        """ACTE's map [B, 1, h', w'] cut to the image whose pred_masks grid is hw (the map covers the padded grid)."""
-        s = self.feature_stride
-        return hooks.store["acte"]["tmap"][..., : -(-hw[0] * 4 // s), : -(-hw[1] * 4 // s)]
-
-    def transferability(self, hooks, hw: tuple[int, int]) -> torch.Tensor | None:
-        if hooks is None:
-            return None
-        return resize_map(self._image_tmap(hooks, hw), hw).clamp(0.0, 1.0)  # [B, 1, h, w]
-
-    def hooks(self, *, grl: float | None):
-        if grl is None and not self.at_inference:
-            return None
-        return TMTHooks(self, grl)
-
-    def domain_loss(self, labelled, other, *, labelled_is_source: bool) -> torch.Tensor:
-        return ACTE.loss(labelled.store["acte"], labelled_is_source) + ACTE.loss(
-            other.store["acte"], not labelled_is_source
-        )
-
-
-class Trainer(nn.Module):
-    """Segmenter + adaptation method + criterion; `forward(batches, step)` returns the step's losses."""
-
-    def __init__(self, *, model: nn.Module, method: nn.Module, criterion: SetCriterion):
-        super().__init__()
-        self.model, self.method, self.criterion = model, method, criterion
-
-    def forward(self, batches: dict[str, dict], *, step: int) -> dict:
-        return self.method(self.model, self.criterion, batches, step=step)
-
-
-METHODS: dict[str, type[Finetune]] = {"finetune": Finetune, "dann": DANN, "tvt": TVT, "tmt": TMT}
-
-
-def preserve_weight(cfg) -> float:
-    """The preservation term's weight for cfg's method: adapt.preserve.weight if the method is listed, else 0."""
-    p = cfg.adapt.preserve
-    return float(p.weight) if cfg.adapt.method in p.methods else 0.0
-
-
-def build_method(cfg) -> Finetune:
-    """The only reader of cfg.adapt: every [choice] of method.md becomes a constructor argument here."""
+def _region(cfg) -> RegionAlignment:
     a = cfg.adapt
-    common = dict(
+    return RegionAlignment(
+        in_dim=cfg.model.conv_dim,
+        feature_stride=a.acte.feature_stride,
+        at_inference=a.tma.at_inference,
+        cell=a.acte.cell,
+        iters=a.acte.iters,
+        kappa=a.acte.kappa,
+        disc_hidden=a.disc.hidden,
+        disc_dropout=a.disc.dropout,
+    )
+
+
+def _tma(cfg) -> TMAAttention:
+    t = cfg.adapt.tma
+    return TMAAttention(
+        num_heads=cfg.model.nheads,
+        alpha=t.alpha,
+        combine=t.combine,
+        uncertainty=t.uncertainty,
+        form=t.form,
+        learn_lambda=t.learn_lambda,
+        lambda_init=t.lambda_init,
+        eps=t.eps,
+        at_inference=t.at_inference,
+        loss_weight=t.loss_weight,
+    )
+
+
+def _preserve(cfg) -> PreserveKL:
+    p = cfg.adapt.preserve
+    domains = ("source", "target") if p.images == "both" else (p.images,)
+    return PreserveKL(weight=p.weight, domains=domains, weighting=p.weighting)
+
+
+# Builders: plain functions in plain dicts, each the only reader of its config section.
+ALIGN = {"image": lambda cfg: ImageAlignment(**_disc(cfg)), "patch": lambda cfg: PatchAlignment(**_disc(cfg)),
+         "region": _region}  # fmt: skip
+ATTENTION = {"patch": lambda cfg: PatchAttention(eps=cfg.adapt.tvt.eps), "tma": _tma}
+REGULARISERS = {"preserve": _preserve, "l2sp": lambda cfg: L2SP(alpha=cfg.adapt.l2sp.alpha, beta=cfg.adapt.l2sp.beta)}
+TUNING = {
+    "lora": lambda cfg: LoRA(rank=cfg.adapt.lora.rank, alpha=cfg.adapt.lora.alpha, targets=cfg.adapt.lora.targets),
+    "frozen": lambda cfg: FrozenBackbone(),
+}
+
+
+def build_method(cfg) -> Method:
+    """The method of cfg.adapt.method, its pieces built from their config sections."""
+    a = cfg.adapt
+    recipe = METHODS[a.method]
+    return Method(
+        name=a.method,
         num_classes=cfg.data.num_classes,
         ignore_index=cfg.data.ignore_index,
         unsupervised=a.unsupervised,
         adv_weight=a.adv_weight,
         max_iter=a.grl_max_iter or cfg.train.iters,
-        preserve=dict(weight=preserve_weight(cfg), images=a.preserve.images, weighting=a.preserve.weighting),
+        align={name: ALIGN[kind](cfg) for name, kind in recipe.align},
+        attention={name: ATTENTION[kind](cfg) for name, kind in recipe.attention},
+        tuning={name: TUNING[kind](cfg) for name, kind in recipe.tuning},
+        regularisers=[REGULARISERS[kind](cfg) for kind in regularisers_of(a)],
     )
-    disc = dict(disc_hidden=a.acte.disc_hidden, disc_dropout=a.acte.disc_dropout)
-    if a.method == "finetune":
-        return Finetune(**common)
-    if a.method == "dann":
-        return DANN(embed_dim=cfg.model.backbone.embed_dim, **disc, **common)
-    if a.method == "tvt":
-        return TVT(embed_dim=cfg.model.backbone.embed_dim, eps=a.tma.eps, **disc, **common)
-    t = a.tma
-    return TMT(
-        feature_dim=cfg.model.conv_dim,
-        feature_stride=a.acte.feature_stride,
-        at_inference=t.at_inference,
-        loss_weight=t.loss_weight,
-        acte=dict(cell=a.acte.cell, iters=a.acte.iters, kappa=a.acte.kappa, **disc),
-        tma=dict(
-            num_heads=cfg.model.nheads,
-            alpha=t.alpha,
-            combine=t.combine,
-            uncertainty=t.uncertainty,
-            form=t.form,
-            learn_lambda=t.learn_lambda,
-            lambda_init=t.lambda_init,
-            eps=t.eps,
-        ),
-        **common,
-    )
+
+
+class Trainer(nn.Module):
+    """Segmenter + adaptation method + criterion; `forward(batches, step)` returns the step's losses.
+
+    Its state dict holds the segmenter as a plain Segmenter loads it: with LoRA, the update merged into the weights."""
+
+    def __init__(self, *, model: nn.Module, method: Method, criterion: SetCriterion):
+        super().__init__()
+        self.model, self.method, self.criterion = model, method, criterion
+        method.attach(model)
+        lora = [p for p in method.tuning if isinstance(p, LoRA)]
+        if lora:
+            self.register_state_dict_post_hook(lambda m, state, prefix, meta: lora[0].merged_state(state, prefix))
+            self.register_load_state_dict_pre_hook(lambda m, state, prefix, *_: lora[0].unmerge_state(state, prefix))
+
+    def forward(self, batches: dict[str, dict], *, step: int) -> dict:
+        return self.method(self.model, self.criterion, batches, step=step)
 
 
 def build_trainer(cfg, *, pretrained: bool = True) -> Trainer:

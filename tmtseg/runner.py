@@ -39,6 +39,7 @@ from .engine import (
 )
 from .errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from .methods import Trainer, build_trainer
+from .recipes import regularisers_of
 from .runlock import RunLock
 
 _NO_DECAY = ("pos_embed", "cls_token", "query_feat", "query_embed", "level_embed")
@@ -146,12 +147,17 @@ def load_segmenter(model: torch.nn.Module, path: str) -> None:
 
 
 def attach_teacher(cfg: Config, trainer: Trainer, device: torch.device) -> None:
-    """The frozen source model that the preservation term (adapt.preserve) compares against: loaded from
+    """The frozen source model that the regularisers (adapt.preserve, adapt.l2sp) compare against: loaded from
     adapt.source_checkpoint on a fresh start and on a resume alike, never saved with the run."""
     if not trainer.method.wants_teacher:
         return
     if not cfg.adapt.source_checkpoint:
-        raise ConfigError("config key adapt.preserve.weight: > 0 needs the source model (adapt.source_checkpoint)")
+        keys = {"preserve": "adapt.preserve.weight", "l2sp": "adapt.l2sp"}
+        acting = [keys[k] for k in regularisers_of(cfg.adapt)]
+        raise ConfigError(
+            f"config key {acting[0]}: {cfg.adapt.method} with {' and '.join(acting)} needs the source model"
+            " (adapt.source_checkpoint)"
+        )
     from .models.build import build_model
 
     teacher = build_model(cfg, pretrained=False)
@@ -246,7 +252,7 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
     torch.manual_seed(cfg.train.seed)
     trainer = build_trainer(cfg, pretrained=not (init_from or resume))  # a checkpoint replaces the ViT's weights
     freeze(cfg, trainer)
-    needs_source = trainer.method.needs_source or cfg.adapt.unsupervised
+    needs_source = trainer.method.needs_unlabelled or cfg.adapt.unsupervised
     _check_data(cfg, ("train", "val", "source") if needs_source else ("train", "val"))
     train_ds = build_dataset(cfg.data.train, cfg.data, train=True)
     val_ds = build_dataset(cfg.data.val, cfg.data, train=False)
@@ -275,8 +281,11 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
         model = torch.nn.parallel.DistributedDataParallel(
             trainer, device_ids=[device] if device.type == "cuda" else None, static_graph=True
         )
+    # the method reads batches by role; the unsupervised variant learns from the source labels (the streams keep
+    # their seeds whichever role they play)
+    target_role, source_role = ("unlabelled", "labelled") if cfg.adapt.unsupervised else ("labelled", "unlabelled")
     iters = {
-        "target": train_batches(
+        target_role: train_batches(
             train_ds,
             batch_size=cfg.data.batch_size,
             seed=cfg.train.seed,
@@ -286,7 +295,7 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
         ),
     }
     if source_ds is not None:
-        iters["source"] = train_batches(
+        iters[source_role] = train_batches(
             source_ds,
             batch_size=cfg.data.batch_size,
             seed=cfg.train.seed + 1,

@@ -65,7 +65,7 @@ def compute_panels(
     size = tuple(image.shape[-2:])
     feats = out["features"]["multi_scale"][feature_level]  # [1, C, h, w] on the padded grid
     stride = -(-image.shape[-2] // feats.shape[-2])  # padded grid -> image: crop after upsampling
-    acte_out = getattr(hooks, "store", {}).get("acte") if hooks is not None else None
+    acte_out = out["adapt"].get("acte")  # ACTE's regions and map, where the method has them
     adaptive = acte_out["regions"] if acte_out is not None else soft_cluster(feats, cell=cell, iters=iters, kappa=kappa)
     fixed = soft_cluster(feats, cell=cell, iters=0, kappa=kappa)
     padded = (feats.shape[-2] * stride, feats.shape[-1] * stride)

@@ -28,15 +28,19 @@ class Segmenter(nn.Module):
       features: tokens [B, N, C] (final ViT patch tokens after norm), tokens_hw (h, w), multi_scale (list of
         [B, Cd, h, w] at strides 32, 16, 8), mask_features [B, Cm, ceil(H/4), ceil(W/4)], backbone {stride: [B, Cb, h,
         w]};
+      adapt: what the hooks returned (see below; {} without hooks);
       with return_attn: attn (per layer [B, h, Q, N] probabilities), attn_masks (per layer bool [B, Q, N], True =
         masked out), attn_hw (per layer (h, w)).
     Images are padded (bottom/right) to a multiple of 32, at least 64; the backbone, pixel-decoder maps and everything
     the hooks see live on that padded grid, while pred_masks and mask_features are cropped back to the image.
 
-    hooks (any method may be absent): backbone_attn(tokens, hw) -> bias [B, 1 or h, N] | None, added to the keys of
-    the last ViT block; pixel_features(features) -> None, after the pixel decoder; decoder_attn(layer, prev, hw) ->
-    (bias [B, h, h*w] | None, scale [B, h, h*w] | None) for the masked cross-attention of decoder layer `layer`, where
-    prev holds the (detached) previous prediction on the padded grid.
+    hooks (any method may be absent; the adaptation method's pieces, methods.py): backbone_attn(tokens, hw) -> (bias
+    [B, 1 or h, N] | None, outputs dict), the bias added to the keys of the last ViT block; pixel_features(features) ->
+    outputs dict, after the pixel decoder; decoder_attn(layer, prev, hw, adapt) -> (bias [B, h, h*w] | None, scale [B,
+    h, h*w] | None) for the masked cross-attention of decoder layer `layer`, where prev holds the (detached) previous
+    prediction on the padded grid and adapt what the other two hooks returned. What the hooks return comes back as
+    `adapt` (a dict; empty without hooks) in the output and in `features`: the methods' discriminator logits and
+    transferability maps, never a side channel.
     """
 
     def __init__(
@@ -62,7 +66,15 @@ class Segmenter(nn.Module):
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         # zero after normalisation = the mean colour, as detectron2 pads its batches
         x = F.pad(x, (0, _padded(W) - W, 0, _padded(H) - H))  # [B, 3, H', W']
-        bb = self.backbone(x, attn_hook=getattr(hooks, "backbone_attn", None))
+        adapt: dict = {}
+        backbone_hook = getattr(hooks, "backbone_attn", None)
+
+        def attn_hook(tokens: Tensor, hw: tuple[int, int]) -> Tensor | None:
+            bias, outputs = backbone_hook(tokens, hw)
+            adapt.update(outputs)
+            return bias
+
+        bb = self.backbone(x, attn_hook=attn_hook if backbone_hook is not None else None)
         pix = self.pixel_decoder(bb["pyramid"])
         features = {
             "tokens": bb["tokens"],
@@ -71,10 +83,11 @@ class Segmenter(nn.Module):
             "mask_features_padded": pix["mask_features"],  # [B, Cm, H'/4, W'/4]: what the decoder uses
             "mask_features": pix["mask_features"][..., : -(-H // 4), : -(-W // 4)],  # [B, Cm, ceil(H/4), ceil(W/4)]
             "backbone": bb["pyramid"],
+            "adapt": adapt,
         }
         pixel_hook = getattr(hooks, "pixel_features", None)
         if pixel_hook is not None:
-            pixel_hook(features)
+            adapt.update(pixel_hook(features))
         return features
 
     def forward(self, images: Tensor, *, hooks=None, return_attn: bool = False) -> dict:
@@ -82,17 +95,19 @@ class Segmenter(nn.Module):
         H, W = images.shape[-2:]
         h4, w4 = -(-H // 4), -(-W // 4)
         features = self.encode(images, hooks=hooks)
+        decoder_hook = getattr(hooks, "decoder_attn", None)
+        adapt = features["adapt"]
         dec = self.decoder(
             features["multi_scale"],
             features.pop("mask_features_padded"),
-            attn_hook=getattr(hooks, "decoder_attn", None),
+            attn_hook=(lambda layer, prev, hw: decoder_hook(layer, prev, hw, adapt)) if decoder_hook else None,
             return_attn=return_attn,
         )
         preds = [
             {"pred_logits": p["pred_logits"], "pred_masks": p["pred_masks"][..., :h4, :w4]}  # [B, Q, H/4, W/4]
             for p in dec["predictions"]
         ]
-        out = {**preds[-1], "aux_outputs": preds[:-1], "features": features}
+        out = {**preds[-1], "aux_outputs": preds[:-1], "features": features, "adapt": adapt}
         if return_attn:
             out.update(attn=dec["attn"], attn_masks=dec["attn_masks"], attn_hw=dec["attn_hw"])
         return out

@@ -1,0 +1,84 @@
+"""Regularisers toward the source model (method.md §6), given to any method: the KL to the frozen source model's
+predictions (LwF / this project's preservation term) and L2-SP's pull of the weights toward the source weights."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .models.inference import semantic_probs
+
+if TYPE_CHECKING:
+    from .methods import Method
+
+
+def class_distribution(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
+    """Per-pixel class distribution [B, K, h, w] (float32, sums to 1 over K) of a mask-classification output."""
+    probs = semantic_probs(pred_logits.float(), pred_masks.float())  # [B, K, h, w]
+    return probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
+
+
+class PreserveKL:
+    """LwF-style distillation, this project's "preservation term": KL(source model || adapted model) of the per-pixel
+    class distributions on the pred_masks grid, on the images of `domains`, each pixel weighted by the method's
+    transferability T(p) (weighting="transferability", where the method has a map) or uniformly."""
+
+    name = "loss_preserve"
+
+    def __init__(self, *, weight: float, domains: tuple[str, ...], weighting: str):
+        self.weight, self.domains, self.weighting = weight, domains, weighting
+        self._teacher: tuple[nn.Module, ...] = ()  # in a tuple: not a submodule, so never trained, saved or wrapped
+
+    def set_source(self, model: nn.Module) -> None:
+        self._teacher = (model,)
+
+    def term(self, images: Tensor, outputs: dict, weight: Tensor | None) -> Tensor:
+        """The KL on one batch; weight [B, 1, h, w] (detached) or None = uniform."""
+        if not self._teacher:
+            raise RuntimeError("preserve: set_teacher() was not called (the runner loads the source model)")
+        with torch.no_grad():
+            teacher = self._teacher[0](images)
+            p_t = class_distribution(teacher["pred_logits"], teacher["pred_masks"])  # [B, K, h, w]
+        p_s = class_distribution(outputs["pred_logits"], outputs["pred_masks"])  # [B, K, h, w]
+        kl = (torch.special.xlogy(p_t, p_t) - p_t * torch.log(p_s.clamp_min(1e-8))).sum(1, keepdim=True)  # [B, 1, h, w]
+        if weight is None:
+            return kl.mean()
+        weight = weight.detach().to(kl.dtype)
+        return (kl * weight).sum() / weight.sum().clamp_min(1e-6)
+
+    def loss(self, method: Method, passes: dict[str, tuple[Tensor, dict]]) -> Tensor:
+        terms = []
+        for domain in self.domains:
+            if domain in passes:
+                images, outputs = passes[domain]
+                hw = outputs["pred_masks"].shape[-2:]
+                t = method.transferability(outputs["adapt"], hw) if self.weighting == "transferability" else None
+                terms.append(self.term(images, outputs, t))
+        return self.weight * sum(terms) / max(len(terms), 1)
+
+
+class L2SP:
+    """L2-SP (Li et al., 2018): alpha/2 * |w - w_source|^2 over the segmenter's trained weights (all of which the
+    source model has), beta/2 * |w|^2 over the method's new ones. AdamW's decoupled decay stays on as for every
+    method (like for like); at lr 1e-4 it moves a weight by 5e-6 of itself per step, next to nothing."""
+
+    name = "loss_l2sp"
+
+    def __init__(self, *, alpha: float, beta: float):
+        self.alpha, self.beta = alpha, beta
+        self._source: dict[str, Tensor] = {}  # the source model's weights by name: not state, never saved
+
+    def set_source(self, model: nn.Module) -> None:
+        self._source = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss(self, model: nn.Module, method: nn.Module) -> Tensor:
+        if not self._source:
+            raise RuntimeError("l2sp: set_teacher() was not called (the runner loads the source model)")
+        zero = next(model.parameters()).new_zeros(())  # a tensor even where nothing is trained
+        anchored = sum(
+            (((p - self._source[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad), zero
+        )
+        new = sum(((p**2).sum() for p in method.parameters() if p.requires_grad), zero)
+        return 0.5 * self.alpha * anchored + 0.5 * self.beta * new
