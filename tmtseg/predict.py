@@ -9,7 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
-from .models.inference import predict_logits
+from .models.inference import image_scores, window_scores
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -61,26 +61,50 @@ def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.nd
 def predict_array(model, image: np.ndarray, *, scale: float, mode: str, crop, stride, hooks=None) -> np.ndarray:
     """[H, W, 3] uint8 -> [H, W] class ids at the image's own resolution (the model sees it resized by `scale`)."""
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W] (a writable copy)
-    h, w = x.shape[-2:]
-    if scale != 1.0:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        x = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", antialias=True)[0]
-        x = x.round().clamp(0, 255).to(torch.uint8)
-    logits = predict_logits(model, x.to(device), out_size=(h, w), mode=mode, crop=crop, stride=stride, hooks=hooks)
+    score_fn = lambda x: image_scores(model, x.to(device), hooks).cpu()  # noqa: E731
+    return predict_array_with(score_fn, image, scale=scale, mode=mode, crop=crop, stride=stride)
+
+
+def predict_array_with(score_fn, image: np.ndarray, *, scale: float, mode: str, crop, stride) -> np.ndarray:
+    """`predict_array` for any `score_fn` (uint8 [B, 3, h, w] -> scores [B, K, h, w]): a segmenter, its ONNX export."""
+    x = rescale(torch.from_numpy(np.array(image)).permute(2, 0, 1), scale)  # [3, h, w] (a writable copy)
+    logits = window_scores(score_fn, x[None], out_size=image.shape[:2], mode=mode, crop=crop, stride=stride)
     return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
 
 
-def predict_folder(trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, progress=None) -> list[Path]:
-    """Write `<stem>_pred.png` (colour labels) and `<stem>_overlay.png` for each image; return the written paths."""
+def rescale(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """uint8 [3, H, W] resized by `scale` as the model sees it (bilinear with antialias, rounded back to uint8)."""
+    if scale == 1.0:
+        return image
+    h, w = image.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0]
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def write_predictions(predict_fn, palette: np.ndarray, inputs: Path, out_dir: Path, *, progress=None) -> list[Path]:
+    """Write `<stem>_pred.png` (colour labels) and `<stem>_overlay.png` for each image of `inputs`, with
+    `predict_fn` ([H, W, 3] uint8 -> [H, W] class ids); return the written paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    palette = np.asarray(meta.get("palette") or default_palette(cfg.data.num_classes), dtype=np.uint8)
-    trainer.eval()
     written = []
     files = list_images(inputs)
     for path in progress(files) if progress else files:
         image = read_image(path)
-        pred = predict_array(
+        colours = colorize(predict_fn(image), palette)
+        for suffix, arr in (("pred", colours), ("overlay", overlay(image, colours))):
+            target = out_dir / f"{path.stem}_{suffix}.png"
+            Image.fromarray(arr).save(target)
+            written.append(target)
+    return written
+
+
+def predict_folder(trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, progress=None) -> list[Path]:
+    """`write_predictions` with a checkpoint's trainer, as its config infers (scale, mode, crop, stride, hooks)."""
+    palette = np.asarray(meta.get("palette") or default_palette(cfg.data.num_classes), dtype=np.uint8)
+    trainer.eval()
+
+    def predict_fn(image: np.ndarray) -> np.ndarray:
+        return predict_array(
             trainer.model,
             image,
             scale=cfg.data.scale,
@@ -89,9 +113,5 @@ def predict_folder(trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, pro
             stride=tuple(cfg.infer.stride),
             hooks=trainer.method.inference_hooks(),
         )
-        colours = colorize(pred, palette)
-        for suffix, arr in (("pred", colours), ("overlay", overlay(image, colours))):
-            target = out_dir / f"{path.stem}_{suffix}.png"
-            Image.fromarray(arr).save(target)
-            written.append(target)
-    return written
+
+    return write_predictions(predict_fn, palette, inputs, out_dir, progress=progress)
