@@ -222,10 +222,9 @@ class TMTHooks(_Record):
         self.store["acte"] = self.method.acte(x, grl_coeff=self.grl)
 
     def decoder_attn(self, layer: int, prev: dict, hw: tuple[int, int]):  # noqa: ARG002
-        # the layers go round-robin over three memory sizes: resize the map once per size
-        if hw not in self.store:
-            self.store[hw] = resize_map(self.store["acte"]["tmap"], hw)  # [B, 1, h, w]
-        return self.method.tma.attn_terms(self.store[hw], prev, hw)
+        # resized per layer, not cached by size: under torch.export (ONNX) the sizes are symbols, which cannot be keys
+        tmap = resize_map(self.store["acte"]["tmap"], hw)  # [B, 1, h, w]
+        return self.method.tma.attn_terms(tmap, prev, hw)
 
 
 class TMT(Finetune):
