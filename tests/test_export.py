@@ -25,8 +25,8 @@ from .tiny import TINY
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-SMALL = [*TINY, "model.backbone.depth=1", "adapt.acte.iters=1", "adapt.tma.lambda_init=1.0", "data.num_classes=3"]
-SIZES = [(64, 96), (77, 45), (150, 97)]  # the export traces 100x140
+SMALL = [*TINY, "model.backbone.depth=1", "adapt.acte.iters=1", "adapt.tma.lambda_init=1.0"]
+SIZES = [(64, 96), (77, 45), (150, 97), (224, 224)]  # the export traces 100x140; 224: the position table as is
 SLOW = pytest.mark.skipif(not os.environ.get("TMTSEG_SLOW_TESTS"), reason="set TMTSEG_SLOW_TESTS=1")
 
 
@@ -55,7 +55,7 @@ def test_export_matches_pytorch_at_other_sizes(tmp_path, decoder, method):
         ref = image_scores(trainer.model, x, trainer.method.inference_hooks())
     scores, logits, masks = session.run(None, {"image": x.numpy()})
     np.testing.assert_allclose(scores, ref.numpy(), atol=ATOL, rtol=0)
-    assert logits.shape == (1, 6, 4) and masks.shape == (1, 6, 20, 12)  # Q = 6, K + 1 = 4, ceil(77/4) x ceil(45/4)
+    assert logits.shape == (1, 6, 6) and masks.shape == (1, 6, 20, 12)  # Q = 6, K + 1 = 6, ceil(77/4) x ceil(45/4)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_cli_export_then_predict_onnx_reproduces_predict(tmp_path, checkpoint):
     assert result.returncode == 0, result.stderr
     assert "parity on 5 images" in result.stdout
     info = json.loads(model.with_suffix(".json").read_text())
-    assert info["classes"] and len(info["palette"]) == len(info["classes"]) == 3
+    assert len(info["palette"]) == len(info["classes"]) == 5
     assert info["pixel_mean"] and info["pixel_std"] and info["opset"] == 18
     assert info["input_size"]["size_divisor"] == 32 and info["input_size"]["mode"] == "whole"
     import hashlib

@@ -181,11 +181,15 @@ def export_checkpoint(
 def export_graph(graph: nn.Module, path: Path, *, opset: int = OPSET, with_masks: bool = False) -> None:
     """torch.onnx.export's dynamo exporter: torch.export traces sizes as symbols, so padding, the position-embedding
     resize, the deformable encoder's level shapes and ACTE's cell grid stay functions of the input size."""
+    import logging
     import warnings
 
     example = torch.rand(1, 3, *EXPORT_SIZE) * 255
     dyn = torch.export.Dim.DYNAMIC
     names = ["scores", "pred_logits", "pred_masks"] if with_masks else ["scores"]
+    quiet = logging.getLogger("torch.onnx")  # it logs a line per missing torchvision op it would register
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -202,11 +206,14 @@ def export_graph(graph: nn.Module, path: Path, *, opset: int = OPSET, with_masks
                 output_names=names,
                 opset_version=opset,
                 custom_translation_table={operator.floordiv: _floordiv},
+                external_data=False,  # one self-contained file (these models are far below ONNX's 2 GB limit)
                 verbose=False,
             )
         except Exception as err:  # the exporter's errors carry pages of diagnostics: keep the summary
             summary = str(err).split("## Exception summary")[-1].strip().splitlines()
             raise ExportError(f"torch.onnx.export failed: {' '.join(summary[:2])}") from err
+        finally:
+            quiet.setLevel(level)
 
 
 def _parity_inputs(cfg, real: list[tuple[str, np.ndarray]], max_real: int = 3) -> list[tuple[str, np.ndarray]]:
