@@ -15,7 +15,8 @@ from .recipes import METHODS
 
 EPILOG = (
     "Exit codes: 0 ok, 1 unexpected error, 2 bad config, data or arguments, 3 bad checkpoint, 4 training failed"
-    " (non-finite loss), 130 interrupted (Ctrl-C), 143 SIGTERM (checkpoint saved; continue with --resume)."
+    " (non-finite loss), 5 ONNX export failed its parity check, 130 interrupted (Ctrl-C), 143 SIGTERM (checkpoint"
+    " saved; continue with --resume)."
 )
 
 
@@ -81,10 +82,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON file for the metrics (default: <checkpoint>/eval.json)")
 
     p = sub.add_parser("predict", help="image or folder -> colour label PNGs and overlays")
-    p.add_argument("checkpoint")
-    p.add_argument("input", help="an image or a folder of images")
+    p.add_argument("checkpoint", help="a checkpoint (with --onnx: the image or folder)")
+    p.add_argument("input", nargs="?", help="an image or a folder of images")
     p.add_argument("--out", default="predictions", help="output folder")
+    p.add_argument("--onnx", help="predict with this exported model on onnxruntime instead of a checkpoint")
     p.add_argument("overrides", nargs="*")
+
+    p = sub.add_parser("export", help="checkpoint -> ONNX model (dynamic H, W) + JSON, parity-checked with onnxruntime")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True, help="the .onnx file to write (its JSON goes beside it)")
+    p.add_argument("--with-masks", action="store_true", help="also output the per-query class logits and masks")
+    p.add_argument("--images", help="an image or folder: up to 3 real images for the parity check")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. infer.mode)")
 
     p = sub.add_parser("viz", help="the paper's Fig. 1 panels: regions, transferability, uncertainty, attention")
     p.add_argument("checkpoint")
@@ -220,9 +229,23 @@ def _split_dict(cfg) -> dict:
 def _cmd_predict(args) -> int:
     from tqdm import tqdm
 
+    progress = None if args.no_progress else tqdm
+    if args.onnx:
+        from .errors import ConfigError
+        from .export import predict_onnx
+
+        if args.input is not None or args.overrides:
+            raise ConfigError("predict --onnx MODEL takes one IMAGE_OR_FOLDER, no checkpoint and no overrides")
+        written = predict_onnx(args.onnx, Path(args.checkpoint), Path(args.out), progress=progress)
+        print(f"wrote {len(written)} files to {args.out}")
+        return 0
     from .predict import predict_folder
     from .runner import trainer_from_checkpoint
 
+    if args.input is None:
+        from .errors import ConfigError
+
+        raise ConfigError("predict needs CHECKPOINT IMAGE_OR_FOLDER (or --onnx MODEL IMAGE_OR_FOLDER)")
     trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
     ckpt = Path(args.checkpoint)
     written = predict_folder(
@@ -231,11 +254,28 @@ def _cmd_predict(args) -> int:
         meta,
         Path(args.input),
         Path(args.out),
-        progress=None if args.no_progress else tqdm,
+        progress=progress,
         protected=[ckpt, ckpt / "model.safetensors"],
         note=print,
     )
     print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_checkpoint
+    from .predict import list_images
+
+    images = list_images(Path(args.images))[:3] if args.images else []
+    info = export_checkpoint(
+        args.checkpoint, args.out, overrides=args.overrides, with_masks=args.with_masks, images=images
+    )
+    par = info["parity"]
+    print(
+        f"wrote {args.out} and {Path(args.out).with_suffix('.json')} (opset {info['opset']}); parity on"
+        f" {len(par['checks'])} images: max |diff| {par['max_abs_diff']:.2e}, argmax agreement"
+        f" >= {100 * par['min_argmax_agreement_seen']:.3f}%"
+    )
     return 0
 
 
@@ -437,6 +477,7 @@ COMMANDS = {
     "adapt": _cmd_train,
     "eval": _cmd_eval,
     "predict": _cmd_predict,
+    "export": _cmd_export,
     "data": _cmd_data,
     "viz": _cmd_viz,
     "bench": _cmd_bench,

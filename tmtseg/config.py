@@ -133,6 +133,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     log_every: int = 10
+    # jsonl: metrics.jsonl, always written (the source of truth); tensorboard: also <output_dir>/tensorboard/ (scalars,
+    # and prediction overlays / transferability maps at each evaluation; pip install 'tmtseg[tensorboard]')
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])
     eval_every: int = 0  # 0 = only at the end
     save_every: int = 100
     keep_last: int = 2  # checkpoints kept besides the best

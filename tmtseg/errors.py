@@ -37,3 +37,15 @@ class Preempted(TmtsegError):
     """SIGTERM arrived: the current step finished and a checkpoint was saved (exit 128 + 15)."""
 
     exit_code = 143
+
+
+class MissingExtra(TmtsegError):
+    """An optional feature whose packages are not installed (names the pip extra to install)."""
+
+    exit_code = 2
+
+
+class ExportError(TmtsegError):
+    """An ONNX export failed, or its output differs from PyTorch's beyond the tolerances; nothing was written."""
+
+    exit_code = 5

@@ -10,7 +10,7 @@ from PIL import Image
 
 from .data.decode import open_image, rgb_array
 from .errors import DataError
-from .models.inference import predict_logits
+from .models.inference import image_scores, window_scores
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -57,14 +57,25 @@ def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.nd
 def predict_array(model, image: np.ndarray, *, scale: float, mode: str, crop, stride, hooks=None) -> np.ndarray:
     """[H, W, 3] uint8 -> [H, W] class ids at the image's own resolution (the model sees it resized by `scale`)."""
     device = next(model.parameters()).device
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # [3, H, W] (a writable copy)
-    h, w = x.shape[-2:]
-    if scale != 1.0:
-        size = (max(1, round(h * scale)), max(1, round(w * scale)))
-        x = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bilinear", antialias=True)[0]
-        x = x.round().clamp(0, 255).to(torch.uint8)
-    logits = predict_logits(model, x.to(device), out_size=(h, w), mode=mode, crop=crop, stride=stride, hooks=hooks)
+    score_fn = lambda x: image_scores(model, x.to(device), hooks).cpu()  # noqa: E731
+    return predict_array_with(score_fn, image, scale=scale, mode=mode, crop=crop, stride=stride)
+
+
+def predict_array_with(score_fn, image: np.ndarray, *, scale: float, mode: str, crop, stride) -> np.ndarray:
+    """`predict_array` for any `score_fn` (uint8 [B, 3, h, w] -> scores [B, K, h, w]): a segmenter, its ONNX export."""
+    x = rescale(torch.from_numpy(np.array(image)).permute(2, 0, 1), scale)  # [3, h, w] (a writable copy)
+    logits = window_scores(score_fn, x[None], out_size=image.shape[:2], mode=mode, crop=crop, stride=stride)
     return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+
+
+def rescale(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """uint8 [3, H, W] resized by `scale` as the model sees it (bilinear with antialias, rounded back to uint8)."""
+    if scale == 1.0:
+        return image
+    h, w = image.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0]
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 # Large inputs (pixels after data.scale): above WHOLE_MAX_PIXELS an image is predicted by sliding SLIDE_WINDOW windows
@@ -124,10 +135,22 @@ def image_pixels(path: Path, scale: float) -> int:
     return round(h * scale) * round(w * scale)
 
 
-def predict_folder(
-    trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, progress=None, protected=(), note=None
+def write_predictions(
+    score_fn,
+    palette: np.ndarray,
+    inputs: Path,
+    out_dir: Path,
+    *,
+    scale: float,
+    mode: str,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    progress=None,
+    protected=(),
+    note=None,
 ) -> list[Path]:
-    """Write `<stem>_pred.png` (colour labels) and `<stem>_overlay.png` for each image; return the written paths.
+    """Write `<stem>_pred.png` (colour labels) and `<stem>_overlay.png` for each image, scored by `score_fn` (uint8
+    [B, 3, h, w] -> [B, K, h, w]: a segmenter or its ONNX export) as `predict_array_with` does; return the paths.
 
     Checked before anything is written: output names are distinct, none replaces an input (or a `protected` file such
     as the checkpoint), no image is above MAX_PIXELS. Images above WHOLE_MAX_PIXELS are predicted by sliding windows,
@@ -137,38 +160,55 @@ def predict_folder(
     names = output_names(files)
     targets = {p: [out_dir / f"{names[p]}_{suffix}.png" for suffix in ("pred", "overlay")] for p in files}
     refuse_overwrite([t for ts in targets.values() for t in ts], [*files, *map(Path, protected)], option="--out")
-    pixels = {p: image_pixels(p, cfg.data.scale) for p in files}
+    pixels = {p: image_pixels(p, scale) for p in files}
     for p, n in pixels.items():
         if n > MAX_PIXELS:
             raise DataError(
-                f"{p}: {n} pixels after data.scale={cfg.data.scale}, above the limit of {MAX_PIXELS} (4096x4096);"
+                f"{p}: {n} pixels after data.scale={scale}, above the limit of {MAX_PIXELS} (4096x4096);"
                 " set data.scale lower or cut the image into tiles"
             )
     make_out_dir(out_dir, option="--out")
-    palette = np.asarray(meta.get("palette") or default_palette(cfg.data.num_classes), dtype=np.uint8)
-    trainer.eval()
     written = []
     for path in progress(files) if progress else files:
         image = read_image(path)
-        mode, crop, stride = cfg.infer.mode, tuple(cfg.data.crop_size), tuple(cfg.infer.stride)
+        how = (mode, crop, stride)
         if mode == "whole" and pixels[path] > WHOLE_MAX_PIXELS:
-            mode, crop, stride = "slide", SLIDE_WINDOW, SLIDE_STRIDE
+            how = ("slide", SLIDE_WINDOW, SLIDE_STRIDE)
             if note is not None:
                 note(
                     f"{path}: {pixels[path]} pixels, above {WHOLE_MAX_PIXELS}: predicted by sliding"
-                    f" {crop[0]}x{crop[1]} windows"
+                    f" {SLIDE_WINDOW[0]}x{SLIDE_WINDOW[1]} windows"
                 )
-        pred = predict_array(
-            trainer.model,
-            image,
-            scale=cfg.data.scale,
-            mode=mode,
-            crop=crop,
-            stride=stride,
-            hooks=trainer.method.inference_hooks(),
-        )
+        pred = predict_array_with(score_fn, image, scale=scale, mode=how[0], crop=how[1], stride=how[2])
         colours = colorize(pred, palette)
         for target, arr in zip(targets[path], (colours, overlay(image, colours)), strict=True):
             save_png(arr, target, option="--out")
             written.append(target)
     return written
+
+
+@torch.no_grad()
+def predict_folder(
+    trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, progress=None, protected=(), note=None
+) -> list[Path]:
+    """`write_predictions` with a checkpoint's trainer, as its config infers (scale, mode, crop, stride, hooks)."""
+    palette = np.asarray(meta.get("palette") or default_palette(cfg.data.num_classes), dtype=np.uint8)
+    trainer.eval()
+    device = next(trainer.model.parameters()).device
+
+    def score_fn(x: torch.Tensor) -> torch.Tensor:
+        return image_scores(trainer.model, x.to(device), trainer.method.inference_hooks()).cpu()
+
+    return write_predictions(
+        score_fn,
+        palette,
+        inputs,
+        out_dir,
+        scale=cfg.data.scale,
+        mode=cfg.infer.mode,
+        crop=tuple(cfg.data.crop_size),
+        stride=tuple(cfg.infer.stride),
+        progress=progress,
+        protected=protected,
+        note=note,
+    )

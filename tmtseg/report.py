@@ -3,7 +3,9 @@ seed spread, the mean over pairs, the cost of every method; a CSV and a JSON of 
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
 import json
 import math
 from dataclasses import dataclass
@@ -206,12 +208,65 @@ def plot(table: Table, out: Path, *, baseline: str) -> list[Path]:
 def write_report(
     cells, done: dict[str, dict], order: list[str], out: Path, *, baseline: str, title: str, header: str = ""
 ) -> Path:
-    """report.md, runs.csv and runs.json (every finished run, in `order`), pairs.png, delta.png in `out`."""
+    """report.md, runs.csv and runs.json (every finished run, in `order`), pairs.png, delta.png in `out`; report.html:
+    report.md and the plots in one self-contained page."""
     table = build_table(cells, done)
     records = [done[k] for k in order if k in done]
     text = markdown(table, records, baseline=baseline, title=title, header=header)
     (out / "report.md").write_text(text)
     write_runs(records, out)
+    plots = []
     if any(not math.isnan(v) for d in table.values.values() for v in d.values()):
-        plot(table, out, baseline=baseline)
+        plots = plot(table, out, baseline=baseline)
+    (out / "report.html").write_text(html_page(text, plots))
     return out / "report.md"
+
+
+def _inline(text: str) -> str:
+    """Escape, then `code` spans -> <code>."""
+    parts = html.escape(text, quote=False).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _html_table(rows: list[str]) -> str:
+    cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
+    head, rule, body = cells[0], cells[1], cells[2:]
+    align = ["right" if c.endswith(":") else "left" for c in rule]
+    out = ["<table>", "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"]
+    for row in body:
+        tds = "".join(f'<td style="text-align:{a}">{_inline(c)}</td>' for c, a in zip(row, align, strict=False))
+        out.append(f"<tr>{tds}</tr>")
+    return "\n".join(out + ["</table>"])
+
+
+def html_page(text: str, images: list[Path]) -> str:
+    """report.md's headings, paragraphs and tables, then the plots embedded as base64 PNGs: one self-contained page."""
+    body, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("|"):
+            start = i
+            while i < len(lines) and lines[i].startswith("|"):
+                i += 1
+            body.append(_html_table(lines[start:i]))
+            continue
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    for path in images:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        body.append(f'<figure><img alt="{path.stem}" src="data:image/png;base64,{data}"><figcaption>{path.name}'
+                    "</figcaption></figure>")  # fmt: skip
+    title = _inline(lines[0].lstrip("# ")) if lines else "report"
+    style = (
+        "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.25em .6em}"
+        "th{background:#f4f4f4}img{max-width:100%}"
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{style}</style></head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )

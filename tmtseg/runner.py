@@ -29,7 +29,6 @@ from .engine import (
     StopRequested,
     close_batches,
     evaluate,
-    log_jsonl,
     lr_factor,
     read_jsonl,
     set_lr,
@@ -38,6 +37,7 @@ from .engine import (
     train_step,
 )
 from .errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
+from .logs import TrainLog
 from .methods import Trainer, build_trainer
 from .recipes import regularisers_of
 from .runlock import RunLock
@@ -52,6 +52,7 @@ _RESUMABLE_CHANGES = {
     "data.num_workers",
     "train.iters",
     "train.log_every",
+    "train.log_to",
     "train.eval_every",
     "train.save_every",
     "train.keep_last",
@@ -270,6 +271,7 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
             metrics_log.write_text("".join(ln + "\n" for ln in read_jsonl(metrics_log, upto_step=state.step)))
     elif dist.is_main():  # a fresh start (perhaps after a kill before the first checkpoint) logs from scratch
         metrics_log.unlink(missing_ok=True)
+    log = TrainLog(run_dir, log_to=cfg.train.log_to, start_step=state.step, resume=resume, main=dist.is_main())
     if dist.is_main():  # written only now: a refused resume leaves the run's config as it was
         (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
     model = trainer
@@ -364,7 +366,7 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
                         " such steps)"
                     )
                 if dist.is_main():
-                    log_jsonl(metrics_log, {"step": state.step, "skipped": f"non-finite ({what})"})
+                    log.write({"step": state.step, "skipped": f"non-finite ({what})"})
             elif state.step % cfg.train.log_every == 0 or state.step == cfg.train.iters:
                 rate = seen / (time.perf_counter() - tic)
                 lr = optimizer.param_groups[-1]["lr"]
@@ -373,7 +375,7 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
                 )
                 bar.set_postfix(loss=f"{shown['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 if dist.is_main():
-                    log_jsonl(metrics_log, {"step": state.step, "lr": lr, "imgs_per_s": rate, **shown})
+                    log.write({"step": state.step, "lr": lr, "imgs_per_s": rate, **shown})
                 tic, seen = time.perf_counter(), 0
             bar.update(1)
             end = state.step == cfg.train.iters
@@ -381,7 +383,8 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
                 result = do_eval()
                 state.history.append({"step": state.step, "mIoU": result["mIoU"]})
                 if dist.is_main():
-                    log_jsonl(metrics_log, {"step": state.step, "eval": result})
+                    log.write({"step": state.step, "eval": result})
+                    log.pictures(state.step, trainer, val_ds, device=device)
                 if result["mIoU"] > state.best:
                     state.best = result["mIoU"]
                     save(state.step, name="best", metrics=result)
@@ -391,6 +394,7 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
             if preempted and not end:
                 raise Preempted(f"SIGTERM at step {state.step}: saved {last_good}; continue with --resume")
     bar.close()
+    log.close()
     final = do_eval()
     if dist.is_main():
         (run_dir / "eval.json").write_text(json.dumps({"step": state.step, "split": "val", **final}, indent=1))

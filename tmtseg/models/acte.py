@@ -104,8 +104,9 @@ def soft_cluster(x: Tensor, *, cell: int, iters: int, kappa: float) -> Regions:
     in_grid = _neighbours(x.new_ones(1, 1, hc, wc))[:, :, 0] > 0  # [1, 9, Hc, Wc]
     in_grid = in_grid[:, :, :, None, :, None]  # [1, 9, Hc, 1, Wc, 1]
 
-    assign = torch.zeros(b, 9, hc, cell, wc, cell, dtype=x.dtype, device=x.device)
-    assign[:, CENTER] = 1.0  # every pixel starts hard-assigned to its own cell
+    # every pixel starts hard-assigned to its own cell (built without an in-place write: ONNX export mis-folds that)
+    start = (torch.arange(9, device=x.device) == CENTER).to(x.dtype)  # [9]
+    assign = start.view(1, 9, 1, 1, 1, 1).expand(b, 9, hc, cell, wc, cell)  # [B, 9, Hc, c, Wc, c]
 
     def region_means(assign: Tensor) -> tuple[Tensor, Tensor]:
         weight = assign * valid  # [B, 9, Hc, c, Wc, c]

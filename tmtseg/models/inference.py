@@ -4,6 +4,7 @@ whole image or by overlapping sliding windows."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +29,17 @@ def _window_starts(size: int, crop: int, stride: int) -> list[int]:
     return sorted({min(i * step, size - crop) for i in range(n)})
 
 
-def _image_scores(model: nn.Module, images: Tensor, hooks) -> Tensor:
-    """Class scores [B, K, h, w] at the input resolution of a [B, 3, h, w] batch (stride-4 output upsampled x4)."""
-    out = model(images, hooks=hooks)
+def input_scores(out: dict, images: Tensor) -> Tensor:
+    """Class scores [B, K, h, w] at the input resolution of the [B, 3, h, w] batch the segmenter output `out` is of
+    (the stride-4 scores upsampled x4, then cropped)."""
     probs = semantic_probs(out["pred_logits"], out["pred_masks"])  # [B, K, h/4, w/4]
     probs = F.interpolate(probs, scale_factor=4.0, mode="bilinear", align_corners=False)  # [B, K, 4*ceil(h/4), ..]
     return probs[..., : images.shape[-2], : images.shape[-1]]  # [B, K, h, w]
+
+
+def image_scores(model: nn.Module, images: Tensor, hooks) -> Tensor:
+    """Class scores [B, K, h, w] at the input resolution of a [B, 3, h, w] batch."""
+    return input_scores(model(images, hooks=hooks), images)
 
 
 @torch.no_grad()
@@ -53,19 +59,35 @@ def predict_logits(
     (windows are clipped to the image, so a window as large as the image equals "whole"). The model's train/eval mode
     is left as the caller set it.
     """
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"predict_logits: mode must be 'whole' or 'slide', not {mode!r}")
     images = image[None] if image.ndim == 3 else image  # [B, 3, h, w]
     images = images.to(next(model.parameters()).device)
+    return window_scores(
+        lambda x: image_scores(model, x, hooks), images, out_size=out_size, mode=mode, crop=crop, stride=stride
+    )
+
+
+def window_scores(
+    score_fn: Callable[[Tensor], Tensor],
+    images: Tensor,
+    *,
+    out_size: tuple[int, int],
+    mode: str,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+) -> Tensor:
+    """`predict_logits` for any `score_fn` ([B, 3, h, w] -> [B, K, h, w]: a segmenter, or its ONNX export) ->
+    [B, K, H, W] at out_size."""
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"predict_logits: mode must be 'whole' or 'slide', not {mode!r}")
     H, W = images.shape[-2:]
     if mode == "whole":
-        scores = _image_scores(model, images, hooks)  # [B, K, h, w]
+        scores = score_fn(images)  # [B, K, h, w]
     else:
         ch, cw = min(crop[0], H), min(crop[1], W)
         scores, count = None, images.new_zeros((1, 1, H, W), dtype=torch.float32)
         for y in _window_starts(H, ch, stride[0]):
             for x in _window_starts(W, cw, stride[1]):
-                window = _image_scores(model, images[..., y : y + ch, x : x + cw], hooks)  # [B, K, ch, cw]
+                window = score_fn(images[..., y : y + ch, x : x + cw])  # [B, K, ch, cw]
                 if scores is None:
                     scores = window.new_zeros(window.shape[:2] + (H, W))  # [B, K, h, w]
                 scores[..., y : y + ch, x : x + cw] += window

@@ -77,8 +77,9 @@ def reference_points(shapes: list[tuple[int, int]], *, device=None) -> Tensor:
     """Pixel centres of every level, normalised to [0, 1] (x, y) -> [1, N, 2] (no padding, so valid ratios are 1)."""
     refs = []
     for h, w in shapes:
-        ys = torch.linspace(0.5, h - 0.5, h, device=device) / h
-        xs = torch.linspace(0.5, w - 0.5, w, device=device) / w
+        # arange, not linspace(0.5, h - 0.5, h): the same values, and torch.export keeps h symbolic (ONNX export)
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
         ref_y, ref_x = torch.meshgrid(ys, xs, indexing="ij")  # [h_l, w_l]
         refs.append(torch.stack([ref_x.flatten(), ref_y.flatten()], -1))  # [h_l*w_l, 2]
     return torch.cat(refs, 0)[None]  # [1, N, 2]

@@ -15,7 +15,7 @@ MIN_SIZE = 2 * SIZE_DIVISOR
 
 def _padded(size: int) -> int:
     """The padded input size: a multiple of SIZE_DIVISOR, at least MIN_SIZE."""
-    return max(size + (-size % SIZE_DIVISOR), MIN_SIZE)
+    return torch.sym_max(size + (-size % SIZE_DIVISOR), MIN_SIZE)  # sym_max: no guard on an exported size
 
 
 class Segmenter(nn.Module):
