@@ -546,7 +546,7 @@ def test_frozen_parameters_are_left_to_themselves_under_ddp(tmp_path):
         ddp = torch.nn.parallel.DistributedDataParallel(trainer, static_graph=True)
         optimizer = build_optimizer(cfg, trainer)
         batch = {
-            "target": {
+            "labelled": {
                 "image": torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8),
                 "label": torch.randint(0, 5, (2, 64, 64)),
             }

@@ -124,13 +124,13 @@ def test_driving_bench_plan(shared_data):
     by_method: dict[str, int] = {}
     for r in p.runs:
         by_method[r.method] = by_method.get(r.method, 0) + 1
-    assert by_method == {"source": 3, "source-only": 8, "finetune": 8, "dann": 8, "tvt": 8, "tmt": 8,
-                         "target-only": 4}  # fmt: skip
+    assert by_method == {"source": 3, "source-only": 8, "finetune": 8, "lora": 8, "dann": 8, "tvt": 8, "tmt-paper": 8,
+                         "lwf": 8, "tmt": 8, "target-only": 4}  # fmt: skip
     assert {r.pair for r in p.runs if r.method == "source"} == {"day", "dusk", "idd"}  # bdd: a target only
     by_key = {r.key: r for r in p.runs}
     for r in p.runs:
         assert r.cfg.data.num_classes == 7 and r.cfg.data.class_names == TASK
-        assert r.cfg.data.root == str(shared_data) and r.cfg.model.backbone.depth == 4
+        assert r.cfg.data.root == str(shared_data) and r.cfg.model.backbone.pretrained == "dinov2_vits14"
     # the targets' splits: IDD by sequence folder into halves, BDD by its own split, dusk by order
     idd = by_key["driving/day->idd/tmt/seed0"].cfg
     assert idd.data.train.groups[0] == "3" and idd.data.val.groups[0] == "215" and idd.data.train.scale == 0.75
