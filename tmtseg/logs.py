@@ -80,13 +80,13 @@ class TrainLog:
         palette = np.asarray(dataset.palette, dtype=np.uint8)
         for i in range(min(count, len(dataset))):
             image = dataset[i]["image"][None].to(device)  # [1, 3, H, W] uint8
-            hooks = trainer.method.inference_hooks()
-            out = trainer.model(image, hooks=hooks)
+            out = trainer.model(image, hooks=trainer.method.inference_hooks())
             pred = input_scores(out, image).argmax(1)[0].cpu().numpy()  # [H, W]
             rgb = image[0].permute(1, 2, 0).cpu().numpy()
             picture = overlay(rgb, colorize(pred, palette))  # [H, W, 3]
             self.writer.add_image(f"pictures/{i}/prediction", picture, step, dataformats="HWC")
-            tmap = trainer.method.transferability(hooks, tuple(out["pred_masks"].shape[-2:]))  # [1, 1, h, w] or None
+            hw = tuple(out["pred_masks"].shape[-2:])
+            tmap = trainer.method.transferability(out.get("adapt", {}), hw)  # [1, 1, h, w] or None
             if tmap is not None:
                 self.writer.add_image(f"pictures/{i}/transferability", tmap[0].clamp(0, 1).cpu(), step)
         self.writer.flush()
