@@ -6,7 +6,6 @@ each pixel decoder once and TMA once (fpn without, msdeform with); TMTSEG_SLOW_T
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +26,14 @@ pytest.importorskip("onnxscript")
 
 SMALL = [*TINY, "model.backbone.depth=1", "adapt.acte.iters=1", "adapt.tma.lambda_init=1.0"]
 SIZES = [(64, 96), (77, 45), (150, 97), (224, 224)]  # the export traces 100x140; 224: the position table as is
-SLOW = pytest.mark.skipif(not os.environ.get("TMTSEG_SLOW_TESTS"), reason="set TMTSEG_SLOW_TESTS=1")
+# a DINOv2-shaped ViT: patch 14 resized to one token per 8 px, LayerScale, a register token
+DINO = ["model.backbone.patch_size=14", "model.backbone.token_stride=8", "model.backbone.layerscale=1e-5",
+        "model.backbone.num_registers=1"]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "decoder,method",
-    [
-        ("msdeform", "tmt"),
-        pytest.param("fpn", "tmt", marks=SLOW),
-        pytest.param("msdeform", "finetune", marks=SLOW),
-    ],
-)
-def test_export_matches_pytorch_at_other_sizes(tmp_path, decoder, method):
-    cfg = load_config([], [*SMALL, f"model.pixel_decoder={decoder}", f"adapt.method={method}"])
+@pytest.mark.parametrize("decoder,method,backbone", [("msdeform", "tmt", []), ("fpn", "finetune", DINO)])
+def test_export_matches_pytorch_at_other_sizes(tmp_path, decoder, method, backbone):
+    cfg = load_config([], [*SMALL, *backbone, f"model.pixel_decoder={decoder}", f"adapt.method={method}"])
     torch.manual_seed(0)
     trainer = build_trainer(cfg).eval()
     graph = InferenceGraph(model=trainer.model, method=trainer.method, with_masks=True).eval()
