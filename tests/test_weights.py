@@ -216,3 +216,19 @@ def test_pretrained_weights_are_read_once_and_never_needed_again(tmp_path):
     )
     with pytest.warns(UserWarning, match="train.iters changed"):
         assert main([*args[:-2], "train.iters=3", f"output_dir={run}", "--resume"]) == 0
+
+
+def test_a_cached_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMTSEG_HOME", str(tmp_path))
+    path = weights.cache_dir() / "dinov2_vits14.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"weights" * 100)
+    path.with_suffix(".json").write_text(json.dumps({"sha256": weights.sha256(path)}))
+    assert weights.cached("dinov2_vits14") == path  # hashed in full, then stamped
+    monkeypatch.setattr(weights, "sha256", lambda p: pytest.fail(f"{p} hashed again"))
+    assert weights.cached("dinov2_vits14") == path
+    path.write_bytes(b"WEIGHTS" * 100)  # same size, new content and mtime: the stamp no longer stands for it
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    monkeypatch.undo()
+    monkeypatch.setenv("TMTSEG_HOME", str(tmp_path))
+    assert weights.cached("dinov2_vits14") is None

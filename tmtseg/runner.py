@@ -65,7 +65,8 @@ def lr_mult(cfg: Config, name: str) -> float:
     power of its distance from the top), the adaptation method's fresh modules' (its discriminators start from
     scratch while the segmenter is only nudged), and TMA's lambda. The feature pyramid starts fresh: lr x 1."""
     if name.startswith("model.backbone.vit."):
-        return cfg.train.backbone_lr_mult * cfg.train.layer_decay ** vit_depth_from_top(cfg, name)
+        level = vit_depth_from_top(cfg.model.backbone.depth, name.removeprefix("model.backbone.vit."))
+        return cfg.train.backbone_lr_mult * cfg.train.layer_decay**level
     if name == "method.tma.lambdas":
         return cfg.adapt.tma.lambda_lr_mult
     if name.startswith("method."):
@@ -73,10 +74,9 @@ def lr_mult(cfg: Config, name: str) -> float:
     return 1.0
 
 
-def vit_depth_from_top(cfg: Config, name: str) -> int:
-    """0 for the final norm, n - i for block i of n, n + 1 for the embeddings and prefix tokens (BEiT's layer decay)."""
-    depth = cfg.model.backbone.depth
-    rest = name.removeprefix("model.backbone.vit.")
+def vit_depth_from_top(depth: int, rest: str) -> int:
+    """A ViT parameter's (name inside the ViT) distance from the top: 0 for the final norm, n - i for block i of n,
+    n + 1 for the embeddings and prefix tokens (BEiT's layer decay)."""
     if rest.startswith("blocks."):
         return depth - int(rest.split(".")[1])
     return 0 if rest.startswith("norm.") else depth + 1
@@ -90,7 +90,7 @@ def freeze(cfg: Config, trainer: Trainer) -> None:
         return
     depth = cfg.model.backbone.depth
     for name, p in trainer.model.backbone.vit.named_parameters():
-        level = vit_depth_from_top(cfg, "model.backbone.vit." + name)  # depth + 1 for the embeddings
+        level = vit_depth_from_top(depth, name)  # depth + 1 for the embeddings
         if n == -1 or depth - level < n:
             p.requires_grad_(False)
 

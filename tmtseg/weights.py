@@ -70,7 +70,23 @@ def cached(name: str) -> Path | None:
         want = json.loads(record.read_text())["sha256"]
     except (ValueError, KeyError, OSError):
         return None
-    return path if sha256(path) == want else None
+    # hashing ~90 MB on every model build costs more than the build: a stamp of the file's size and mtime, written
+    # after a full check, stands for the check until the file changes (or the stamp is lost: then it hashes again)
+    stat = path.stat()
+    seen = {"sha256": want, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    stamp = path.with_suffix(".verified")
+    try:
+        if json.loads(stamp.read_text()) == seen:
+            return path
+    except (ValueError, OSError):
+        pass
+    if sha256(path) != want:
+        return None
+    try:
+        stamp.write_text(json.dumps(seen))
+    except OSError:  # a read-only cache: check in full each time
+        pass
+    return path
 
 
 def _pip_download(spec: str, dest: Path) -> None:
@@ -159,13 +175,10 @@ def check_arch(spec: str, backbone: dict) -> list[str]:
 def _check_fits(name: str, state: dict[str, Tensor]) -> None:
     """A converted state dict must load, key for key and shape for shape, into the architecture it is recorded for."""
     from .models.backbone import VisionTransformer
+    from .models.vit_checkpoint import fit_problems
 
-    arch = KNOWN[name]["arch"]
-    vit = VisionTransformer(**arch)
-    missing, unexpected = vit.load_state_dict(state, strict=False)
-    shapes = [k for k, v in state.items() if k in vit.state_dict() and vit.state_dict()[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise CheckpointError(f"{name}: conversion incomplete (missing {missing}, unexpected {unexpected}, {shapes})")
+    if problems := fit_problems(VisionTransformer(**KNOWN[name]["arch"]).state_dict(), state):
+        raise CheckpointError(f"{name}: conversion incomplete ({'; '.join(problems)})")
 
 
 def _onnx_dinov2(path: Path) -> dict[str, Tensor]:

@@ -98,6 +98,19 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{path}: unknown checkpoint format (expected .safetensors or .pth)")
 
 
+def fit_problems(own: dict[str, Tensor], state: dict[str, Tensor]) -> list[str]:
+    """What keeps `state` from loading into a module whose state dict is `own`: every missing, unexpected or
+    mis-shaped key, one 'kind: key' string each."""
+    problems = [f"missing: {k}" for k in own if k not in state]
+    problems += [f"unexpected: {k}" for k in state if k not in own]
+    problems += [
+        f"shape: {k} checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    return problems
+
+
 def load_pretrained(model: VisionTransformer | ViTBackbone, path: str | Path) -> None:
     """Load ViT weights (any supported layout, .safetensors or .pth) into `model`: the position table is resized to
     the model's grid, and a patch kernel of another size is resampled FlexiViT-style.
@@ -118,13 +131,7 @@ def load_pretrained(model: VisionTransformer | ViTBackbone, path: str | Path) ->
     kernel = state.get("patch_embed.proj.weight")
     if kernel is not None and kernel.ndim == 4 and kernel.shape[:2] == own["patch_embed.proj.weight"].shape[:2]:
         state["patch_embed.proj.weight"] = resample_patch_kernel(kernel, vit.patch_size)
-    problems = [f"missing: {k}" for k in own if k not in state]
-    problems += [f"unexpected: {k}" for k in state if k not in own]
-    problems += [
-        f"shape: {k} checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
+    problems = fit_problems(own, state)
     if problems:
         shown = "; ".join(problems[:12]) + (f"; ... ({len(problems) - 12} more)" if len(problems) > 12 else "")
         raise CheckpointError(f"{path}: does not fit the ViT ({len(problems)} problems): {shown}")
