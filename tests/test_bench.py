@@ -266,3 +266,16 @@ def test_a_regulariser_or_lora_enters_the_hash_only_where_it_acts():
     l2sp = h("adapt.method=l2sp")
     assert l2sp == h("adapt.method=finetune", "adapt.l2sp.methods=[finetune]")
     assert len({l2sp, h("adapt.method=lora"), finetune}) == 3
+
+
+def test_keys_that_only_say_how_a_run_is_carried_out_leave_its_identity_alone():
+    from tmtseg.bench import config_hash
+    from tmtseg.config import RUN_NEUTRAL, load_config
+
+    def h(*overrides: str) -> str:
+        return config_hash(load_config([], list(overrides)))
+
+    base = h()
+    assert h("train.save_every=7", "train.log_every=3", "data.num_workers=3", "output_dir=x") == base
+    assert h("infer.stride=[50,50]") != base and h("train.eval_every=5") != base  # these change what is computed
+    assert {"train.iters", "infer.mode"}.isdisjoint(RUN_NEUTRAL)

@@ -92,3 +92,27 @@ def test_slide_average_of_a_constant_model_is_constant():
     )
     expected = model.logits.softmax(-1)[0, :-1] * torch.sigmoid(torch.tensor(1.0))
     torch.testing.assert_close(out, expected[None, :, None, None].expand(1, -1, 35, 45))
+
+
+def test_evaluation_runs_under_bf16_autocast_when_training_did():
+    from tmtseg.config import load_config
+    from tmtseg.data import build_dataset
+    from tmtseg.engine import evaluate
+
+    from .tiny import TINY
+
+    cfg = load_config([], [*TINY, "data.val.num_images=3"])
+    torch.manual_seed(0)
+    model = build_model(cfg, pretrained=False)
+    dataset = build_dataset(cfg.data.val, cfg.data, train=False)
+    seen = []
+    linear = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    linear.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    scores = {}
+    for amp in ("none", "bf16"):
+        scores[amp] = evaluate(
+            model, dataset, mode="whole", crop=(64, 64), stride=(64, 64), device=torch.device("cpu"), binary=False,
+            amp=amp,
+        )["mIoU"]  # fmt: skip
+    assert seen == [torch.float32] * 3 + [torch.bfloat16] * 3
+    assert abs(scores["bf16"] - scores["none"]) < 5.0

@@ -178,14 +178,21 @@ class Run:
 
 
 # A run's identity is a hash of its resolved config and of this version: bump it when the code computes something
-# else for the same config (a fix), so that finished runs are not mistaken for current ones. 2: DINOv2-S sources.
-HASH_VERSION = 2
+# else for the same config (a fix), so that finished runs are not mistaken for current ones. 2: DINOv2-S sources;
+# 3: the keys that only change how a run is carried out (config.RUN_NEUTRAL) are no part of it.
+HASH_VERSION = 3
 
 
 def config_hash(cfg: Config) -> str:
-    """What a run computes: the resolved config without where it is written, with the hash version."""
+    """What a run computes: the resolved config without the keys that only say how it is carried out (where it is
+    written, how often, with how many loader workers: config.RUN_NEUTRAL), with the hash version."""
     d = config_mod.to_dict(cfg)
-    d.pop("output_dir"), d.pop("name")
+    for dotted in config_mod.RUN_NEUTRAL:
+        *path, last = dotted.split(".")
+        section = d
+        for part in path:
+            section = section.get(part, {})
+        section.pop(last, None)  # a key the config does not have (yet) is left out all the same
     a = d["adapt"]
     # a regulariser or a LoRA counts only where it acts (which methods list it is no part of what a run computes)
     acting = regularisers_of(cfg.adapt)

@@ -264,6 +264,22 @@ class Config:
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
+# keys that change how a run is carried out, not what it computes: where and how often things are written, how data
+# is loaded (samples are seeded by stream position, not by worker). A resume may change them, and the bench leaves
+# them out of a run's identity.
+RUN_NEUTRAL = frozenset(
+    {
+        "name",
+        "output_dir",
+        "data.num_workers",
+        "train.log_every",
+        "train.log_to",
+        "train.save_every",
+        "train.keep_last",
+    }
+)
+
+
 _CHOICES = {
     "data.train.kind": ("synthetic", "manifest", "folder", "cityscapes"),
     "data.val.kind": ("synthetic", "manifest", "folder", "cityscapes"),

@@ -218,8 +218,10 @@ def evaluate(
     binary: bool,
     hooks_fn: Callable[[], object] | None = None,
     progress: bool = False,
+    amp: str = "none",
 ) -> dict:
-    """Score a labelled dataset at label resolution; shards over processes and all-reduces the confusion matrix."""
+    """Score a labelled dataset at label resolution, under bf16 autocast if amp is "bf16"; shards over processes and
+    all-reduces the confusion matrix."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(
@@ -233,15 +235,16 @@ def evaluate(
     for i in tqdm(indices, desc="eval", disable=not (progress and dist.is_main()), leave=False):
         item = dataset[i]
         label = item["label"]
-        logits = predict_logits(
-            model,
-            item["image"].to(device),
-            out_size=tuple(label.shape[-2:]),
-            mode=mode,
-            crop=crop,
-            stride=stride,
-            hooks=hooks_fn() if hooks_fn else None,
-        )  # [1, K, H, W]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits = predict_logits(
+                model,
+                item["image"].to(device),
+                out_size=tuple(label.shape[-2:]),
+                mode=mode,
+                crop=crop,
+                stride=stride,
+                hooks=hooks_fn() if hooks_fn else None,
+            )  # [1, K, H, W]
         metrics.update(logits.argmax(1)[0].cpu(), label)
     if dist.is_distributed():
         metrics.confusion = dist.all_reduce_sum(metrics.confusion)

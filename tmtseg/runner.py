@@ -43,21 +43,10 @@ from .recipes import regularisers_of
 from .runlock import RunLock
 
 _NO_DECAY = ("pos_embed", "cls_token", "query_feat", "query_embed", "level_embed")
-# config keys a resume may change: where and how often things are written, how data is loaded (samples are seeded
-# by stream position, not by worker), what a non-finite loss does; and train.iters, to extend a run (with a warning:
-# the lr and GRL schedules follow it)
-_RESUMABLE_CHANGES = {
-    "name",
-    "output_dir",
-    "data.num_workers",
-    "train.iters",
-    "train.log_every",
-    "train.log_to",
-    "train.eval_every",
-    "train.save_every",
-    "train.keep_last",
-    "train.nonfinite",
-}
+# config keys a resume may change: those that do not change what a run computes (config.RUN_NEUTRAL), what a
+# non-finite loss does, how often it is evaluated; and train.iters, to extend a run (with a warning: the lr and GRL
+# schedules follow it)
+_RESUMABLE_CHANGES = config_mod.RUN_NEUTRAL | {"train.iters", "train.eval_every", "train.nonfinite"}
 
 
 def lr_mult(cfg: Config, name: str) -> float:
@@ -423,4 +412,5 @@ def _evaluate(trainer: Trainer, cfg: Config, dataset, device, *, progress: bool)
         binary=cfg.data.binary,
         hooks_fn=trainer.method.inference_hooks,
         progress=progress,
+        amp=cfg.train.amp,
     )
