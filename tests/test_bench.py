@@ -277,5 +277,6 @@ def test_keys_that_only_say_how_a_run_is_carried_out_leave_its_identity_alone():
 
     base = h()
     assert h("train.save_every=7", "train.log_every=3", "data.num_workers=3", "output_dir=x") == base
+    assert h("infer.feature_cache=cache") == base
     assert h("infer.stride=[50,50]") != base and h("train.eval_every=5") != base  # these change what is computed
     assert {"train.iters", "infer.mode"}.isdisjoint(RUN_NEUTRAL)

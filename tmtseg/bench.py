@@ -95,6 +95,9 @@ class BenchConfig:
     only: list[str] = field(default_factory=list)  # restrict to tasks or pairs: "camvid", "polyp/kvasir->colondb"
     jobs: int = 1  # runs in parallel (each in its own process)
     threads: int = 0  # torch threads per run; 0 = cores / jobs
+    # the frozen ViT's outputs on the scored images, kept in <output_dir>/cache between runs (infer.feature_cache):
+    # every method whose ViT stays frozen, and every seed, scores the same windows through the same ViT
+    feature_cache: bool = True
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
 
 
@@ -258,6 +261,8 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
     for tname, task in bench.tasks.items():
         base_files = [str(_resolve_file(task.config, *beside, PACKAGED))] if task.config else []
         common = [f"data.root={json.dumps(bench.data_root)}", *profile.overrides, *task.overrides]
+        if bench.feature_cache:
+            common.append(f"infer.feature_cache={json.dumps(str(out_dir / 'cache'))}")
 
         def make(train, val, extra, *, seed, source=None, _files=base_files, _common=common) -> Config:
             overrides = [*_common, *extra, f"train.seed={seed}"]

@@ -146,6 +146,9 @@ class TrainConfig:
 class InferConfig:
     mode: str = "whole"  # whole (resize by data.scale) | slide (windows of crop_size)
     stride: list[int] = field(default_factory=lambda: [96, 96])  # slide only: window step [H, W]
+    # a folder where evaluation keeps the ViT's outputs (tmtseg/models/feature_cache.py): runs that score the same
+    # images through the same frozen ViT read them instead of computing them ("" = off)
+    feature_cache: str = ""
 
 
 @dataclass
@@ -276,6 +279,7 @@ RUN_NEUTRAL = frozenset(
         "train.log_to",
         "train.save_every",
         "train.keep_last",
+        "infer.feature_cache",
     }
 )
 

@@ -39,6 +39,7 @@ from .engine import (
 from .errors import CheckpointError, ConfigError, DataError, Preempted, TrainingError
 from .logs import TrainLog
 from .methods import Trainer, build_trainer
+from .models.feature_cache import FeatureCache
 from .recipes import regularisers_of
 from .runlock import RunLock
 
@@ -401,7 +402,11 @@ def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progre
 
 
 def _evaluate(trainer: Trainer, cfg: Config, dataset, device, *, progress: bool) -> dict:
-    """Score the model on `dataset` as `cfg` infers (mode, crop, stride; the TMA hooks if the method has them)."""
+    """Score the model on `dataset` as `cfg` infers (mode, crop, stride; the TMA hooks if the method has them; the
+    ViT's outputs from infer.feature_cache if set)."""
+    backbone = trainer.model.backbone
+    if cfg.infer.feature_cache and getattr(backbone, "feature_cache", False) is None:
+        backbone.feature_cache = FeatureCache(cfg.infer.feature_cache)
     return evaluate(
         trainer.model,
         dataset,

@@ -228,6 +228,7 @@ class ViTBackbone(nn.Module):
             raise ValueError(f"fit must be resize_input or resize_tokens, not {fit!r}")
         self.vit, self.pyramid = vit, pyramid
         self.token_stride, self.fit = token_stride, fit
+        self.feature_cache = None  # a FeatureCache: the ViT's outputs from disk where nothing can differ
 
     def forward(self, x: Tensor, *, attn_hook: BackboneHook | None = None) -> dict:
         """x [B, 3, H, W], H and W multiples of the coarsest stride -> dict(tokens [B, N, C], tokens_hw (h, w),
@@ -239,7 +240,11 @@ class ViTBackbone(nn.Module):
             x = F.interpolate(x, size=(h * p, w * p), mode="bilinear", align_corners=False)  # [B, 3, h*p, w*p]
         elif p != s:
             x = F.pad(x, (0, -W % p, 0, -H % p))  # [B, 3, H'', W''] multiples of the patch
-        tokens, hw = self.vit(x, attn_hook=attn_hook)
+        cache = self.feature_cache
+        if cache is not None and attn_hook is None and not self.training and not torch.is_grad_enabled():
+            tokens, hw = cache.tokens(self.vit, x, lambda: self.vit(x))
+        else:
+            tokens, hw = self.vit(x, attn_hook=attn_hook)
         grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *hw)  # [B, N, C] -> [B, C, h', w']
         if tuple(hw) != (h, w):
             # token centres sit at (i + 0.5) * p input pixels: sample them at the centres of the stride-s grid

@@ -1,0 +1,62 @@
+"""infer.feature_cache: the frozen ViT's outputs from disk give exactly the scores computed without it, and are never
+used where they could differ (other weights, training mode, gradients, another autocast state, a damaged file)."""
+
+from __future__ import annotations
+
+import torch
+
+from tmtseg.config import load_config
+from tmtseg.models.build import build_model
+from tmtseg.models.feature_cache import FeatureCache
+from tmtseg.models.inference import predict_logits
+
+from .tiny import TINY
+
+
+def _model_and_image():
+    torch.manual_seed(0)
+    model = build_model(load_config([], TINY), pretrained=False).eval()
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    return model, image
+
+
+def _scores(model, image):
+    return predict_logits(model, image, out_size=(96, 128), mode="slide", crop=(64, 64), stride=(32, 32))
+
+
+def test_cached_outputs_equal_computed_ones_and_are_read_back(tmp_path):
+    model, image = _model_and_image()
+    plain = _scores(model, image)
+    cache = model.backbone.feature_cache = FeatureCache(tmp_path)
+    first = _scores(model, image)  # 2 x 3 windows: computed and stored
+    assert (cache.hits, cache.misses) == (0, 6)
+    second = _scores(model, image)
+    assert (cache.hits, cache.misses) == (6, 6)
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+    # a damaged file is computed again (and rewritten), the scores unchanged
+    victim = next(tmp_path.rglob("*.safetensors"))
+    victim.write_bytes(b"cut short")
+    assert torch.equal(_scores(model, image), plain) and cache.misses == 7
+
+
+def test_other_weights_training_gradients_or_autocast_do_not_use_it(tmp_path):
+    model, image = _model_and_image()
+    cache = model.backbone.feature_cache = FeatureCache(tmp_path)
+    _scores(model, image)
+    with torch.no_grad():
+        model.backbone.vit.blocks[0].mlp.fc1.weight.add_(0.01)  # in place, as an optimizer step
+    changed = _scores(model, image)
+    assert cache.misses == 12  # another fingerprint: all computed again
+    model.backbone.feature_cache = None
+    assert torch.equal(changed, _scores(model, image))
+    model.backbone.feature_cache = cache
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _scores(model, image)
+    assert cache.misses == 18
+    before = (cache.hits, cache.misses)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(1, 3, 64, 64) * 255)
+    model.eval()
+    model(torch.rand(1, 3, 64, 64) * 255)  # gradients on
+    assert (cache.hits, cache.misses) == before
