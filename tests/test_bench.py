@@ -266,6 +266,11 @@ def test_a_regulariser_or_lora_enters_the_hash_only_where_it_acts():
     l2sp = h("adapt.method=l2sp")
     assert l2sp == h("adapt.method=finetune", "adapt.l2sp.methods=[finetune]")
     assert len({l2sp, h("adapt.method=lora"), finetune}) == 3
+    # LoRA given to a method: finetune + LoRA is lora; TMT + LoRA is its own run
+    assert h("adapt.method=finetune", "adapt.lora.methods=[finetune]") == h("adapt.method=lora")
+    assert (
+        h("adapt.method=tmt", "adapt.lora.methods=[tmt]") != tmt == h("adapt.method=tmt", "adapt.lora.methods=[dann]")
+    )
 
 
 def test_keys_that_only_say_how_a_run_is_carried_out_leave_its_identity_alone():

@@ -209,6 +209,17 @@ def test_lora_trains_only_the_low_rank_factors_and_the_decoders():
     assert not torch.equal(after["method.lora.b.blocks_1_attn_qkv"], before["method.lora.b.blocks_1_attn_qkv"])
 
 
+def test_lora_given_to_another_method_keeps_its_pieces_and_freezes_the_vit():
+    cfg = load_config([], [*TINY, "adapt.method=tmt", "adapt.lora.methods=[tmt]"])
+    torch.manual_seed(0)
+    trainer = build_trainer(cfg)
+    names = [n for n, p in trainer.named_parameters() if p.requires_grad]
+    assert any(n.startswith("method.lora.") for n in names) and any(n.startswith("method.acte.") for n in names)
+    assert "method.tma.lambdas" in names and not any(n.startswith("model.backbone.vit.") for n in names)
+    plain = build_trainer(load_config([], [*TINY, "adapt.method=tmt"]))
+    assert not any(n.startswith("method.lora.") for n, _ in plain.named_parameters())
+
+
 def test_lora_checkpoint_loads_into_the_plain_segmenter_and_resumes_exactly(tmp_path):
     from tmtseg.checkpoint import load_checkpoint, load_weights, save_checkpoint
     from tmtseg.models.build import build_model

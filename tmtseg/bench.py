@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config as config_mod
 from .config import Config, SplitConfig
 from .errors import ConfigError, TmtsegError
-from .recipes import METHODS, regularisers_of
+from .recipes import METHODS, regularisers_of, tuning_of
 
 PACKAGED = Path(__file__).resolve().parent / "configs"
 ADAPT_METHODS = tuple(METHODS)
@@ -206,11 +206,14 @@ def config_hash(cfg: Config) -> str:
             a[kind] = section
     # a method that is another plus a regulariser (lwf = finetune + KL, l2sp = finetune + L2-SP) is hashed as that
     # one with the regulariser's section: the same computation finds the same run under either name
-    own = METHODS[a["method"]]
-    a["method"] = next(n for n, r in METHODS.items() if not r.regularisers and (r.align, r.attention, r.tuning) ==
-                       (own.align, own.attention, own.tuning))  # fmt: skip
+    # (and one given LoRA by adapt.lora.methods as the one that has it: finetune + LoRA is lora)
+    own, tuning = METHODS[a["method"]], tuning_of(cfg.adapt)
+    same = [n for n, r in METHODS.items() if not r.regularisers and (r.align, r.attention, r.tuning) ==
+            (own.align, own.attention, tuning)]  # fmt: skip
+    a["method"] = same[0] if same else a["method"]
     lora = a.pop("lora")
-    if any(kind == "lora" for _, kind in METHODS[cfg.adapt.method].tuning):
+    lora.pop("methods")
+    if any(kind == "lora" for _, kind in tuning):
         a["lora"] = lora
     return hashlib.sha1(json.dumps({"version": HASH_VERSION, "config": d}, sort_keys=True).encode()).hexdigest()[:10]
 

@@ -234,6 +234,7 @@ class LoRAConfig:
     rank: int = 8  # Hu et al.: r = 4-8 on the attention matches full fine-tuning; tens of target images ask no more
     alpha: float = 8.0  # scale alpha / rank = 1: the update's size does not change with the rank
     targets: list[str] = field(default_factory=lambda: ["qkv"])  # of qkv, proj (attention), fc1, fc2 (MLP)
+    methods: list[str] = field(default_factory=list)  # other methods that get LoRA too (lora has it always)
 
 
 @dataclass
@@ -416,7 +417,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config keys model.pixel_mean, model.pixel_std: three values each, std > 0")
     if cfg.adapt.method not in METHODS:
         raise ConfigError(f"config key adapt.method={cfg.adapt.method!r}: must be one of {', '.join(METHODS)}")
-    for key in ("preserve", "l2sp"):
+    for key in ("preserve", "l2sp", "lora"):
         bad = [m for m in getattr(cfg.adapt, key).methods if m not in METHODS]
         if bad:
             raise ConfigError(f"config key adapt.{key}.methods: {bad} not among {', '.join(METHODS)}")

@@ -18,7 +18,7 @@ from .models.criterion import SetCriterion, semantic_targets
 from .models.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse, grl_coeff
 from .models.tma import TMA, resize_map
 from .models.tuning import FrozenBackbone, LoRA
-from .recipes import METHODS, regularisers_of
+from .recipes import METHODS, regularisers_of, tuning_of
 from .regularisers import L2SP, PreserveKL
 
 
@@ -353,7 +353,7 @@ def build_method(cfg) -> Method:
         max_iter=a.grl_max_iter or cfg.train.iters,
         align={name: ALIGN[kind](cfg) for name, kind in recipe.align},
         attention={name: ATTENTION[kind](cfg) for name, kind in recipe.attention},
-        tuning={name: TUNING[kind](cfg) for name, kind in recipe.tuning},
+        tuning={name: TUNING[kind](cfg) for name, kind in tuning_of(a)},
         regularisers=[REGULARISERS[kind](cfg) for kind in regularisers_of(a)],
     )
 

@@ -45,3 +45,12 @@ def regularisers_of(adapt) -> list[str]:
     kinds = [*METHODS[adapt.method].regularisers]
     kinds += [k for k in ("preserve", "l2sp") if adapt.method in getattr(adapt, k).methods]
     return [k for k in ("preserve", "l2sp") if k in kinds and (k != "preserve" or adapt.preserve.weight > 0)]
+
+
+def tuning_of(adapt) -> tuple[tuple[str, str], ...]:
+    """Which weights train in a run of `adapt`: the method's own tuning pieces, plus LoRA where adapt.lora.methods
+    lists the method (like for like: TMT + LoRA against LoRA, i.e. fine-tuning + LoRA, and DANN + LoRA)."""
+    own = METHODS[adapt.method].tuning
+    if adapt.method in adapt.lora.methods and not any(kind == "lora" for _, kind in own):
+        return (*own, ("lora", "lora"))
+    return own
