@@ -147,6 +147,12 @@ class SetCriterion(nn.Module):
         return per_layer[0] / num_masks, per_layer[1] / num_masks
 
     def forward(self, outputs: dict, targets: list[dict], num_masks: float | None = None) -> dict[str, Tensor]:
+        # float32 whatever the caller's autocast: the matcher, the point sampling and the losses take the (bf16)
+        # predictions cast up, so the losses equal float32 losses of those predictions exactly
+        with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
+            return self._losses(outputs, targets, num_masks)
+
+    def _losses(self, outputs: dict, targets: list[dict], num_masks: float | None) -> dict[str, Tensor]:
         n = max(self.num_masks(targets) if num_masks is None else float(num_masks), 1.0)
         layers = [*outputs.get("aux_outputs", []), outputs] if self.deep_supervision else [outputs]
         suffixes = [f"_{i}" for i in range(len(layers) - 1)] + [""]
