@@ -186,6 +186,8 @@ def config_hash(cfg: Config) -> str:
     """What a run computes: the resolved config without where it is written, with the hash version."""
     d = config_mod.to_dict(cfg)
     d.pop("output_dir"), d.pop("name")
+    # how the segmenter is executed, not what it computes (compiled kernels round differently, as another CPU does)
+    d["train"].pop("compile"), d["train"].pop("compile_backend")
     a = d["adapt"]
     # a regulariser or a LoRA counts only where it acts (which methods list it is no part of what a run computes)
     acting = regularisers_of(cfg.adapt)

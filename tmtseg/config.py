@@ -130,6 +130,14 @@ class TrainConfig:
     poly_power: float = 0.9
     grad_clip: float = 1.0  # max total grad norm; 0 = off
     amp: str = "none"  # none | bf16 (autocast)
+    # torch.compile of the segmenter for training and evaluation (its forward; the criterion and the Hungarian matcher
+    # stay eager); where compiling fails, one warning and eager. Off by default: inductor's first step takes minutes
+    # on a CPU (143 s for the tests' tiny model on one thread), and whether it pays within a run is measured first
+    # (benchmarks/speed_step.py --compile)
+    compile: bool = False
+    # inductor (fused generated kernels: the fast one) | aot_eager (the same graph capture and autograd, no code
+    # generation: seconds to compile, for tests and for finding a compile problem) | eager (graph capture only)
+    compile_backend: str = "inductor"
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     log_every: int = 10
@@ -271,6 +279,7 @@ _CHOICES = {
     "model.pixel_decoder": ("fpn", "msdeform"),
     "model.backbone.fit": ("resize_input", "resize_tokens"),
     "train.amp": ("none", "bf16"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.nonfinite": ("stop", "skip"),
     "infer.mode": ("whole", "slide"),
