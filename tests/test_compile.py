@@ -117,3 +117,26 @@ def test_resume_may_switch_compile_on_and_the_bench_identity_ignores_it(tmp_path
     records, warned = _run(run_dir, *COMPILED, "train.save_every=1", resume=True)
     assert not warned and [r["step"] for r in records] == [1, 2]
     assert (run_dir / "checkpoints" / "iter_0000002").is_dir()
+
+
+def test_an_adversarial_method_compiles_once_not_at_every_step_of_its_ramp():
+    """The GRL coefficient changes every step; it reaches the compiled segmenter as a tensor input, not as a
+    constant that would recompile the graph at each step (and fall back to eager past dynamo's limit)."""
+    from torch._dynamo.utils import counters
+
+    from tmtseg.compiled import compile_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = load_config([], [*TINY, "adapt.method=tmt", "adapt.preserve.weight=0", "train.iters=100"])
+    trainer = build_trainer(cfg)
+    compile_model(trainer.model, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    image = lambda: torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)  # noqa: E731
+    batches = {
+        "labelled": {"image": image(), "label": torch.randint(0, 5, (2, 64, 64), generator=g)},
+        "unlabelled": {"image": image()},
+    }
+    for step in range(4):
+        trainer(batches, step=step)["loss"].backward()
+    assert counters["stats"]["unique_graphs"] == 1
