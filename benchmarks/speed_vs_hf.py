@@ -14,8 +14,8 @@ Steps are interleaved model by model (A, B, C, D, A, B, ...; each round starts w
 reported, because the machine is shared; ratios pair steps run back to back. Peak memory is measured in a fresh
 subprocess per (model, phase).
 
-    .venv/bin/python benchmarks/bench_vs_hf_mask2former.py            # ~4 min on an idle 2-core machine
-    .venv/bin/python benchmarks/bench_vs_hf_mask2former.py --quick    # ~1.5 min smoke run
+    .venv/bin/python benchmarks/speed_vs_hf.py            # ~4 min on an idle 2-core machine
+    .venv/bin/python benchmarks/speed_vs_hf.py --quick    # ~1.5 min smoke run
 Needs the `bench` extra: pip install 'transformers>=4.40'.
 """
 
