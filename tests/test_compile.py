@@ -83,7 +83,8 @@ def test_compiled_bf16_training_matches_eager_and_its_checkpoint_loads_uncompile
     assert torch.isfinite(out["pred_masks"]).all()
     # the evaluation at the end ran compiled; the same checkpoint scored eagerly gives the same result
     compiled_eval = json.loads((run_dir / "eval.json").read_text())
-    eager_eval, _ = evaluate_checkpoint(str(run_dir / "checkpoints" / "iter_0000002"), progress=False)
+    final = str(run_dir / "checkpoints" / "iter_0000002")
+    eager_eval, _ = evaluate_checkpoint(final, overrides=["train.compile=false"], progress=False)
     assert compiled_eval["pixels"] == eager_eval["pixels"]
     assert compiled_eval["mIoU"] == pytest.approx(eager_eval["mIoU"], abs=0.5)
 

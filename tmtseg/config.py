@@ -131,9 +131,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max total grad norm; 0 = off
     amp: str = "none"  # none | bf16 (autocast)
     # torch.compile of the segmenter for training and evaluation (its forward; the criterion and the Hungarian matcher
-    # stay eager); where compiling fails, one warning and eager. Off by default: inductor's first step takes minutes
-    # on a CPU (143 s for the tests' tiny model on one thread), and whether it pays within a run is measured first
-    # (benchmarks/speed_step.py --compile)
+    # stay eager); where compiling fails, one warning and eager. Off by default: inductor compiles for minutes on a CPU
+    # (one busy thread: 155 s for the DINOv2-S training graph, 64 s more for evaluation's), and whether it pays within
+    # a run is to be measured first (benchmarks/speed_step.py --compile)
     compile: bool = False
     # inductor (fused generated kernels: the fast one) | aot_eager (the same graph capture and autograd, no code
     # generation: seconds to compile, for tests and for finding a compile problem) | eager (graph capture only)
