@@ -24,6 +24,8 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
         ("adapt.method=x", "adapt.method"),
         ("model.nheads=3", "model.nheads"),
         ("adapt.tma.alpha=2", "adapt.tma.alpha"),
+        ("train.compile=maybe", "train.compile"),
+        ("train.compile_backend=fast", "train.compile_backend"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(override, key):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,7 +57,10 @@ def _train_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
-def test_two_processes_end_with_the_weights_of_one_process_with_the_doubled_batch(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_two_processes_end_with_the_weights_of_one_process_with_the_doubled_batch(tmp_path, compiled):
+    """Also with train.compile (issue 12 §2): each rank's segmenter compiled in place, then wrapped by DDP (aot_eager:
+    the joint forward/backward graph whose gradients DDP all-reduces, without inductor's minutes of code generation)."""
     # one class weight for every query: the class loss is then a plain mean over equal shards of the global batch
     # (with no-object down-weighted, each rank's weighted mean has its own denominator and the ranks' average differs)
     common = [*RUN, "train.iters=6", "train.eval_every=0", "data.val.num_images=3", "loss.no_object_weight=1.0"]
@@ -64,9 +68,11 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_doubled_batc
     args = ["--no-progress", "train", *common]
     single = [sys.executable, "-c", WORKER, *args, "data.batch_size=4", f"output_dir={one}"]
     ddp = [TORCHRUN, "--standalone", "--nproc-per-node=2", "--no-python", sys.executable, "-c", WORKER, *args]
+    ddp += ["train.compile=true", "train.compile_backend=aot_eager"] if compiled else []
     for cmd in (single, [*ddp, "data.batch_size=2", f"output_dir={two}"]):
-        result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=180)
+        result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr
+        assert "train.compile" not in result.stderr  # no fallback to eager
     # only rank 0 wrote: one log record per step, the checkpoints once
     assert [r["step"] for r in _train_records(two)] == list(range(1, 7))
     assert [p.name for p in list_checkpoints(two)] == ["iter_0000003", "iter_0000006"]

@@ -19,6 +19,19 @@ def test_grad_reverse_is_identity_forward_and_flips_scaled_gradient(coeff):
     torch.testing.assert_close(x.grad, -coeff * upstream)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_reverse_with_a_tensor_coeff_is_bitwise_the_float_one(dtype):
+    """The ramp's coefficient comes as a 0-d tensor (a compiled model reads it as an input); the reversed gradient is
+    exactly what the plain `-coeff * grad` with a Python float gives, in bf16 too."""
+    g = torch.Generator().manual_seed(0)
+    for step in range(0, 100, 7):
+        coeff = grl_coeff(step, 100)
+        upstream = (torch.randn(512, generator=g) * 10 ** torch.randn(512, generator=g)).to(dtype)
+        x = torch.randn(512, dtype=dtype, requires_grad=True)
+        grad_reverse(x, torch.tensor(coeff, dtype=torch.float32)).backward(upstream)
+        assert x.grad.dtype == dtype and torch.equal(x.grad, -coeff * upstream), step
+
+
 def test_grl_coeff_ramp():
     assert grl_coeff(0, 100) == 0.0
     assert grl_coeff(100, 100) == pytest.approx(2 / (1 + math.exp(-10)) - 1)

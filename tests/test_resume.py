@@ -210,3 +210,21 @@ def test_kill9_at_a_random_step_then_resume_equals_the_uninterrupted_run(tmp_pat
     assert logged_step(run_dir) < ITERS and list_checkpoints(run_dir)  # really interrupted, with something saved
     train(run_dir, f"data.num_workers={num_workers}", resume=True)
     assert_same_outcome(reference, outcome(run_dir))
+
+
+def test_kill9_then_resume_equals_the_uninterrupted_run_in_bf16(tmp_path, reference):
+    """train.amp=bf16 (issue 12 §1): autocast changes what is computed, not whether a resume continues it exactly."""
+    whole, run_dir = tmp_path / "whole", tmp_path / "run"
+    train(whole, "train.amp=bf16")
+    expected = outcome(whole)
+    assert expected["model_meta"]["config"]["train"]["amp"] == "bf16"
+    key = "model.decoder.class_embed.weight"
+    assert not torch.equal(expected["weights"][key], reference["weights"][key])  # bf16 really computed otherwise
+    kill_at = random.Random(612).randint(3, ITERS - 2)
+    proc = start("train", *RUN, f"output_dir={run_dir}", "train.amp=bf16")
+    wait_for(lambda: logged_step(run_dir) >= kill_at, proc)
+    kill9(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert logged_step(run_dir) < ITERS and list_checkpoints(run_dir)
+    train(run_dir, "train.amp=bf16", resume=True)
+    assert_same_outcome(expected, outcome(run_dir))

@@ -130,6 +130,14 @@ class TrainConfig:
     poly_power: float = 0.9
     grad_clip: float = 1.0  # max total grad norm; 0 = off
     amp: str = "none"  # none | bf16 (autocast)
+    # torch.compile of the segmenter for training and evaluation (its forward; the criterion and the Hungarian matcher
+    # stay eager); where compiling fails, one warning and eager. Off by default: inductor compiles for minutes on a CPU
+    # (one busy thread: 155 s for the DINOv2-S training graph, 64 s more for evaluation's), and whether it pays within
+    # a run is to be measured first (benchmarks/speed_step.py --compile)
+    compile: bool = False
+    # inductor (fused generated kernels: the fast one) | aot_eager (the same graph capture and autograd, no code
+    # generation: seconds to compile, for tests and for finding a compile problem) | eager (graph capture only)
+    compile_backend: str = "inductor"
     seed: int = 0
     device: str = "auto"  # auto (cuda if available) | cpu | cuda
     log_every: int = 10
@@ -281,6 +289,10 @@ RUN_NEUTRAL = frozenset(
         "train.save_every",
         "train.keep_last",
         "infer.feature_cache",
+        # whether the segmenter runs compiled: the same computation (compiled kernels round differently, as another
+        # CPU does, so a resume that switches it is not bitwise the uninterrupted run)
+        "train.compile",
+        "train.compile_backend",
     }
 )
 
@@ -292,6 +304,7 @@ _CHOICES = {
     "model.pixel_decoder": ("fpn", "msdeform"),
     "model.backbone.fit": ("resize_input", "resize_tokens"),
     "train.amp": ("none", "bf16"),
+    "train.compile_backend": ("inductor", "aot_eager", "eager"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.nonfinite": ("stop", "skip"),
     "infer.mode": ("whole", "slide"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -195,14 +196,16 @@ def train_step(
     total = losses["loss"]
     if dist.any_rank(not bool(torch.isfinite(total.detach()))):
         return {k: float(v.detach()) for k, v in losses.items()}, False
-    total.backward()
-    # max_norm=inf scales by exactly 1: the norm is measured (and logged) even without clipping
-    norm = torch.nn.utils.clip_grad_norm_(trainer.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    losses["grad_norm"] = norm
-    if not torch.isfinite(norm):  # gradients are all-reduced: every rank sees the same norm
-        optimizer.zero_grad(set_to_none=True)
-        return {k: float(v.detach()) for k, v in losses.items()}, False
-    optimizer.step()
+    with record_function("tmtseg.backward"):  # the profile's parts (benchmarks/speed_step.py)
+        total.backward()
+    with record_function("tmtseg.optimizer"):
+        # max_norm=inf scales by exactly 1: the norm is measured (and logged) even without clipping
+        norm = torch.nn.utils.clip_grad_norm_(trainer.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        losses["grad_norm"] = norm
+        if not torch.isfinite(norm):  # gradients are all-reduced: every rank sees the same norm
+            optimizer.zero_grad(set_to_none=True)
+            return {k: float(v.detach()) for k, v in losses.items()}, False
+        optimizer.step()
     return {k: float(v.detach()) for k, v in losses.items()}, True
 
 

@@ -39,7 +39,7 @@ class ImageAlignment(Discriminator):
     key = "image_logits"
     at_inference = False  # it changes no prediction
 
-    def pixel_features(self, features: dict, *, grl: float | None) -> dict:
+    def pixel_features(self, features: dict, *, grl: Tensor | None) -> dict:
         if grl is None:
             return {}
         pooled = features["tokens"].mean(1)  # [B, N, C] -> [B, C]
@@ -57,7 +57,7 @@ class PatchAlignment(Discriminator):
     key = "patch_logits"
     at_inference = True  # its logits are the transferability that TVT's attention term reads
 
-    def backbone_tokens(self, tokens: Tensor, *, grl: float | None) -> dict:
+    def backbone_tokens(self, tokens: Tensor, *, grl: Tensor | None) -> dict:
         x = tokens if grl is None else grad_reverse(tokens, grl)
         return {self.key: self(x)}  # [B, N, C] -> [B, N]
 
@@ -78,7 +78,7 @@ class RegionAlignment(ACTE):
         self.level = {32: 0, 16: 1, 8: 2}[feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
         self.at_inference = at_inference
 
-    def pixel_features(self, features: dict, *, grl: float | None) -> dict:
+    def pixel_features(self, features: dict, *, grl: Tensor | None) -> dict:
         return {self.key: self(features["multi_scale"][self.level], grl_coeff=grl)}  # on [B, C, h, w]
 
     def loss(self, labelled: dict, unlabelled: dict, *, labelled_is_source: bool) -> Tensor:
@@ -133,7 +133,7 @@ class Hooks:
     """The segmenter's hook points (models/segmenter.py) over a method's pieces, for one forward; grl=None at
     inference. It holds no state: what the pieces compute comes back in the segmenter's `adapt` output."""
 
-    def __init__(self, *, align: list[nn.Module], attention: list[nn.Module], grl: float | None):
+    def __init__(self, *, align: list[nn.Module], attention: list[nn.Module], grl: Tensor | None):
         self.align, self.attention, self.grl = align, attention, grl
         pieces = [*align, *attention]
         # a hook point no piece uses is absent, so that the segmenter runs exactly as without hooks there
@@ -223,7 +223,7 @@ class Method(nn.Module):
         for piece in self.tuning:
             piece.attach(model)
 
-    def hooks(self, *, grl: float | None) -> Hooks | None:
+    def hooks(self, *, grl: Tensor | None) -> Hooks | None:
         """The hook object of one forward (None = vanilla Mask2Former); grl=None means inference."""
         align = [p for p in self.align if grl is not None or p.at_inference]
         attention = [p for p in self.attention if grl is not None or p.at_inference]
@@ -254,7 +254,9 @@ class Method(nn.Module):
         return criterion(outputs, targets, num_masks=float(num_masks))
 
     def forward(self, model: nn.Module, criterion: SetCriterion, batches: dict[str, dict], *, step: int) -> dict:
-        grl = grl_coeff(step, self.max_iter)
+        # a 0-d tensor, not a float: a compiled segmenter (train.compile) reads it as an input, where a new float at
+        # every step would be a new constant and a recompile
+        grl = torch.tensor(grl_coeff(step, self.max_iter), dtype=torch.float32)
         hooks = self.hooks(grl=grl)
         labelled = batches["labelled"]
         outputs = model(labelled["image"], hooks=hooks)

@@ -15,9 +15,11 @@ if TYPE_CHECKING:
 
 
 def class_distribution(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
-    """Per-pixel class distribution [B, K, h, w] (float32, sums to 1 over K) of a mask-classification output."""
-    probs = semantic_probs(pred_logits.float(), pred_masks.float())  # [B, K, h, w]
-    return probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
+    """Per-pixel class distribution [B, K, h, w] (float32, sums to 1 over K) of a mask-classification output; float32
+    under autocast too (its einsum would run in bf16 there)."""
+    with torch.autocast(device_type=pred_logits.device.type, enabled=False):
+        probs = semantic_probs(pred_logits.float(), pred_masks.float())  # [B, K, h, w]
+        return probs / probs.sum(1, keepdim=True).clamp_min(1e-8)
 
 
 class PreserveKL:

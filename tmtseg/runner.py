@@ -22,6 +22,7 @@ from .checkpoint import (
     load_weights,
     save_checkpoint,
 )
+from .compiled import compile_model
 from .config import Config
 from .data import build_dataset, check_config, collate
 from .engine import (
@@ -252,6 +253,11 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
         init_from_source(trainer, init_from)
     trainer.to(device)
     attach_teacher(cfg, trainer, device)
+    if cfg.train.compile:
+        # the segmenter only, in place and before DDP wraps the trainer: compiling the DDP wrapper (PyTorch's advice,
+        # so that its DDPOptimizer splits the graph at the gradient buckets) would pull the criterion and the scipy
+        # matcher into the graph. The state dict keeps its keys, so checkpoints and resume are as without it.
+        compile_model(trainer.model, backend=cfg.train.compile_backend)
     optimizer = build_optimizer(cfg, trainer)
     state, last_good = LoopState(), None
     metrics_log = run_dir / "metrics.jsonl"
@@ -397,6 +403,8 @@ def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progre
     _check_data(cfg, ("val",))
     device = dist.local_device(cfg.train.device)
     trainer.to(device)
+    if cfg.train.compile:
+        compile_model(trainer.model, backend=cfg.train.compile_backend)
     val_ds = build_dataset(cfg.data.val, cfg.data, train=False)
     return _evaluate(trainer, cfg, val_ds, device, progress=progress), cfg
 

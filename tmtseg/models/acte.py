@@ -148,7 +148,7 @@ class ACTE(nn.Module):
     def cluster(self, x: Tensor) -> Regions:
         return soft_cluster(x, cell=self.cell, iters=self.iters, kappa=self.kappa)
 
-    def forward(self, x: Tensor, *, grl_coeff: float | None) -> dict:
+    def forward(self, x: Tensor, *, grl_coeff: float | Tensor | None) -> dict:
         regions = self.cluster(x)
         feats = regions.features if grl_coeff is None else grad_reverse(regions.features, grl_coeff)
         logits = self.discriminator(feats)  # [B, R]

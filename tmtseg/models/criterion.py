@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from ..errors import DataError
 from .matcher import HungarianMatcher, point_sample, pred_coord_scale, sample_targets, target_valid
@@ -114,7 +115,7 @@ class SetCriterion(nn.Module):
         pred = torch.cat(
             [m[batch[layer == i].to(device), query[layer == i].to(device)] for i, m in enumerate(pred_masks)]
         ).float()[:, None]  # [R, 1, h, w], rows ordered by layer
-        with torch.no_grad():
+        with torch.no_grad(), record_function("tmtseg.point_sampling"):
             coords = uncertain_point_coords(
                 pred,
                 num_points=self.num_points,
@@ -147,10 +148,20 @@ class SetCriterion(nn.Module):
         return per_layer[0] / num_masks, per_layer[1] / num_masks
 
     def forward(self, outputs: dict, targets: list[dict], num_masks: float | None = None) -> dict[str, Tensor]:
+        # float32 whatever the caller's autocast: the matcher, the point sampling and the losses take the (bf16)
+        # predictions cast up, so the losses equal float32 losses of those predictions exactly
+        with (
+            torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False),
+            record_function("tmtseg.criterion"),
+        ):
+            return self._losses(outputs, targets, num_masks)
+
+    def _losses(self, outputs: dict, targets: list[dict], num_masks: float | None) -> dict[str, Tensor]:
         n = max(self.num_masks(targets) if num_masks is None else float(num_masks), 1.0)
         layers = [*outputs.get("aux_outputs", []), outputs] if self.deep_supervision else [outputs]
         suffixes = [f"_{i}" for i in range(len(layers) - 1)] + [""]
-        indices = self.matcher.match_layers(layers, targets)  # one batched matching for all layers
+        with record_function("tmtseg.matcher"):
+            indices = self.matcher.match_layers(layers, targets)  # one batched matching for all layers
         raw = {"loss_ce": self.loss_labels([o["pred_logits"] for o in layers], targets, indices)}  # [L] each
         # the same per-pixel weights (the final prediction's) on every layer
         raw["loss_mask"], raw["loss_dice"] = self.loss_masks(

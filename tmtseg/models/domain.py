@@ -16,18 +16,25 @@ class GradReverse(torch.autograd.Function):
     """Identity forward; multiplies the incoming gradient by -coeff (Ganin & Lempitsky's GRL)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, coeff: float) -> Tensor:
+    def forward(ctx, x: Tensor, coeff: Tensor) -> Tensor:
         ctx.coeff = coeff
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return -ctx.coeff * grad, None
+        # in float32, rounded once to grad's dtype: bitwise what `-float * grad` gives (a Python scalar is applied in
+        # float32 to a bf16 tensor too); a 0-d tensor coeff of another dtype would round it first
+        return (grad.float() * -ctx.coeff.float()).to(grad.dtype), None
 
 
-def grad_reverse(x: Tensor, coeff: float = 1.0) -> Tensor:
-    """Gradient reversal layer: ``x`` forward, ``-coeff * grad`` backward."""
-    return GradReverse.apply(x, float(coeff))
+def grad_reverse(x: Tensor, coeff: float | Tensor = 1.0) -> Tensor:
+    """Gradient reversal layer: ``x`` forward, ``-coeff * grad`` backward.
+
+    ``coeff`` changes every step (the GRL ramp): pass it as a 0-d tensor made outside a compiled model, which
+    torch.compile then reads as an input instead of a constant that recompiles the graph at each new value."""
+    if not isinstance(coeff, Tensor):
+        coeff = torch.tensor(float(coeff), dtype=torch.float32)
+    return GradReverse.apply(x, coeff)
 
 
 def grl_coeff(step: int, max_iter: int) -> float:

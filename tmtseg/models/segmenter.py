@@ -3,9 +3,12 @@ the hook points where the adaptation methods (DANN, TVT-style, TMT) plug in."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 SIZE_DIVISOR = 32  # the coarsest memory stride: inputs are padded to a multiple of it
 # ... and to at least twice it: an input of 32 px or less would leave the stride-32 maps 1 px wide, where GroupNorm
@@ -16,6 +19,12 @@ MIN_SIZE = 2 * SIZE_DIVISOR
 def _padded(size: int) -> int:
     """The padded input size: a multiple of SIZE_DIVISOR, at least MIN_SIZE."""
     return torch.sym_max(size + (-size % SIZE_DIVISOR), MIN_SIZE)  # sym_max: no guard on an exported size
+
+
+def _part(name: str):
+    """A labelled part of the profile (benchmarks/speed_step.py; ~1 us when nothing profiles). Not inside a compiled
+    graph, where dynamo would drop it with a warning."""
+    return nullcontext() if torch.compiler.is_compiling() else record_function(name)
 
 
 class Segmenter(nn.Module):
@@ -74,8 +83,10 @@ class Segmenter(nn.Module):
             adapt.update(outputs)
             return bias
 
-        bb = self.backbone(x, attn_hook=attn_hook if backbone_hook is not None else None)
-        pix = self.pixel_decoder(bb["pyramid"])
+        with _part("tmtseg.backbone"):
+            bb = self.backbone(x, attn_hook=attn_hook if backbone_hook is not None else None)
+        with _part("tmtseg.pixel_decoder"):
+            pix = self.pixel_decoder(bb["pyramid"])
         features = {
             "tokens": bb["tokens"],
             "tokens_hw": bb["tokens_hw"],
@@ -97,12 +108,13 @@ class Segmenter(nn.Module):
         features = self.encode(images, hooks=hooks)
         decoder_hook = getattr(hooks, "decoder_attn", None)
         adapt = features["adapt"]
-        dec = self.decoder(
-            features["multi_scale"],
-            features.pop("mask_features_padded"),
-            attn_hook=(lambda layer, prev, hw: decoder_hook(layer, prev, hw, adapt)) if decoder_hook else None,
-            return_attn=return_attn,
-        )
+        with _part("tmtseg.decoder"):
+            dec = self.decoder(
+                features["multi_scale"],
+                features.pop("mask_features_padded"),
+                attn_hook=(lambda layer, prev, hw: decoder_hook(layer, prev, hw, adapt)) if decoder_hook else None,
+                return_attn=return_attn,
+            )
         preds = [
             {"pred_logits": p["pred_logits"], "pred_masks": p["pred_masks"][..., :h4, :w4]}  # [B, Q, H/4, W/4]
             for p in dec["predictions"]

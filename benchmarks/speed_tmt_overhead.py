@@ -8,8 +8,8 @@ side by side in one run on a noisy machine. Peak memory is the largest sum of by
 measured call (a TorchDispatchMode records every new tensor and a finalizer its release): parameters and inputs that
 exist beforehand are not counted.
 
-    python benchmarks/bench_tmt_overhead.py            # CamVid CPU config, batch 4
-    python benchmarks/bench_tmt_overhead.py --quick    # fewer rounds
+    python benchmarks/speed_tmt_overhead.py            # CamVid CPU config, batch 4
+    python benchmarks/speed_tmt_overhead.py --quick    # fewer rounds
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Inference speed of an exported model on onnxruntime against PyTorch eager (the same checkpoint, the same inputs):
 interleaved calls (torch, onnxruntime, torch, ...), medians of each, on this CPU with the same thread count.
 
-    python benchmarks/bench_onnx.py CHECKPOINT MODEL.onnx    # MODEL.onnx from `tmtseg export CHECKPOINT --out ...`
-    python benchmarks/bench_onnx.py CHECKPOINT MODEL.onnx --size 180 240 --rounds 10 --threads 2
+    python benchmarks/speed_onnx.py CHECKPOINT MODEL.onnx    # MODEL.onnx from `tmtseg export CHECKPOINT --out ...`
+    python benchmarks/speed_onnx.py CHECKPOINT MODEL.onnx --size 180 240 --rounds 10 --threads 2
 """
 
 from __future__ import annotations

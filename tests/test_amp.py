@@ -1,0 +1,112 @@
+"""bf16 autocast stays exact where it must (issue 12 §1): under torch.autocast the matcher, the criterion's losses
+(class CE, sigmoid BCE, Dice, point sampling) and the preservation KL equal their float32 values computed from the
+same bf16 predictions cast to float32."""
+
+from __future__ import annotations
+
+import torch
+
+from tmtseg.models.criterion import semantic_targets
+from tmtseg.regularisers import PreserveKL, class_distribution
+
+from .test_criterion import H, K, Q, W, criterion, label_map
+
+
+def _bf16_predictions(seed: int) -> dict:
+    """A deep-supervised output as a bf16 forward pass leaves it: three layers, bf16 logits, masks and point weights."""
+    g = torch.Generator().manual_seed(seed)
+
+    def layer() -> dict:
+        return {
+            "pred_logits": (3 * torch.randn(2, Q, K + 1, generator=g)).bfloat16(),  # [B, Q, K+1]
+            "pred_masks": (3 * torch.randn(2, Q, H // 4, W // 4, generator=g)).bfloat16(),  # [B, Q, h, w]
+        }
+
+    layers = [layer() for _ in range(3)]
+    point_weight = (1 + torch.rand(2, 1, H // 4, W // 4, generator=g)).bfloat16()  # [B, 1, h, w]
+    return {**layers[-1], "aux_outputs": layers[:-1], "point_weight": point_weight}
+
+
+def _as_float(x):
+    if isinstance(x, dict):
+        return {k: _as_float(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_as_float(v) for v in x]
+    return x.float()
+
+
+def _targets() -> list[dict]:
+    labels = [label_map(), label_map().flip(1)]
+    labels[1][:4] = 255  # some void
+    return [semantic_targets(lab, num_classes=K, ignore_index=255) for lab in labels]
+
+
+def test_criterion_under_bf16_autocast_equals_float32_losses_of_the_same_predictions():
+    out, targets = _bf16_predictions(0), _targets()
+    crit = criterion(True)
+    torch.manual_seed(1)  # the same matcher and importance points in both calls
+    expected = crit(_as_float(out), targets)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = crit(out, targets)
+    assert got.keys() == expected.keys() and len(got) == 10  # three layers x (ce, mask, dice) + the sum
+    for key, value in got.items():
+        assert value.dtype == torch.float32, key
+        assert torch.equal(value, expected[key]), f"{key}: {value.item()} != {expected[key].item()}"
+
+
+def test_matcher_costs_under_bf16_autocast_are_the_float32_costs(monkeypatch):
+    """Every cost matrix handed to the Hungarian solver is the float32 one (its BCE and Dice are matmuls, which
+    autocast would run in bf16), and so is the matching."""
+    import tmtseg.models.matcher as matcher_mod
+
+    seen: list = []
+    solve = matcher_mod.linear_sum_assignment
+    monkeypatch.setattr(matcher_mod, "linear_sum_assignment", lambda cost: (seen.append(cost), solve(cost))[1])
+    out, targets = _bf16_predictions(2), _targets()
+    matcher = criterion(True).matcher
+    layers = [*out["aux_outputs"], out]
+    torch.manual_seed(3)
+    expected = matcher.match_layers(_as_float(layers), targets)
+    expected_costs, seen[:] = list(seen), []
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = matcher.match_layers(layers, targets)
+    assert len(seen) == len(expected_costs) == 3 * len(targets)
+    for cost, expected_cost in zip(seen, expected_costs, strict=True):
+        assert cost.dtype == expected_cost.dtype == "float32" and (cost == expected_cost).all()
+    for got_layer, expected_layer in zip(got, expected, strict=True):
+        for (rows, cols), (rows_f, cols_f) in zip(got_layer, expected_layer, strict=True):
+            assert torch.equal(rows, rows_f) and torch.equal(cols, cols_f)
+
+
+class _FixedTeacher(torch.nn.Module):
+    """A stand-in source model that returns a fixed output whatever the images."""
+
+    def __init__(self, outputs: dict) -> None:
+        super().__init__()
+        self.outputs = outputs
+
+    def forward(self, images: torch.Tensor) -> dict:  # noqa: ARG002
+        return self.outputs
+
+
+def _kl(teacher_outputs: dict) -> PreserveKL:
+    kl = PreserveKL(weight=1.0, domains=("source",), weighting="uniform")
+    kl.set_source(_FixedTeacher(teacher_outputs))
+    return kl
+
+
+def test_preservation_kl_under_bf16_autocast_is_the_float32_kl():
+    """The KL's class distribution is an einsum, which autocast would run in bf16."""
+    student, teacher = _bf16_predictions(4), _bf16_predictions(5)
+    images = torch.zeros(2, 3, H, W)
+    weight = torch.rand(2, 1, H // 4, W // 4).bfloat16()  # [B, 1, h, w]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = class_distribution(student["pred_logits"], student["pred_masks"])  # [B, K, h, w]
+        got = _kl(teacher).term(images, student, weight)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, H // 4, W // 4))
+    # the reference: float32 all through, from the same bf16 values (the teacher's too)
+    expected = _kl(_as_float(teacher)).term(images, _as_float(student), weight.float())
+    assert got.dtype == torch.float32 and torch.equal(got, expected), (got.item(), expected.item())
