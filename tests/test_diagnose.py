@@ -17,6 +17,7 @@ from tmtseg.data import build_dataset
 from tmtseg.diagnose import (
     Model,
     _boundary,
+    _fragments,
     _regions,
     _summarise_regions,
     lambda_history,
@@ -117,10 +118,18 @@ def test_boundary_recall_is_one_for_the_label_segments_and_lower_for_a_shifted_g
     assert exact[0] > 0 and exact[1] == exact[0] and exact[3] == exact[2]  # recall 1, precision 1
     grid = _boundary(_blocks(cell=16), edges, valid, (2.0, 8.0))
     assert 0 < grid[0, 1] / grid[0, 0] < 0.3  # 8 px away: only near the crossings of the two grids within 2 px
+    assert grid[0, 3] / grid[0, 2] < grid[0, 5] / grid[0, 4] < 1.0  # less precise than boundaries drawn at random
     assert grid[1, 1] == grid[1, 0]  # ... and all of it within 8 px
     # an edge between a class and void is no object boundary
     valid[:, :12] = False
     assert boundaries(label, valid)[:, :11].sum() == 0 and boundaries(label, valid)[:, 12:].any()
+
+
+def test_a_region_split_by_the_hard_argmax_counts_as_several_pieces():
+    ids = np.zeros((6, 6), dtype=np.int64)
+    ids[:, 2:4] = 1  # region 0 lies left and right of region 1
+    assert _fragments(ids).tolist() == [3, 2]
+    assert _fragments(_blocks(size=8, cell=4)).tolist() == [4, 4]
 
 
 def test_grid_maps_reach_label_resolution_by_the_cell_under_each_pixel_centre():
@@ -193,6 +202,7 @@ def test_a_forced_lambda_moves_attention_toward_or_away_from_low_t_keys(runs, la
     for on, off in zip(rec["attention"]["tmt"], rec["attention"]["tmt_without_tma"]):
         assert np.sign(on["share"].mean() - off["share"].mean()) == np.sign(lam)
         assert (np.sign(on["gap"]) == np.sign(lam)).all()  # low-T keys get a larger (smaller) log-weight
+        np.testing.assert_allclose(on["gap"], lam * on["log_w_gap"], rtol=1e-4)  # additive: lambda * log(eps + W)
 
 
 def test_lambda_history_reads_every_checkpoint_the_run_kept(runs):
@@ -223,9 +233,11 @@ def test_cli_end_to_end_writes_every_number(runs, tmp_path):
     assert len(layers) == 3
     for row in layers:
         assert all(0.0 <= row[k] <= 1.0 for k in ("chance", "tmt", "tmt_without_tma", "finetune"))
-        assert len(row["tmt_per_head"]) == 2 and len(row["tma_log_weight_gap_per_head"]) == 2
+        assert len(row["tmt_per_head"]) == 2 and len(row["tma_log_weight_gap_per_head"]) == 2 and "log_w_gap" in row
     assert d["attention"]["lambdas"] == [-0.5, -0.5] and [h["step"] for h in d["attention"]["lambda_history"]] == [1, 2]
     for key in ("acte", "grid"):
+        assert 0.0 < d["boundary_recall"]["boundary_density"][key] < 1.0
+        assert d["boundary_recall"]["pieces_per_region"][key] >= 1.0
         assert [x["tolerance_px"] for x in d["boundary_recall"][key]] == [2.0, 8.0]
         assert all(0.0 <= x["recall"] <= 1.0 for x in d["boundary_recall"][key])
     assert d["commit"] and d["argv"][:2] == ["--no-progress", "diagnose"]

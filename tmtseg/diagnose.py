@@ -97,15 +97,19 @@ def _piece(model: Model, kind: type):
 
 
 class _Recorder:
-    """Hooks that keep what the decoder hook returned per layer (TMA's bias or scale), for the bias-gap measure."""
+    """Hooks that keep, per decoder layer, what the decoder hook returned (TMA's bias or scale) and log(eps + W), the
+    bias TMA adds at lambda = 1 (its importance map W does not depend on lambda)."""
 
-    def __init__(self, hooks: Hooks):
-        self.inner, self.terms = hooks, {}
+    def __init__(self, hooks: Hooks, tma: TMAAttention | None):
+        self.inner, self.tma, self.terms, self.log_w = hooks, tma, {}, {}
         self.backbone_attn, self.pixel_features = hooks.backbone_attn, hooks.pixel_features
 
     def decoder_attn(self, layer: int, prev: dict, hw: tuple[int, int], adapt: dict):
         bias, scale = self.inner.decoder_attn(layer, prev, hw, adapt)
         self.terms[layer] = (bias, scale)
+        if self.tma is not None:
+            w = self.tma.importance(resize_map(adapt[RegionAlignment.key]["tmap"], hw), prev, hw)  # [B, 1, h, w]
+            self.log_w[layer] = torch.log(self.tma.eps + w).flatten(2)  # [B, 1, h*w]
         return bias, scale
 
 
@@ -168,9 +172,10 @@ def _key_mask(hw, padded, size) -> torch.Tensor:
     return (rows[:, None] & cols[None, :]).flatten()
 
 
-def _attention(out: dict, tmap: torch.Tensor, padded, size, low_t, terms: dict | None) -> list[dict]:
+def _attention(out: dict, tmap: torch.Tensor, padded, size, low_t, rec: _Recorder | None) -> list[dict]:
     """Per decoder layer: the share of each head's cross-attention mass on low-T keys among the keys inside the image
-    (mean over queries), the share of such keys (chance), and TMA's log-weight gap between low- and high-T keys."""
+    (mean over queries), the share of such keys (chance), and (with the TMA recorder) TMA's log-weight gap between
+    low- and high-T keys per head, and the gap of log(eps + W) (lambda = 1)."""
     layers = []
     for layer, (probs, hw) in enumerate(zip(out["attn"], out["attn_hw"])):
         t = resize_map(tmap, hw)[0, 0].flatten()  # [h*w], as TMA sees T at this layer
@@ -181,19 +186,21 @@ def _attention(out: dict, tmap: torch.Tensor, padded, size, low_t, terms: dict |
         mass, mass_low = p[..., valid].sum(-1), p[..., low].sum(-1)  # [h, Q]
         seen = mass > 0  # a query whose mask covers only padding has no share here
         share = torch.where(seen, mass_low / mass.clamp_min(1e-12), 0).sum(-1) / seen.sum(-1).clamp_min(1)  # [h]
-        rec = {"share": share.numpy(), "chance": float(low.sum() / valid.sum())}
-        if terms is not None and layer in terms:
-            bias, scale = terms[layer]
+        row = {"share": share.numpy(), "chance": float(low.sum() / valid.sum())}
+        if rec is not None and layer in rec.terms and low.any() and high.any():
+            bias, scale = rec.terms[layer]
             logw = bias[0] if bias is not None else torch.log(scale[0].clamp_min(1e-12))  # [h, N]
-            if low.any() and high.any():
-                rec["gap"] = (logw[:, low].mean(-1) - logw[:, high].mean(-1)).float().numpy()  # [h]
-        layers.append(rec)
+            row["gap"] = (logw[:, low].mean(-1) - logw[:, high].mean(-1)).float().numpy()  # [h]
+            log_w = rec.log_w[layer][0, 0]  # [N]
+            row["log_w_gap"] = float(log_w[low].mean() - log_w[high].mean())
+        layers.append(row)
     return layers
 
 
 def _boundary(ids: np.ndarray, edges: np.ndarray, valid: np.ndarray, tolerances: tuple[float, ...]) -> np.ndarray:
-    """Counts [len(tolerances), 4]: label-edge pixels, those within r of a region boundary, region-boundary pixels on
-    valid labels, those within r of a label edge."""
+    """Counts [len(tolerances), 6]: label-edge pixels, those within r of a region boundary, region-boundary pixels on
+    valid labels, those within r of a label edge, valid pixels (for the boundary density), valid pixels within r of a
+    label edge (the precision of boundaries drawn at random)."""
     region = boundaries(ids)
     inf = np.full(ids.shape, np.inf)
     d_region = ndimage.distance_transform_edt(~region) if region.any() else inf
@@ -201,10 +208,23 @@ def _boundary(ids: np.ndarray, edges: np.ndarray, valid: np.ndarray, tolerances:
     inside = region & valid
     return np.array(
         [
-            [edges.sum(), (edges & (d_region <= r)).sum(), inside.sum(), (inside & (d_edge <= r)).sum()]
+            [
+                edges.sum(),
+                (edges & (d_region <= r)).sum(),
+                inside.sum(),
+                (inside & (d_edge <= r)).sum(),
+                valid.sum(),
+                (valid & (d_edge <= r)).sum(),
+            ]
             for r in tolerances
         ]
     )
+
+
+def _fragments(ids: np.ndarray) -> np.ndarray:
+    """[connected pieces, regions] of a region map on its feature grid (a hard argmax can split a soft region)."""
+    present = np.unique(ids)
+    return np.array([sum(ndimage.label(ids == r)[1] for r in present), len(present)])
 
 
 @torch.no_grad()
@@ -217,8 +237,8 @@ def measure_view(models: dict[str, Model], image, label, *, ignore_index, min_va
     ry, rx = label_hw[0] / size[0], label_hw[1] / size[1]
     tmt = models["tmt"]
     acte = _piece(tmt, RegionAlignment)
-    tma = [p for p in tmt.trainer.method.attention if isinstance(p, TMAAttention)]
-    on = _Recorder(Hooks(align=[acte], attention=tma, grl=None))
+    tma = _piece(tmt, TMAAttention)
+    on = _Recorder(Hooks(align=[acte], attention=[tma] if tma else [], grl=None), tma)
     out_on = tmt.trainer.model(images, hooks=on, return_attn=True)
     out_off = tmt.trainer.model(images, hooks=Hooks(align=[acte], attention=[], grl=None), return_attn=True)
     padded = tuple(32 * n for n in out_on["features"]["multi_scale"][0].shape[-2:])  # the stride-32 grid covers it
@@ -251,7 +271,7 @@ def measure_view(models: dict[str, Model], image, label, *, ignore_index, min_va
 
     tmap = a["tmap"]  # [1, 1, h', w'] on the padded grid, as TMA reads it
     rec["attention"] = {
-        name: _attention(o, tmap, padded, size, low_t, on.terms if name == "tmt" else None) for name, o in outs.items()
+        name: _attention(o, tmap, padded, size, low_t, on if name == "tmt" else None) for name, o in outs.items()
     }
     edges = boundaries(lab, valid)
     tolerances = (tolerance, acte.feature_stride * ry)  # r px, and one feature pixel, at label resolution
@@ -259,6 +279,11 @@ def measure_view(models: dict[str, Model], image, label, *, ignore_index, min_va
         k: _boundary(ids, edges, valid, tolerances) for k, ids in (("acte", region_ids), ("grid", grid_ids))
     }
     rec["tolerances"] = tolerances
+    rows, cols = -(-size[0] // acte.feature_stride), -(-size[1] // acte.feature_stride)  # the grid cells on the image
+    rec["fragments"] = {
+        "acte": _fragments(a["regions"].region_ids()[0, :rows, :cols].numpy()),
+        "grid": _fragments(fixed.region_ids()[0, :rows, :cols].numpy()),
+    }
     return rec
 
 
@@ -295,11 +320,12 @@ def _summarise_regions(per_image: list[dict], models: tuple[str, ...]) -> dict:
 
 
 def _recall(r: float, c: np.ndarray) -> dict:
-    edges, recalled, region, precise = (int(x) for x in c)
+    edges, recalled, region, precise, valid, near = (int(x) for x in c)
     return {
         "tolerance_px": float(r),
         "recall": recalled / max(edges, 1),
         "precision": precise / max(region, 1),
+        "chance_precision": near / max(valid, 1),  # of boundary pixels placed at random
         "label_edge_px": edges,
         "region_boundary_px": region,
     }
@@ -336,7 +362,7 @@ def diagnose(
     indices = range(len(ds) if not limit else min(limit, len(ds)))
     region_keys = ["acte", "acte_grid", *(["tvt"] if "tvt" in models else [])]
     per_image = {k: [] for k in region_keys}
-    attention, boundary, n_views, tolerances = {}, {}, 0, None
+    attention, boundary, fragments, n_views, tolerances = {}, {}, {}, 0, None
     for i in progress(indices, desc="diagnose") if progress else indices:
         item = ds[i]
         image, label = item["image"], item["label"]
@@ -351,6 +377,7 @@ def diagnose(
                 attention.setdefault(name, []).append(layers)
             for k, counts in rec["boundary"].items():
                 boundary[k] = boundary.get(k, 0) + counts
+                fragments[k] = fragments.get(k, 0) + rec["fragments"][k]
             tolerances = rec["tolerances"]
         n_views += len(recs)
         for k in region_keys:
@@ -366,6 +393,7 @@ def diagnose(
     layers = []
     chance = layer_means(attention["tmt"], "chance")
     gaps = layer_means(attention["tmt"], "gap") if any("gap" in r[0] for r in attention["tmt"]) else None
+    log_w_gaps = layer_means(attention["tmt"], "log_w_gap") if gaps is not None else None
     for layer in range(len(chance)):
         row = {"layer": layer, "chance": float(chance[layer])}
         for name, runs in attention.items():
@@ -374,11 +402,15 @@ def diagnose(
             row[f"{name}_per_head"] = per_head.tolist()
         if gaps is not None:
             row["tma_log_weight_gap_per_head"] = gaps[layer].tolist()
+            row["log_w_gap"] = float(log_w_gaps[layer])  # the additive bias's gap at lambda = 1
         layers.append(row)
-    tma = _piece(models["tmt"], TMAAttention)
     bound = {"tolerances_px": [float(r) for r in tolerances]}
     bound.update({k: [_recall(r, c) for r, c in zip(tolerances, counts)] for k, counts in boundary.items()})
+    # more boundary raises recall by itself: how much of the valid area is boundary, and how split the regions are
+    bound["boundary_density"] = {k: float(c[0, 2] / max(c[0, 4], 1)) for k, c in boundary.items()}
+    bound["pieces_per_region"] = {k: float(c[0] / max(c[1], 1)) for k, c in fragments.items()}
     view = "whole image" if cfg.infer.mode == "whole" else "tiles of {}x{}".format(*cfg.data.crop_size)
+    tma = _piece(models["tmt"], TMAAttention)
     return {
         "checkpoints": {role: str(m.path) for role, m in models.items()},
         "split": asdict(cfg.data.val),
@@ -400,7 +432,7 @@ def diagnose(
 def format_report(r: dict) -> str:
     """The JSON's numbers as plain-text tables."""
     f = lambda x, d=3: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
-    lines = [f"{r['images']} images, {r['views']} views ({r['view']}) of {r['checkpoints']['tmt']}'s data.val", ""]
+    lines = [f"data.val of {r['checkpoints']['tmt']}: {r['images']} images, {r['views']} views ({r['view']})", ""]
     lines.append("1. transferability vs the source model's error (Spearman of 1 - t and the error rate, per region)")
     lines.append(f"  {'map':<26}{'regions':>8}{'rho':>8}{'p':>10}{'rho/image':>11}{'mean t':>8}{'std t':>8}")
     names = {"acte": "ACTE regions", "acte_grid": "ACTE disc., fixed grid", "tvt": "TVT patches"}
@@ -416,12 +448,15 @@ def format_report(r: dict) -> str:
     att = r["attention"]
     lines += ["", f"2. decoder cross-attention mass on low-T keys ({att['low_t']}); chance = share of such keys"]
     names = [k for k in ("tmt", "tmt_without_tma", "finetune") if k in att["layers"][0]]
-    lines.append(f"  {'layer':<7}{'chance':>8}" + "".join(f"{n:>17}" for n in names) + f"{'TMA gap (nats)':>16}")
+    lines.append(
+        f"  {'layer':<7}{'chance':>8}" + "".join(f"{n:>17}" for n in names) + f"{'TMA gap (nats)':>16}"
+        + f"{'at lambda=1':>13}"
+    )  # fmt: skip
     for row in att["layers"]:
         gap = row.get("tma_log_weight_gap_per_head")
         lines.append(
             f"  {row['layer']:<7}{f(row['chance']):>8}" + "".join(f"{f(row[n]):>17}" for n in names)
-            + f"{f(float(np.mean(gap)) if gap else None):>16}"
+            + f"{f(float(np.mean(gap)) if gap else None):>16}{f(row.get('log_w_gap')):>13}"
         )  # fmt: skip
     lam = att["lambdas"]
     lines.append(
@@ -430,8 +465,18 @@ def format_report(r: dict) -> str:
     for h in att["lambda_history"]:
         lines.append(f"    step {h['step']}: {' '.join(f'{x:+.4f}' for x in h['lambdas'])}")
     b = r["boundary_recall"]
-    lines += ["", "3. boundary recall of the regions against the label edges (precision in brackets)"]
-    lines.append(f"  {'regions':<9}" + "".join(f"{f'r = {t:.1f} px':>20}" for t in b["tolerances_px"]))
+    chance = " / ".join(f(x["chance_precision"]) for x in b["acte"])
+    lines += [
+        "",
+        f"3. boundary recall of the regions against the label edges (precision in brackets; at random {chance})",
+    ]
+    lines.append(
+        f"  {'regions':<9}" + "".join(f"{f'r = {t:.1f} px':>20}" for t in b["tolerances_px"])
+        + f"{'boundary density':>18}{'pieces/region':>15}"
+    )  # fmt: skip
     for k in ("acte", "grid"):
-        lines.append(f"  {k:<9}" + "".join(f"{f(x['recall']):>11} ({f(x['precision'])})" for x in b[k]))
+        lines.append(
+            f"  {k:<9}" + "".join(f"{f(x['recall']):>11} ({f(x['precision'])})" for x in b[k])
+            + f"{f(b['boundary_density'][k]):>18}{f(b['pieces_per_region'][k], 2):>15}"
+        )  # fmt: skip
     return "\n".join(lines)
