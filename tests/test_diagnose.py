@@ -186,6 +186,15 @@ def test_every_valid_label_pixel_and_every_error_is_counted_in_exactly_one_regio
     assert rec["acte"]["source"].sum() == (valid & (pred != label)).sum() > 0
 
 
+def test_assignment_sharpness_is_a_uniform_mix_at_kappa_near_zero_and_one_with_no_iterations(runs):
+    rec, _ = _view(_models(runs, ["adapt.acte.kappa=1e-9"]))  # cos in [-1, 1]: every logit ~0
+    top, pixels = rec["assignment"]
+    assert 1 / 9 <= top / pixels < 1 / 5  # 1/9 inside the grid, 1/6 or 1/4 along its border
+    rec, _ = _view(_models(runs, ["adapt.acte.iters=0"]))
+    assert rec["assignment"][0] == rec["assignment"][1]  # L = 0: the fixed grid, every pixel in its own cell
+    assert rec["fragments"]["acte"].tolist() == rec["fragments"]["grid"].tolist()
+
+
 @pytest.mark.parametrize("lam", [8.0, -8.0])
 def test_a_forced_lambda_moves_attention_toward_or_away_from_low_t_keys(runs, lam):
     models = _models(runs)
@@ -235,6 +244,7 @@ def test_cli_end_to_end_writes_every_number(runs, tmp_path):
         assert all(0.0 <= row[k] <= 1.0 for k in ("chance", "tmt", "tmt_without_tma", "finetune"))
         assert len(row["tmt_per_head"]) == 2 and len(row["tma_log_weight_gap_per_head"]) == 2 and "log_w_gap" in row
     assert d["attention"]["lambdas"] == [-0.5, -0.5] and [h["step"] for h in d["attention"]["lambda_history"]] == [1, 2]
+    assert 1 / 9 <= d["boundary_recall"]["acte_mean_top_assignment"] <= 1.0
     for key in ("acte", "grid"):
         assert 0.0 < d["boundary_recall"]["boundary_density"][key] < 1.0
         assert d["boundary_recall"]["pieces_per_region"][key] >= 1.0

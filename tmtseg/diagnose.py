@@ -280,6 +280,8 @@ def measure_view(models: dict[str, Model], image, label, *, ignore_index, min_va
     }
     rec["tolerances"] = tolerances
     rows, cols = -(-size[0] // acte.feature_stride), -(-size[1] // acte.feature_stride)  # the grid cells on the image
+    top = a["regions"].assign[0, :, :rows, :cols].max(0).values  # [h', w']: 1/9 = a uniform mix, 1 = a hard region
+    rec["assignment"] = np.array([float(top.sum()), top.numel()])
     rec["fragments"] = {
         "acte": _fragments(a["regions"].region_ids()[0, :rows, :cols].numpy()),
         "grid": _fragments(fixed.region_ids()[0, :rows, :cols].numpy()),
@@ -362,7 +364,7 @@ def diagnose(
     indices = range(len(ds) if not limit else min(limit, len(ds)))
     region_keys = ["acte", "acte_grid", *(["tvt"] if "tvt" in models else [])]
     per_image = {k: [] for k in region_keys}
-    attention, boundary, fragments, n_views, tolerances = {}, {}, {}, 0, None
+    attention, boundary, fragments, assignment, n_views, tolerances = {}, {}, {}, 0, 0, None
     for i in progress(indices, desc="diagnose") if progress else indices:
         item = ds[i]
         image, label = item["image"], item["label"]
@@ -378,6 +380,7 @@ def diagnose(
             for k, counts in rec["boundary"].items():
                 boundary[k] = boundary.get(k, 0) + counts
                 fragments[k] = fragments.get(k, 0) + rec["fragments"][k]
+            assignment = assignment + rec["assignment"]
             tolerances = rec["tolerances"]
         n_views += len(recs)
         for k in region_keys:
@@ -409,6 +412,7 @@ def diagnose(
     # more boundary raises recall by itself: how much of the valid area is boundary, and how split the regions are
     bound["boundary_density"] = {k: float(c[0, 2] / max(c[0, 4], 1)) for k, c in boundary.items()}
     bound["pieces_per_region"] = {k: float(c[0] / max(c[1], 1)) for k, c in fragments.items()}
+    bound["acte_mean_top_assignment"] = float(assignment[0] / assignment[1])  # mean over pixels of max_r a(p, r)
     view = "whole image" if cfg.infer.mode == "whole" else "tiles of {}x{}".format(*cfg.data.crop_size)
     tma = _piece(models["tmt"], TMAAttention)
     return {
@@ -479,4 +483,5 @@ def format_report(r: dict) -> str:
             f"  {k:<9}" + "".join(f"{f(x['recall']):>11} ({f(x['precision'])})" for x in b[k])
             + f"{f(b['boundary_density'][k]):>18}{f(b['pieces_per_region'][k], 2):>15}"
         )  # fmt: skip
+    lines.append(f"  ACTE's soft assignment: mean max_r a(p, r) = {f(b['acte_mean_top_assignment'])} (1/9 = uniform)")
     return "\n".join(lines)
