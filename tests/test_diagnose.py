@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 
 from tmtseg.checkpoint import save_checkpoint
 from tmtseg.cli import main
@@ -195,6 +196,13 @@ def test_assignment_sharpness_is_a_uniform_mix_at_kappa_near_zero_and_one_with_n
     assert rec["fragments"]["acte"].tolist() == rec["fragments"]["grid"].tolist()
 
 
+def test_tma_importance_per_region_follows_t_when_it_is_1_minus_t(runs):
+    # uncertainty off (BASE) and L = 0: W(p) = 1 - t_r inside each cell, up to the resampling at cell borders
+    rec, _ = _view(_models(runs, ["adapt.acte.iters=0"]), min_valid=0.5)
+    assert len(rec["acte"]["t"]) > 5
+    assert stats.spearmanr(rec["importance"]["t"], rec["acte"]["t"]).statistic > 0.8
+
+
 @pytest.mark.parametrize("lam", [8.0, -8.0])
 def test_a_forced_lambda_moves_attention_toward_or_away_from_low_t_keys(runs, lam):
     models = _models(runs)
@@ -234,7 +242,7 @@ def test_cli_end_to_end_writes_every_number(runs, tmp_path):
     d = json.loads(out.read_text())
     assert d["images"] == 2 and d["views"] > d["images"]  # tiles of the crop in slide mode
     assert d["checkpoints"]["source"] == str(runs["source"] / "checkpoints" / "best")  # the TMT run's source
-    for key in ("acte", "acte_grid", "tvt"):
+    for key in ("acte", "acte_grid", "tvt", "uncertainty", "importance"):
         s = d["transferability_vs_source_error"][key]
         assert s["regions"] > 0 and -1.0 <= s["spearman"] <= 1.0 and 0.0 <= s["mean_t"] <= 1.0
     assert set(d["transferability_vs_source_error"]["acte"]["error_rate_by_t"]) == {"source", "finetune", "tmt"}

@@ -256,6 +256,22 @@ def measure_view(models: dict[str, Model], image, label, *, ignore_index, min_va
     nominal = cell_px * ry * cell_px * rx  # ... its area at label resolution
     region_ids = to_label(a["regions"].region_ids()[0], padded, size, label_hw)
     rec = {"acte": _regions(region_ids, valid, wrongs, a["transferability"][0].numpy(), min_valid * nominal, low_t)}
+    if tma is not None:  # TMA's own signals per ACTE region, on the final prediction: U, and W from 1 - T and U
+        final = {"pred_logits": out_on["pred_logits"], "pred_masks": out_on["pred_masks"]}
+        hw4 = tuple(final["pred_masks"].shape[-2:])
+        maps = {"uncertainty": tma.uncertainty(final, hw4)}
+        maps["importance"] = tma.importance(acte.image_map(out_on["adapt"], hw4), final, hw4)  # [1, 1, h/4, w/4]
+        count = np.bincount(region_ids[valid], minlength=a["transferability"].shape[1])
+        for name, m in maps.items():
+            m = F.interpolate(m.float(), scale_factor=4.0, mode="bilinear", align_corners=False)[
+                ..., : size[0], : size[1]
+            ]
+            dense = F.interpolate(m, size=label_hw, mode="bilinear", align_corners=False)[0, 0].numpy()  # [Hl, Wl]
+            mean = np.bincount(region_ids[valid], weights=dense[valid], minlength=len(count)) / np.maximum(count, 1)
+            # as a "t": 1 - U and 1 - W, so that 1 - t is the signal, as for T
+            rec[name] = _regions(
+                region_ids, valid, {"source": wrongs["source"]}, 1.0 - mean, min_valid * nominal, low_t
+            )
     fixed = soft_cluster(out_on["features"]["multi_scale"][acte.level], cell=acte.cell, iters=0, kappa=acte.kappa)
     t_fixed = binary_entropy_bits(torch.sigmoid(acte.discriminator(fixed.features)))[0].numpy()
     grid_ids = to_label(fixed.region_ids()[0], padded, size, label_hw)
@@ -363,6 +379,7 @@ def diagnose(
     ds = build_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
     indices = range(len(ds) if not limit else min(limit, len(ds)))
     region_keys = ["acte", "acte_grid", *(["tvt"] if "tvt" in models else [])]
+    region_keys += ["uncertainty", "importance"] if _piece(models["tmt"], TMAAttention) else []
     per_image = {k: [] for k in region_keys}
     attention, boundary, fragments, assignment, n_views, tolerances = {}, {}, {}, 0, 0, None
     for i in progress(indices, desc="diagnose") if progress else indices:
@@ -439,7 +456,13 @@ def format_report(r: dict) -> str:
     lines = [f"data.val of {r['checkpoints']['tmt']}: {r['images']} images, {r['views']} views ({r['view']})", ""]
     lines.append("1. transferability vs the source model's error (Spearman of 1 - t and the error rate, per region)")
     lines.append(f"  {'map':<26}{'regions':>8}{'rho':>8}{'p':>10}{'rho/image':>11}{'mean t':>8}{'std t':>8}")
-    names = {"acte": "ACTE regions", "acte_grid": "ACTE disc., fixed grid", "tvt": "TVT patches"}
+    names = {
+        "acte": "ACTE regions: T",
+        "acte_grid": "ACTE disc., fixed grid",
+        "tvt": "TVT patches",
+        "uncertainty": "ACTE regions: 1 - U",
+        "importance": "ACTE regions: 1 - W",
+    }
     for k, s in r["transferability_vs_source_error"].items():
         p = "-" if s["p_value"] is None else f"{s['p_value']:.1e}"
         lines.append(
