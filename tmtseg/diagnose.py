@@ -406,21 +406,20 @@ def diagnose(
     transfer = {k: _summarise_regions(v, wrong_models if k == "acte" else ("source",)) for k, v in per_image.items()}
 
     def layer_means(runs: list[list[dict]], key: str) -> list:
-        return [
-            np.mean([run[layer][key] for run in runs if key in run[layer]], axis=0) for layer in range(len(runs[0]))
-        ]
+        """The mean over views per layer (None where no view has the value, e.g. a map constant in every view)."""
+        values = [[run[layer][key] for run in runs if key in run[layer]] for layer in range(len(runs[0]))]
+        return [np.mean(v, axis=0) if v else None for v in values]
 
     layers = []
     chance = layer_means(attention["tmt"], "chance")
-    gaps = layer_means(attention["tmt"], "gap") if any("gap" in r[0] for r in attention["tmt"]) else None
-    log_w_gaps = layer_means(attention["tmt"], "log_w_gap") if gaps is not None else None
+    gaps, log_w_gaps = layer_means(attention["tmt"], "gap"), layer_means(attention["tmt"], "log_w_gap")
     for layer in range(len(chance)):
         row = {"layer": layer, "chance": float(chance[layer])}
         for name, runs in attention.items():
             per_head = layer_means(runs, "share")[layer]
             row[name] = float(per_head.mean())
             row[f"{name}_per_head"] = per_head.tolist()
-        if gaps is not None:
+        if gaps[layer] is not None:
             row["tma_log_weight_gap_per_head"] = gaps[layer].tolist()
             row["log_w_gap"] = float(log_w_gaps[layer])  # the additive bias's gap at lambda = 1
         layers.append(row)
