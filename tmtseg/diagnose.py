@@ -23,8 +23,6 @@ from .models.inference import _window_starts, input_scores
 from .models.tma import resize_map
 from .viz import boundaries, to_image
 
-ROLES = ("source", "tmt", "tvt", "finetune")
-
 
 @dataclass
 class Model:
