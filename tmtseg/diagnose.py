@@ -466,7 +466,9 @@ def format_report(r: dict) -> str:
             f"  {names[k]:<26}{s['regions']:>8}{f(s['spearman']):>8}{p:>10}{f(s['per_image_spearman_mean']):>11}"
             f"{f(s['mean_t']):>8}{f(s['std_t']):>8}"
         )
-    lines.append("  error rate in ACTE regions of low / high t (t below / above the view's median):")
+    low = r["settings"]["low_t"]
+    split = "the view's median" if low == "median" else f"{low}"
+    lines.append(f"  error rate in ACTE regions of low / high t (t below / at or above {split}):")
     for m, e in r["transferability_vs_source_error"]["acte"]["error_rate_by_t"].items():
         lines.append(f"    {m:<10} {f(e['low_t'])} / {f(e['high_t'])}")
     att = r["attention"]
