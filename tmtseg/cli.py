@@ -38,6 +38,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _low_t(text: str) -> str | float:
+    """An argparse type: 'median' or a transferability threshold in [0, 1]."""
+    if text == "median":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'median' or a number in [0, 1], not {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a threshold in [0, 1], not {value}")
+    return value
+
+
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
     p.add_argument(
@@ -103,6 +116,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=_positive, default=2, help="the most confident queries to show")
     p.add_argument("--layers", type=int, nargs="+", default=[0, -1], help="decoder layers to show")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="key=value config override")
+
+    p = sub.add_parser(
+        "diagnose",
+        help="TMT's parts on the target split: does T predict the source model's errors, does TMA move attention, do"
+        " ACTE's regions follow the label edges",
+    )
+    p.add_argument(
+        "--tmt", required=True, help="the adapted TMT model (checkpoint or run folder); its data.val is scored"
+    )
+    p.add_argument("--source", help="the source model (default: the TMT model's adapt.source_checkpoint)")
+    p.add_argument("--tvt", help="a TVT-style model adapted on the same split: its patch transferability vs the error")
+    p.add_argument("--finetune", help="a fine-tuned model on the same split: its attention beside TMT's")
+    p.add_argument("--out", help="JSON file of the numbers (default: <tmt checkpoint>/diagnose.json)")
+    p.add_argument("--limit", type=_positive, help="only the first N images of the split")
+    p.add_argument(
+        "--low-t", type=_low_t, default="median", help="low transferability: 'median' (below the view's median T, the"
+        " default) or a threshold in [0, 1]"
+    )  # fmt: skip
+    p.add_argument("--tolerance", type=float, default=2.0, help="boundary tolerance in label pixels (default 2)")
+    p.add_argument(
+        "--min-valid", type=float, default=0.25, help="regions with fewer valid label pixels than this fraction of a"
+        " cell's area are left out of the correlations (default 0.25)"
+    )  # fmt: skip
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the TMT checkpoint's config (e.g. data.val.*)")
 
     p = sub.add_parser("data", help="data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -217,6 +254,46 @@ def _cmd_eval(args) -> int:
     except OSError as err:
         raise DataError(f"--out {out}: cannot write ({err.strerror})") from None
     print(f"metrics: {out}")
+    return 0
+
+
+def _cmd_diagnose(args) -> int:
+    from tqdm import tqdm
+
+    from .bench import provenance
+    from .diagnose import diagnose, format_report, load_models, resolve_checkpoint
+    from .errors import DataError
+    from .predict import make_out_dir, refuse_overwrite
+
+    ckpt = resolve_checkpoint(args.tmt)
+    out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "diagnose.json"
+    if out.suffix != ".json" or out.is_dir():
+        raise DataError(f"--out {out}: the numbers are written as JSON; give a file name ending in .json")
+    inputs = [Path(p) for p in (args.tmt, args.source, args.tvt, args.finetune) if p]
+    refuse_overwrite([out], [*inputs, *(p / "model.safetensors" for p in inputs)], option="--out")
+    if args.tolerance < 0 or not 0.0 <= args.min_valid <= 1.0:
+        raise DataError(
+            f"--tolerance {args.tolerance} / --min-valid {args.min_valid}: need >= 0 / a fraction in [0, 1]"
+        )
+    models, cfg = load_models(
+        tmt=args.tmt, source=args.source, tvt=args.tvt, finetune=args.finetune, overrides=args.overrides
+    )
+    result = diagnose(
+        models,
+        cfg,
+        limit=args.limit or 0,
+        min_valid=args.min_valid,
+        low_t=args.low_t,
+        tolerance=args.tolerance,
+        progress=None if args.no_progress else tqdm,
+    )
+    print(format_report(result))
+    make_out_dir(out.parent, option="--out")
+    try:
+        out.write_text(json.dumps({"argv": args.argv, **provenance(), **result}, indent=1))
+    except OSError as err:
+        raise DataError(f"--out {out}: cannot write ({err.strerror})") from None
+    print(f"numbers: {out}")
     return 0
 
 
@@ -480,6 +557,7 @@ COMMANDS = {
     "export": _cmd_export,
     "data": _cmd_data,
     "viz": _cmd_viz,
+    "diagnose": _cmd_diagnose,
     "bench": _cmd_bench,
     "demo": _cmd_demo,
     "weights": _cmd_weights,

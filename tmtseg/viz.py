@@ -36,6 +36,12 @@ def _up(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> np.nd
     return F.interpolate(x, size=size, mode=mode, **kw)[0, 0].cpu().numpy()
 
 
+def to_image(x: torch.Tensor, padded: tuple[int, int], size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """A map [h, w] on the padded input grid `padded` (what the segmenter's features cover) -> [H, W] numpy on the
+    image of `size`: upsampled to the padded grid, then cropped (the padding is bottom/right)."""
+    return _up(x, padded, mode=mode)[: size[0], : size[1]]
+
+
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
     """[K, h, w] class scores -> normalised entropy [h, w] in [0, 1]."""
     p = probs / probs.sum(0, keepdim=True).clamp_min(1e-12)
@@ -71,11 +77,11 @@ def compute_panels(
     padded = (feats.shape[-2] * stride, feats.shape[-1] * stride)
 
     def ids(regions) -> np.ndarray:
-        return _up(regions.region_ids()[0], padded, mode="nearest")[: size[0], : size[1]].astype(np.int64)
+        return to_image(regions.region_ids()[0], padded, size, mode="nearest").astype(np.int64)
 
     tmap = None
     if acte_out is not None:
-        tmap = _up(acte_out["tmap"][0, 0], padded)[: size[0], : size[1]]
+        tmap = to_image(acte_out["tmap"][0, 0], padded, size)
     probs = semantic_probs(out["pred_logits"], out["pred_masks"])[0]  # [K, H/4, W/4]
     pred = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
     conf = out["pred_logits"][0].softmax(-1)[:, :-1].max(-1).values  # [Q]
@@ -88,8 +94,8 @@ def compute_panels(
         m = out["attn_masks"][layer][0]  # [Q, N]
         lvl_padded = (h * (padded[0] // h), w * (padded[1] // w))
         for q in chosen:
-            amap = _up(a[q].reshape(h, w), lvl_padded)[: size[0], : size[1]]
-            mmap = _up((~m[q]).reshape(h, w).float(), lvl_padded, mode="nearest")[: size[0], : size[1]]
+            amap = to_image(a[q].reshape(h, w), lvl_padded, size)
+            mmap = to_image((~m[q]).reshape(h, w).float(), lvl_padded, size, mode="nearest")
             attn.append((layer, q, amap, mmap))
     return Panels(
         image=image.permute(1, 2, 0).cpu().numpy(),
@@ -103,11 +109,16 @@ def compute_panels(
     )
 
 
-def boundaries(ids: np.ndarray) -> np.ndarray:
-    """[H, W] region ids -> bool [H, W], True where a neighbour belongs to another region."""
+def boundaries(ids: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """[H, W] region ids -> bool [H, W], True where the pixel below or to the right belongs to another region; with
+    `valid` (bool [H, W]) only pairs of two valid pixels count (a label's edge to void is no object boundary)."""
     edge = np.zeros(ids.shape, dtype=bool)
-    edge[:-1] |= ids[:-1] != ids[1:]
-    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    down, right = ids[:-1] != ids[1:], ids[:, :-1] != ids[:, 1:]
+    if valid is not None:
+        down &= valid[:-1] & valid[1:]
+        right &= valid[:, :-1] & valid[:, 1:]
+    edge[:-1] |= down
+    edge[:, :-1] |= right
     return edge
 
 
