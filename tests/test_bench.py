@@ -197,9 +197,9 @@ def test_extends_reuse_and_the_versioned_hash(tmp_path, monkeypatch):
     cfg = runs["synthetic/day->dusk/finetune/seed0"].cfg
     name = runs["synthetic/day->dusk/finetune/seed0"].out.name
     assert config_hash(cfg) == name
-    cfg.adapt.tma.loss_weight = 1.0
+    cfg.train.lr *= 2
     assert config_hash(cfg) != name
-    cfg.adapt.tma.loss_weight = 0.0
+    cfg.train.lr /= 2
     monkeypatch.setattr(bench_mod, "HASH_VERSION", bench_mod.HASH_VERSION + 1)
     assert config_hash(cfg) != name
 
@@ -266,6 +266,16 @@ def test_a_regulariser_or_lora_enters_the_hash_only_where_it_acts():
     l2sp = h("adapt.method=l2sp")
     assert l2sp == h("adapt.method=finetune", "adapt.l2sp.methods=[finetune]")
     assert len({l2sp, h("adapt.method=lora"), finetune}) == 3
+    # a piece's section counts only where a method has the piece
+    for key in ("adapt.tma.loss_weight=1.0", "adapt.acte.cell=2", "adapt.disc.hidden=8", "adapt.tvt.eps=0.1"):
+        assert h("adapt.method=finetune", key) == finetune
+    assert h("adapt.method=tmt", "adapt.tma.loss_weight=1.0") != tmt != h("adapt.method=tmt", "adapt.acte.cell=2")
+    assert (
+        h("adapt.method=dann", "adapt.disc.hidden=8")
+        != h("adapt.method=dann")
+        == h("adapt.method=dann", "adapt.acte.cell=2")
+    )
+    assert h("adapt.method=tvt", "adapt.tvt.eps=0.1") != h("adapt.method=tvt")
     # LoRA given to a method: finetune + LoRA is lora; TMT + LoRA is its own run
     assert h("adapt.method=finetune", "adapt.lora.methods=[finetune]") == h("adapt.method=lora")
     assert (

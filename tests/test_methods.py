@@ -209,6 +209,22 @@ def test_lora_trains_only_the_low_rank_factors_and_the_decoders():
     assert not torch.equal(after["method.lora.b.blocks_1_attn_qkv"], before["method.lora.b.blocks_1_attn_qkv"])
 
 
+def test_acte_on_the_vit_tokens_maps_the_stride_16_grid_and_trains():
+    cfg = load_config(
+        [], [*TINY, "adapt.method=tmt", "adapt.preserve.weight=0", "adapt.acte.features=vit", "adapt.acte.cell=2"]
+    )
+    torch.manual_seed(0)
+    trainer = build_trainer(cfg)
+    assert trainer.method.acte.discriminator.net.layers[0].in_features == cfg.model.backbone.embed_dim
+    out = trainer.model(_batch(3)["image"], hooks=trainer.method.hooks(grl=torch.tensor(1.0)))
+    # TINY's tokens are one per 8 px: resampled to the stride-16 grid of the decoder's 1/16 map
+    assert tuple(out["features"]["tokens_hw"]) == (8, 8)
+    assert tuple(out["adapt"]["acte"]["tmap"].shape[-2:]) == (64 // 16, 64 // 16)
+    before = trainer.method.acte.discriminator.net.layers[0].weight.detach().clone()
+    _steps(trainer, cfg, n=2)
+    assert not torch.equal(before, trainer.method.acte.discriminator.net.layers[0].weight)
+
+
 def test_lora_given_to_another_method_keeps_its_pieces_and_freezes_the_vit():
     cfg = load_config([], [*TINY, "adapt.method=tmt", "adapt.lora.methods=[tmt]"])
     torch.manual_seed(0)

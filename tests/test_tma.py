@@ -121,6 +121,27 @@ def test_lambda_one_gives_log_w_and_w():
     torch.testing.assert_close(scale, w.expand(1, HEADS, 96))
 
 
+def test_zscore_bias_is_lambda_times_the_standardised_importance():
+    tmap, prev, hw = torch.rand(2, 1, 8, 12), _random_prev(), (8, 12)
+    tma = _tma(lambda_init=2.0, normalize="zscore")
+    w = tma.importance(tmap, prev, hw).flatten(2)  # [B, 1, N]
+    bias, scale = tma.attn_terms(tmap, prev, hw)
+    assert scale is None and bias.shape == (2, HEADS, 96)
+    torch.testing.assert_close(bias.mean(-1), torch.zeros(2, HEADS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(bias.std(-1), torch.full((2, HEADS), 2.0), atol=1e-3, rtol=0)
+    # the same ordering of keys as the log form: more importance, more attention
+    log_bias, _ = _tma(lambda_init=2.0).attn_terms(tmap, prev, hw)
+    assert torch.equal(bias[0, 0].argsort(), log_bias[0, 0].argsort()) or torch.equal(
+        bias[0, 0].argmax(), log_bias[0, 0].argmax()
+    )
+    assert torch.equal(bias[0, 0].argmax(), w[0, 0].argmax())
+    # a near-flat W (T ~ 0.99 everywhere) still moves attention by lambda standard deviations
+    flat = 0.99 + 0.001 * torch.rand(1, 1, 8, 12)
+    z, _ = _tma(lambda_init=1.0, normalize="zscore", uncertainty=False).attn_terms(flat, _random_prev(b=1), hw)
+    log, _ = _tma(lambda_init=1.0, uncertainty=False).attn_terms(flat, _random_prev(b=1), hw)
+    assert z.max() - z.min() > 2.0 and log.max() - log.min() < 0.2
+
+
 @pytest.mark.parametrize("form", ["additive", "multiplicative"])
 def test_gradient_reaches_every_lambda(form):
     tma = _tma(form=form)
@@ -142,3 +163,5 @@ def test_bad_choices_raise():
         _tma(combine="sum")
     with pytest.raises(ConfigError):
         _tma(form="gated")
+    with pytest.raises(ConfigError):
+        _tma(normalize="rank")

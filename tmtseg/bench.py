@@ -182,8 +182,9 @@ class Run:
 
 # A run's identity is a hash of its resolved config and of this version: bump it when the code computes something
 # else for the same config (a fix), so that finished runs are not mistaken for current ones. 2: DINOv2-S sources;
-# 3: the keys that only change how a run is carried out (config.RUN_NEUTRAL) are no part of it.
-HASH_VERSION = 3
+# 3: the keys that only change how a run is carried out (config.RUN_NEUTRAL) are no part of it; 4: a method's config
+# sections (adapt.disc, acte, tma, tvt) count only in the runs of methods that have the pieces reading them.
+HASH_VERSION = 4
 
 
 def config_hash(cfg: Config) -> str:
@@ -197,6 +198,14 @@ def config_hash(cfg: Config) -> str:
             section = section.get(part, {})
         section.pop(last, None)  # a key the config does not have (yet) is left out all the same
     a = d["adapt"]
+    # a piece's section counts only in the runs of methods that have the piece: a source model, fine-tuning or LoRA
+    # keep their identity when ACTE, TMA or the discriminators gain a key
+    own = METHODS[a["method"]]
+    align, attention = {kind for _, kind in own.align}, {kind for _, kind in own.attention}
+    readers = {"disc": bool(align), "acte": "region" in align, "tma": "tma" in attention, "tvt": "patch" in attention}
+    for section, read in readers.items():
+        if not read:
+            a.pop(section)
     # a regulariser or a LoRA counts only where it acts (which methods list it is no part of what a run computes)
     acting = regularisers_of(cfg.adapt)
     for kind in ("preserve", "l2sp"):
@@ -207,7 +216,7 @@ def config_hash(cfg: Config) -> str:
     # a method that is another plus a regulariser (lwf = finetune + KL, l2sp = finetune + L2-SP) is hashed as that
     # one with the regulariser's section: the same computation finds the same run under either name
     # (and one given LoRA by adapt.lora.methods as the one that has it: finetune + LoRA is lora)
-    own, tuning = METHODS[a["method"]], tuning_of(cfg.adapt)
+    tuning = tuning_of(cfg.adapt)
     same = [n for n, r in METHODS.items() if not r.regularisers and (r.align, r.attention, r.tuning) ==
             (own.align, own.attention, tuning)]  # fmt: skip
     a["method"] = same[0] if same else a["method"]

@@ -167,6 +167,11 @@ class ACTEConfig:
     iters: int = 3  # L: soft-clustering iterations; 0 = fixed square patches
     kappa: float = 10.0  # temperature on the cosine similarity
     feature_stride: int = 8  # which pixel-decoder map clusters: 8 | 16 | 32
+    # what ACTE clusters and discriminates: "decoder", the pixel decoder's map at feature_stride (the paper's reading:
+    # the adversarial loss then shapes those features), or "vit", the frozen ViT's token map at stride 16 (an
+    # extension: docs/results.md §7 found the decoder map's T flattened to 0.96-1.00 by the GRL, uncorrelated with
+    # the source model's errors, while TVT's discriminator on the ViT tokens kept a spread)
+    features: str = "decoder"
 
 
 @dataclass
@@ -203,6 +208,10 @@ class TMAConfig:
     # beta: the mask losses weight each point by 1 + beta * W, "prioritising adaptation" in the loss as well as in the
     # attention (an extension; 0 = the paper's TMA, attention only)
     loss_weight: float = 0.0
+    # how W enters an additive bias: "log", lambda * log(eps + W) (the paper's reading); "zscore", lambda times W
+    # standardised over each image's keys (an extension: W varies by ~0.01 within an image, docs/results.md §7, so
+    # the log bias barely moves attention; standardised, lambda = 1 shifts a key by one spread of W)
+    normalize: str = "log"
 
 
 @dataclass
@@ -309,6 +318,8 @@ _CHOICES = {
     "train.nonfinite": ("stop", "skip"),
     "infer.mode": ("whole", "slide"),
     "adapt.acte.feature_stride": (8, 16, 32),
+    "adapt.acte.features": ("decoder", "vit"),
+    "adapt.tma.normalize": ("log", "zscore"),
     "adapt.tma.combine": ("mix", "product"),
     "adapt.tma.form": ("additive", "multiplicative"),
     "adapt.preserve.images": ("source", "target", "both"),

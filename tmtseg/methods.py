@@ -10,6 +10,7 @@ criterion: the one module that DDP wraps and that checkpoints hold.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import dist
@@ -72,14 +73,22 @@ class RegionAlignment(ACTE):
 
     key = "acte"
 
-    def __init__(self, *, feature_stride: int, at_inference: bool, **acte):
+    def __init__(self, *, feature_stride: int, at_inference: bool, features: str = "decoder", **acte):
         super().__init__(**acte)
-        self.feature_stride = feature_stride
-        self.level = {32: 0, 16: 1, 8: 2}[feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
+        self.source = features
+        self.feature_stride = 16 if features == "vit" else feature_stride
+        self.level = {32: 0, 16: 1, 8: 2}[self.feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
         self.at_inference = at_inference
 
     def pixel_features(self, features: dict, *, grl: Tensor | None) -> dict:
-        return {self.key: self(features["multi_scale"][self.level], grl_coeff=grl)}  # on [B, C, h, w]
+        x = features["multi_scale"][self.level]  # [B, C, h, w]
+        if self.source == "vit":  # the ViT's token map, on the stride-16 grid of the decoder's 1/16 map
+            tokens, (h, w) = features["tokens"], features["tokens_hw"]
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, h, w)  # [B, N, C] -> [B, C, h, w]
+            if (h, w) != tuple(x.shape[-2:]):
+                grid = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = grid.to(x.dtype)
+        return {self.key: self(x, grl_coeff=grl)}  # on [B, C, h, w]
 
     def loss(self, labelled: dict, unlabelled: dict, *, labelled_is_source: bool) -> Tensor:
         return ACTE.loss(labelled[self.key], labelled_is_source) + ACTE.loss(
@@ -298,8 +307,9 @@ def _disc(cfg) -> dict:
 def _region(cfg) -> RegionAlignment:
     a = cfg.adapt
     return RegionAlignment(
-        in_dim=cfg.model.conv_dim,
+        in_dim=cfg.model.backbone.embed_dim if a.acte.features == "vit" else cfg.model.conv_dim,
         feature_stride=a.acte.feature_stride,
+        features=a.acte.features,
         at_inference=a.tma.at_inference,
         cell=a.acte.cell,
         iters=a.acte.iters,
@@ -320,6 +330,7 @@ def _tma(cfg) -> TMAAttention:
         learn_lambda=t.learn_lambda,
         lambda_init=t.lambda_init,
         eps=t.eps,
+        normalize=t.normalize,
         at_inference=t.at_inference,
         loss_weight=t.loss_weight,
     )

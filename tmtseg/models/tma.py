@@ -21,7 +21,8 @@ def resize_map(x: Tensor, hw: tuple[int, int]) -> Tensor:
 class TMA(nn.Module):
     """Importance W(p) from the transferability map T and the uncertainty U, turned into attention terms.
 
-    additive:       bias_h = lambda_h * log(eps + W), added to the logits before the softmax.
+    additive:       bias_h = lambda_h * log(eps + W), added to the logits before the softmax (normalize="zscore":
+                    lambda_h * (W - mean W) / std W over the image's keys instead).
     multiplicative: scale_h = 1 + lambda_h * (W - 1), multiplying the post-softmax probabilities; this
     reading of "scale by W" keeps lambda = 0 exactly vanilla and gives a plain multiply by W at lambda = 1.
     """
@@ -37,8 +38,12 @@ class TMA(nn.Module):
         learn_lambda: bool,
         lambda_init: float,
         eps: float,
+        normalize: str = "log",
     ) -> None:
         super().__init__()
+        if normalize not in ("log", "zscore"):
+            raise ConfigError(f"TMA normalize={normalize!r}: must be 'log' or 'zscore'")
+        self.normalize = normalize
         if combine not in ("mix", "product"):
             raise ConfigError(f"TMA combine={combine!r}: must be 'mix' or 'product'")
         if form not in ("additive", "multiplicative"):
@@ -85,6 +90,9 @@ class TMA(nn.Module):
         """(bias, scale), each [B, h, H*W] or None: what the segmenter's ``decoder_attn`` hook returns."""
         w = self.importance(tmap, prev, hw).flatten(2)  # [B, 1, H*W]
         lam = self.lambdas[None, :, None].to(w.dtype)  # [1, h, 1]
+        if self.form == "additive" and self.normalize == "zscore":
+            z = (w - w.mean(-1, keepdim=True)) / (w.std(-1, keepdim=True) + 1e-6)  # over each image's keys
+            return lam * z, None  # [B, h, H*W]
         if self.form == "additive":
             return lam * torch.log(self.eps + w), None  # [B, h, H*W]
         return None, 1.0 + lam * (w - 1.0)  # [B, h, H*W]
