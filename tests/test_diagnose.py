@@ -72,6 +72,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "finetune": _save(root, "finetune", "finetune", with_src),
         "other_split": _save(root, "other_split", "finetune", with_src, "data.train.num_images=3"),
         "no_source": _save(root, "no_source", "tmt"),
+        "tmt_vit": _save(root, "tmt_vit", "tmt", with_src, "adapt.acte.features=vit", "adapt.acte.cell=2"),
     }
 
 
@@ -283,3 +284,13 @@ def test_mismatched_or_missing_checkpoints_are_one_line_errors(runs, tmp_path, c
     code, line = _error(capsys, "--tmt", str(runs["tmt"]), "--out", str(tmp_path / "d.txt"))
     assert code == 2 and "JSON" in line
     assert not (tmp_path / "d.json").exists()
+
+
+def test_acte_on_the_vit_tokens_is_diagnosed_on_its_own_map(runs, tmp_path):
+    out = tmp_path / "vit.json"
+    r = cli("diagnose", "--tmt", str(runs["tmt_vit"]), "--finetune", str(runs["finetune"]), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    for key in ("acte", "acte_grid"):  # regions and the fixed grid both of the ViT's stride-16 token map
+        assert d["transferability_vs_source_error"][key]["regions"] > 0
+    assert [x["tolerance_px"] for x in d["boundary_recall"]["grid"]] == [2.0, 16.0]

@@ -270,7 +270,7 @@ def measure_view(models: dict[str, Model], image, label, *, ignore_index, min_va
             rec[name] = _regions(
                 region_ids, valid, {"source": wrongs["source"]}, 1.0 - mean, min_valid * nominal, low_t
             )
-    fixed = soft_cluster(out_on["features"]["multi_scale"][acte.level], cell=acte.cell, iters=0, kappa=acte.kappa)
+    fixed = soft_cluster(acte.feature_map(out_on["features"]), cell=acte.cell, iters=0, kappa=acte.kappa)
     t_fixed = binary_entropy_bits(torch.sigmoid(acte.discriminator(fixed.features)))[0].numpy()
     grid_ids = to_label(fixed.region_ids()[0], padded, size, label_hw)
     rec["acte_grid"] = _regions(grid_ids, valid, {"source": wrongs["source"]}, t_fixed, min_valid * nominal, low_t)

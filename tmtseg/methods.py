@@ -80,7 +80,8 @@ class RegionAlignment(ACTE):
         self.level = {32: 0, 16: 1, 8: 2}[self.feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
         self.at_inference = at_inference
 
-    def pixel_features(self, features: dict, *, grl: Tensor | None) -> dict:
+    def feature_map(self, features: dict) -> Tensor:
+        """The map ACTE clusters and discriminates [B, C, h, w], at stride feature_stride."""
         x = features["multi_scale"][self.level]  # [B, C, h, w]
         if self.source == "vit":  # the ViT's token map, on the stride-16 grid of the decoder's 1/16 map
             tokens, (h, w) = features["tokens"], features["tokens_hw"]
@@ -88,7 +89,10 @@ class RegionAlignment(ACTE):
             if (h, w) != tuple(x.shape[-2:]):
                 grid = F.interpolate(grid, size=x.shape[-2:], mode="bilinear", align_corners=False)
             x = grid.to(x.dtype)
-        return {self.key: self(x, grl_coeff=grl)}  # on [B, C, h, w]
+        return x
+
+    def pixel_features(self, features: dict, *, grl: Tensor | None) -> dict:
+        return {self.key: self(self.feature_map(features), grl_coeff=grl)}
 
     def loss(self, labelled: dict, unlabelled: dict, *, labelled_is_source: bool) -> Tensor:
         return ACTE.loss(labelled[self.key], labelled_is_source) + ACTE.loss(
