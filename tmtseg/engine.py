@@ -171,6 +171,11 @@ class LoopState:
     history: list[dict] = field(default_factory=list)  # periodic evaluations
 
 
+def amp_context(amp: str, device: torch.device) -> torch.autocast:
+    """train.amp as a context: bf16 autocast on `device` for "bf16", a disabled autocast for "none"."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
 def train_step(
     trainer: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -191,7 +196,7 @@ def train_step(
         for k, b in batches.items()
     }
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+    with amp_context(amp, device):
         losses = trainer(moved, step=step)
     total = losses["loss"]
     if dist.any_rank(not bool(torch.isfinite(total.detach()))):
@@ -238,7 +243,7 @@ def evaluate(
     for i in tqdm(indices, desc="eval", disable=not (progress and dist.is_main()), leave=False):
         item = dataset[i]
         label = item["label"]
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        with amp_context(amp, device):
             logits = predict_logits(
                 model,
                 item["image"].to(device),
