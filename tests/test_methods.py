@@ -32,6 +32,27 @@ def test_tmt_with_lambda_zero_predicts_exactly_as_vanilla():
     assert not torch.allclose(c["pred_masks"], b["pred_masks"])
 
 
+@pytest.mark.parametrize("at_inference", [True, False])
+@pytest.mark.parametrize("method", ["tmt", "tvt", "dann"])
+def test_inference_runs_the_attention_pieces_that_ask_and_the_alignment_they_read(method, at_inference):
+    trainer = build_trainer(
+        load_config([], [*TINY, f"adapt.method={method}", f"adapt.tma.at_inference={at_inference}"])
+    )
+    hooks = trainer.method.inference_hooks()
+    attention = [type(p).__name__ for p in hooks.attention] if hooks else []
+    align = [type(p).__name__ for p in hooks.align] if hooks else []
+    expected = {  # TVT's attention term always runs; TMA as adapt.tma.at_inference says; DANN changes no prediction
+        "tmt": (["TMAAttention"], ["RegionAlignment"]) if at_inference else ([], []),
+        "tvt": (["PatchAttention"], ["PatchAlignment"]),
+        "dann": ([], []),
+    }[method]
+    assert (attention, align) == expected
+    training = trainer.method.hooks(grl=torch.tensor(1.0))  # in training every piece runs
+    assert len(training.align) == len(METHODS[method].align) and len(training.attention) == len(
+        METHODS[method].attention
+    )
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_every_parameter(method):
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config as config_mod
 from .config import Config, SplitConfig
 from .errors import ConfigError, TmtsegError
+from .methods import piece_sections
 from .recipes import METHODS, regularisers_of, tuning_of
 
 PACKAGED = Path(__file__).resolve().parent / "configs"
@@ -201,11 +202,8 @@ def config_hash(cfg: Config) -> str:
     # a piece's section counts only in the runs of methods that have the piece: a source model, fine-tuning or LoRA
     # keep their identity when ACTE, TMA or the discriminators gain a key
     own = METHODS[a["method"]]
-    align, attention = {kind for _, kind in own.align}, {kind for _, kind in own.attention}
-    readers = {"disc": bool(align), "acte": "region" in align, "tma": "tma" in attention, "tvt": "patch" in attention}
-    for section, read in readers.items():
-        if not read:
-            a.pop(section)
+    for section in {"disc", "acte", "tma", "tvt"} - piece_sections(own):
+        a.pop(section)
     # a regulariser or a LoRA counts only where it acts (which methods list it is no part of what a run computes)
     acting = regularisers_of(cfg.adapt)
     for kind in ("preserve", "l2sp"):

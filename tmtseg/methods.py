@@ -9,6 +9,9 @@ criterion: the one module that DDP wraps and that checkpoints hold.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,7 +41,6 @@ class ImageAlignment(Discriminator):
     """Image level (DANN; TVT's global term): one discriminator, behind a GRL, on the mean backbone token."""
 
     key = "image_logits"
-    at_inference = False  # it changes no prediction
 
     def pixel_features(self, features: dict, *, grl: Tensor | None) -> dict:
         if grl is None:
@@ -56,7 +58,6 @@ class PatchAlignment(Discriminator):
     """Patch level (TVT-style): a discriminator, behind a GRL, on each input token of the last ViT block."""
 
     key = "patch_logits"
-    at_inference = True  # its logits are the transferability that TVT's attention term reads
 
     def backbone_tokens(self, tokens: Tensor, *, grl: Tensor | None) -> dict:
         x = tokens if grl is None else grad_reverse(tokens, grl)
@@ -73,12 +74,11 @@ class RegionAlignment(ACTE):
 
     key = "acte"
 
-    def __init__(self, *, feature_stride: int, at_inference: bool, features: str = "decoder", **acte):
+    def __init__(self, *, feature_stride: int, features: str = "decoder", **acte):
         super().__init__(**acte)
         self.source = features
         self.feature_stride = 16 if features == "vit" else feature_stride
         self.level = {32: 0, 16: 1, 8: 2}[self.feature_stride]  # the decoder memory is ordered 1/32, 1/16, 1/8
-        self.at_inference = at_inference
 
     def feature_map(self, features: dict) -> Tensor:
         """The map ACTE clusters and discriminates [B, C, h, w], at stride feature_stride."""
@@ -113,6 +113,7 @@ class PatchAttention(nn.Module):
     entropy of the patch discriminator): the dense analogue of TVT's scaling of the class-token row."""
 
     at_inference = True
+    reads = PatchAlignment.key  # the alignment piece whose outputs it needs, at inference too
 
     def __init__(self, *, eps: float):
         super().__init__()
@@ -126,6 +127,8 @@ class PatchAttention(nn.Module):
 class TMAAttention(TMA):
     """TMA (method.md §5) on ACTE's map in every masked cross-attention of the decoder; with loss_weight (beta) the
     mask losses also weight each point by 1 + beta * W (an extension; beta = 0 is the paper's TMA)."""
+
+    reads = RegionAlignment.key
 
     def __init__(self, *, at_inference: bool, loss_weight: float, **tma):
         super().__init__(**tma)
@@ -237,9 +240,11 @@ class Method(nn.Module):
             piece.attach(model)
 
     def hooks(self, *, grl: Tensor | None) -> Hooks | None:
-        """The hook object of one forward (None = vanilla Mask2Former); grl=None means inference."""
-        align = [p for p in self.align if grl is not None or p.at_inference]
+        """The hook object of one forward (None = vanilla Mask2Former); grl=None means inference, where an attention
+        piece runs if it says so (at_inference) and an alignment piece only if such a piece reads its outputs."""
         attention = [p for p in self.attention if grl is not None or p.at_inference]
+        read = {p.reads for p in attention}
+        align = [p for p in self.align if grl is not None or p.key in read]
         return Hooks(align=align, attention=attention, grl=grl) if align or attention else None
 
     def inference_hooks(self) -> Hooks | None:
@@ -314,7 +319,6 @@ def _region(cfg) -> RegionAlignment:
         in_dim=cfg.model.backbone.embed_dim if a.acte.features == "vit" else cfg.model.conv_dim,
         feature_stride=a.acte.feature_stride,
         features=a.acte.features,
-        at_inference=a.tma.at_inference,
         cell=a.acte.cell,
         iters=a.acte.iters,
         kappa=a.acte.kappa,
@@ -346,10 +350,21 @@ def _preserve(cfg) -> PreserveKL:
     return PreserveKL(weight=p.weight, domains=domains, weighting=p.weighting)
 
 
-# Builders: plain functions in plain dicts, each the only reader of its config section.
-ALIGN = {"image": lambda cfg: ImageAlignment(**_disc(cfg)), "patch": lambda cfg: PatchAlignment(**_disc(cfg)),
-         "region": _region}  # fmt: skip
-ATTENTION = {"patch": lambda cfg: PatchAttention(eps=cfg.adapt.tvt.eps), "tma": _tma}
+class Builder(NamedTuple):
+    make: Callable  # cfg -> the piece
+    reads: tuple[str, ...]  # the adapt.* sections `make` reads: a run's identity (bench.config_hash) keeps only these
+
+
+# Builders: plain functions in plain dicts, the only readers of their config sections.
+ALIGN = {
+    "image": Builder(lambda cfg: ImageAlignment(**_disc(cfg)), ("disc",)),
+    "patch": Builder(lambda cfg: PatchAlignment(**_disc(cfg)), ("disc",)),
+    "region": Builder(_region, ("acte", "disc")),
+}
+ATTENTION = {
+    "patch": Builder(lambda cfg: PatchAttention(eps=cfg.adapt.tvt.eps), ("tvt",)),
+    "tma": Builder(_tma, ("tma",)),
+}
 REGULARISERS = {"preserve": _preserve, "l2sp": lambda cfg: L2SP(alpha=cfg.adapt.l2sp.alpha, beta=cfg.adapt.l2sp.beta)}
 TUNING = {
     "lora": lambda cfg: LoRA(rank=cfg.adapt.lora.rank, alpha=cfg.adapt.lora.alpha, targets=cfg.adapt.lora.targets),
@@ -368,11 +383,18 @@ def build_method(cfg) -> Method:
         unsupervised=a.unsupervised,
         adv_weight=a.adv_weight,
         max_iter=a.grl_max_iter or cfg.train.iters,
-        align={name: ALIGN[kind](cfg) for name, kind in recipe.align},
-        attention={name: ATTENTION[kind](cfg) for name, kind in recipe.attention},
+        align={name: ALIGN[kind].make(cfg) for name, kind in recipe.align},
+        attention={name: ATTENTION[kind].make(cfg) for name, kind in recipe.attention},
         tuning={name: TUNING[kind](cfg) for name, kind in tuning_of(a)},
         regularisers=[REGULARISERS[kind](cfg) for kind in regularisers_of(a)],
     )
+
+
+def piece_sections(recipe) -> set[str]:
+    """The adapt.* sections that the alignment and attention pieces of a method (a recipes.Recipe) read."""
+    return {s for _, kind in recipe.align for s in ALIGN[kind].reads} | {
+        s for _, kind in recipe.attention for s in ATTENTION[kind].reads
+    }
 
 
 class Trainer(nn.Module):
