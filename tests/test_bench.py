@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.tiny import TINY
-from tmtseg.bench import load_bench, plan, run_bench
+from tmtseg.bench import load_bench, plan, read_sessions, run_bench
 from tmtseg.errors import ConfigError
 from tmtseg.report import build_table, markdown, wins
 
@@ -111,10 +111,15 @@ def test_run_report_skip_extend_and_resume(tmp_path):
         assert f"| {m} |" in text
     assert (out / "runs.csv").read_text().count("\n") == 1 + 5
     assert (out / "pairs.png").stat().st_size > 0 and (out / "delta.png").stat().st_size > 0
+    # the invocation's machine time: a line per finished run, the report sums each invocation's last
+    session = _lines(out / "sessions.jsonl")
+    assert [s["runs"] for s in session] == [1, 2, 3, 4, 5] and len({s["start"] for s in session}) == 1
+    assert session[-1]["elapsed_s"] >= max(r["wall_s"] for r in records) and session[-1]["jobs"] == bench.jobs
+    assert f"{session[-1]['elapsed_s'] / 3600:.2f} h over 1 invocation(s) (5 runs finished" in text
 
     # the same config again: nothing runs, nothing is appended
     run_bench(bench, base, progress=False)
-    assert len(_lines(out / "results.jsonl")) == 5
+    assert len(_lines(out / "results.jsonl")) == 5 and len(_lines(out / "sessions.jsonl")) == 5
 
     # a new method and a variant: only they run; the source model is reused
     variants = {"tmt-patches": {"method": "tmt", "overrides": ["adapt.acte.iters=0"]}}
@@ -122,6 +127,11 @@ def test_run_report_skip_extend_and_resume(tmp_path):
     run_bench(bench, base, progress=False)
     new = _lines(out / "results.jsonl")[5:]
     assert sorted(r["method"] for r in new) == ["dann", "tmt-patches"]
+    with open(out / "sessions.jsonl", "a") as f:
+        f.write('{"start": "cut by a kill", "elapsed')  # a line cut by a kill is skipped
+    sessions = read_sessions(out / "sessions.jsonl")
+    assert [s["runs"] for s in sessions] == [5, 2]
+    assert "over 2 invocation(s) (7 runs finished" in (out / "report.md").read_text()
 
     # a run killed after its training but before it was recorded: its folder is resumed, not started again
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -132,6 +142,7 @@ def test_run_report_skip_extend_and_resume(tmp_path):
     again = [r for r in _lines(out / "results.jsonl") if r["method"] == "dann"]
     assert len(again) == 1 and again[0]["metrics"]["mIoU"] == dann["metrics"]["mIoU"]
     assert (Path(dann["dir"]) / "metrics.jsonl").read_text() == before  # no step was trained again
+    assert [s["runs"] for s in read_sessions(out / "sessions.jsonl")] == [5, 2, 1]  # after the cut line, a new one
 
 
 def test_report_wins_and_deltas_follow_the_seed_spread():

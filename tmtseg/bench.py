@@ -518,7 +518,42 @@ def report(bench: BenchConfig, base: Path, p: Plan | None = None) -> Path:
     )
     order = [r.key for r in p.runs]
     title = f"Benchmark: {bench.name}"
-    return write_report(p.cells, done, order, out_dir, baseline=bench.baseline, title=title, header=header)
+    sessions = read_sessions(out_dir / "sessions.jsonl")
+    return write_report(
+        p.cells, done, order, out_dir, baseline=bench.baseline, title=title, header=header, sessions=sessions
+    )
+
+
+def read_sessions(path: Path) -> list[dict]:
+    """The last line of each session in a sessions.jsonl (see _Session), oldest first."""
+    last: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            last[rec["start"]] = rec
+    return list(last.values())
+
+
+class _Session:
+    """One invocation of the bench in `<output_dir>/sessions.jsonl`: a line each time a run finishes (its start, the
+    time elapsed and the runs finished so far), so that a bench run over several invocations, killed or not, can state
+    its machine time (report.py sums each session's last line)."""
+
+    def __init__(self, path: Path, *, jobs: int, threads: int):
+        self.path, self.tic, self.runs = path, time.perf_counter(), 0
+        self.line = {"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "jobs": jobs, "threads": threads}
+        self.cut = path.exists() and not path.read_bytes().endswith(b"\n")  # the last line cut by a kill
+
+    def ran(self, rec: dict) -> None:
+        self.runs += 1
+        line = {**self.line, "elapsed_s": round(time.perf_counter() - self.tic, 1), "runs": self.runs,
+                "load1": round(os.getloadavg()[0], 2), "commit": rec.get("commit", "")}  # fmt: skip
+        with open(self.path, "a") as f:
+            f.write("\n" * self.cut + json.dumps(line) + "\n")
+        self.cut = False
 
 
 def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
@@ -546,6 +581,7 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
         tqdm.write(f"{bench.name}: {len(done)} of {len(p.runs)} runs already finished")
     active: dict[Future, Run] = {}
     finished_units = 0
+    session = _Session(out_dir / "sessions.jsonl", jobs=bench.jobs, threads=threads)
     # a fresh process per run: clean peak memory, nothing shared between runs, parallel runs on separate cores
     with ProcessPoolExecutor(max_workers=bench.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         while queue or active:
@@ -571,6 +607,7 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
                     f.write(json.dumps(rec) + "\n")
                 done[r.key] = rec
                 _prune(r)
+                session.ran(rec)
             bar.n = finished_units + sum(min(_progress(r), r.iters) for r in active.values())
             bar.set_postfix_str("; ".join(f"{r.key} {_progress(r)}/{r.iters}" for r in active.values()))
             bar.refresh()

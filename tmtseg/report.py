@@ -89,7 +89,9 @@ def pair_mean(table: Table, method: str) -> np.ndarray:
     return np.array(per_seed)
 
 
-def markdown(table: Table, records: list[dict], *, baseline: str, title: str, header: str = "") -> str:
+def markdown(
+    table: Table, records: list[dict], *, baseline: str, title: str, header: str = "", sessions: list[dict] = ()
+) -> str:
     seeds = ", ".join(map(str, table.seeds))
     out = [f"# {title}", ""]
     if header:
@@ -151,6 +153,17 @@ def markdown(table: Table, records: list[dict], *, baseline: str, title: str, he
             return f"{np.mean(v):.1f}" if v else "–"
 
         out.append(f"| {m} | {len(rs)} | {avg('wall_s')} | {avg('imgs_per_s')} | {avg('peak_rss_mib')} |")
+    walls = [r["wall_s"] for r in records if r.get("wall_s") is not None]
+    out += ["", f"Run time: {len(walls)} of {len(records)} runs timed here, {sum(walls) / 3600:.2f} h in all "
+            "(a run resumed from a checkpoint counts only its last part)."]  # fmt: skip
+    if sessions:
+        elapsed = sum(s["elapsed_s"] for s in sessions)
+        loads = ", ".join(f"{s['load1']:.1f}" for s in sessions)
+        out.append(
+            f"Machine time of this output folder's bench invocations: {elapsed / 3600:.2f} h over {len(sessions)} "
+            f"invocation(s) ({sum(s['runs'] for s in sessions)} runs finished; each until its last finished run; "
+            f"{sessions[-1]['jobs']} runs at a time; load average at their last finished run: {loads})."
+        )
     return "\n".join(out) + "\n"
 
 
@@ -206,13 +219,21 @@ def plot(table: Table, out: Path, *, baseline: str) -> list[Path]:
 
 
 def write_report(
-    cells, done: dict[str, dict], order: list[str], out: Path, *, baseline: str, title: str, header: str = ""
+    cells,
+    done: dict[str, dict],
+    order: list[str],
+    out: Path,
+    *,
+    baseline: str,
+    title: str,
+    header: str = "",
+    sessions: list[dict] = (),
 ) -> Path:
     """report.md, runs.csv and runs.json (every finished run, in `order`), pairs.png, delta.png in `out`; report.html:
     report.md and the plots in one self-contained page."""
     table = build_table(cells, done)
     records = [done[k] for k in order if k in done]
-    text = markdown(table, records, baseline=baseline, title=title, header=header)
+    text = markdown(table, records, baseline=baseline, title=title, header=header, sessions=sessions)
     (out / "report.md").write_text(text)
     write_runs(records, out)
     plots = []
