@@ -60,3 +60,23 @@ def test_other_weights_training_gradients_or_autocast_do_not_use_it(tmp_path):
     model.eval()
     model(torch.rand(1, 3, 64, 64) * 255)  # gradients on
     assert (cache.hits, cache.misses) == before
+
+
+def test_a_lora_update_is_never_replaced_by_the_frozen_vits_cached_outputs(tmp_path):
+    """LoRA adds its update by forward hooks on the ViT's linear layers, with factors outside the ViT: the ViT's own
+    weights (the cache key) are the source's, so a cached window would silently drop the update."""
+    from tmtseg.models.tuning import LoRA
+
+    model, image = _model_and_image()
+    cache = model.backbone.feature_cache = FeatureCache(tmp_path)
+    frozen = _scores(model, image)  # fills the cache, as a frozen-ViT run of the bench does first
+    lora = LoRA(rank=2, alpha=2.0, targets=["qkv"])
+    lora.attach(model)
+    with torch.no_grad():
+        for b in lora.b.values():
+            b.normal_(0.0, 0.1)  # a trained update
+    hits = cache.hits
+    adapted = _scores(model, image)
+    assert cache.hits == hits  # not one window read from the cache
+    model.backbone.feature_cache = None
+    assert torch.equal(adapted, _scores(model, image)) and not torch.allclose(adapted, frozen)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .feature_cache import hooked
 from .layers import DropPath, LayerNorm2d
 
 # hook(tokens [B, N, C], (h, w)) -> additive per-key bias [B, 1 or heads, N] or None
@@ -241,7 +242,13 @@ class ViTBackbone(nn.Module):
         elif p != s:
             x = F.pad(x, (0, -W % p, 0, -H % p))  # [B, 3, H'', W''] multiples of the patch
         cache = self.feature_cache
-        if cache is not None and attn_hook is None and not self.training and not torch.is_grad_enabled():
+        if (
+            cache is not None
+            and attn_hook is None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not hooked(self.vit)
+        ):
             tokens, hw = cache.tokens(self.vit, x, lambda: self.vit(x))
         else:
             tokens, hw = self.vit(x, attn_hook=attn_hook)

@@ -4,7 +4,8 @@ A benchmark scores the same target images, window by window, through the same fr
 stays frozen (all but LoRA here) and every seed: on the vessels pair the ViT is ~85% of an evaluation's time. The
 cache maps (the ViT's weights and structure, the autocast state, the exact input window) to the ViT's output tokens,
 so the result is the same as computing them (bit for bit on the same machine and build). It is used only where
-nothing can differ: in eval mode, without gradients and without an attention hook. A file that cannot be read is
+nothing can differ: in eval mode, without gradients, without an attention hook and without a forward hook on the ViT
+or any of its layers (LoRA's updates are such hooks: `hooked`). A file that cannot be read is
 computed again and rewritten; files are written atomically, so parallel runs can share one folder.
 """
 
@@ -18,6 +19,17 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+
+def hooked(module: nn.Module) -> bool:
+    """Whether a forward hook may change what `module` computes: one on it or on any submodule (LoRA adds its update
+    by a hook on the ViT's linear layers, with factors outside the ViT), or a global one. Its outputs are then never
+    read from the cache, whose key holds only the module's own weights."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
 def _digest(t: Tensor) -> bytes:
@@ -37,7 +49,7 @@ class FeatureCache:
         tensors = [*vit.parameters(), *vit.buffers()]
         versions = (id(vit), *(t._version for t in tensors), *(id(t) for t in tensors))
         if self._fingerprint is None or self._fingerprint[0] != versions:
-            h = hashlib.sha1(repr(vit).encode())  # the structure: widths, heads, norms, patch, LoRA wrappers
+            h = hashlib.sha1(repr(vit).encode())  # the structure: widths, heads, norms, patch
             for name, t in [*vit.named_parameters(), *vit.named_buffers()]:
                 h.update(name.encode())
                 h.update(_digest(t))
