@@ -12,7 +12,7 @@ import yaml
 from tests.tiny import TINY
 from tmtseg.bench import load_bench, plan, read_sessions, run_bench
 from tmtseg.errors import ConfigError
-from tmtseg.report import build_table, markdown, wins
+from tmtseg.report import build_table, markdown, method_colors, wins
 
 
 def _bench_file(tmp_path: Path, **changes) -> Path:
@@ -306,3 +306,9 @@ def test_keys_that_only_say_how_a_run_is_carried_out_leave_its_identity_alone():
     assert h("infer.feature_cache=cache") == base
     assert h("infer.stride=[50,50]") != base and h("train.eval_every=5") != base  # these change what is computed
     assert {"train.iters", "infer.mode"}.isdisjoint(RUN_NEUTRAL)
+
+
+def test_every_method_of_a_core_sized_bench_has_its_own_colour():
+    for n in (4, 10, 16, 20):
+        colours = method_colors([f"m{i}" for i in range(n)])
+        assert len(set(colours.values())) == n

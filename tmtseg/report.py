@@ -186,8 +186,7 @@ def plot(table: Table, out: Path, *, baseline: str) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cmap = plt.get_cmap("tab10")
-    color = {m: cmap(j % 10) for j, m in enumerate(table.methods)}  # a method keeps its colour in both plots
+    color = method_colors(table.methods)  # a method keeps its colour in both plots
     paths = []
     for name, methods, fn, ylabel in (
         ("pairs.png", table.methods, lambda p, m: table.scores(p, m), f"{METRIC} (%)"),
@@ -216,6 +215,14 @@ def plot(table: Table, out: Path, *, baseline: str) -> list[Path]:
         plt.close(fig)
         paths.append(out / name)
     return paths
+
+
+def method_colors(methods: list[str]) -> dict:
+    """A colour per method, no two alike up to 20 methods (a core bench has 16)."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    return {m: cmap(j % cmap.N) for j, m in enumerate(methods)}
 
 
 def write_report(
