@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config as config_mod
 from .config import Config, SplitConfig
 from .errors import ConfigError, TmtsegError
-from .methods import piece_sections
+from .methods import PIECE_SECTIONS, piece_sections
 from .recipes import METHODS, regularisers_of, tuning_of
 
 PACKAGED = Path(__file__).resolve().parent / "configs"
@@ -202,7 +202,7 @@ def config_hash(cfg: Config) -> str:
     # a piece's section counts only in the runs of methods that have the piece: a source model, fine-tuning or LoRA
     # keep their identity when ACTE, TMA or the discriminators gain a key
     own = METHODS[a["method"]]
-    for section in {"disc", "acte", "tma", "tvt"} - piece_sections(own):
+    for section in PIECE_SECTIONS - piece_sections(own):
         a.pop(section)
     # a regulariser or a LoRA counts only where it acts (which methods list it is no part of what a run computes)
     acting = regularisers_of(cfg.adapt)

@@ -390,6 +390,10 @@ def build_method(cfg) -> Method:
     )
 
 
+# every adapt.* section some alignment or attention piece reads
+PIECE_SECTIONS = frozenset(s for b in (*ALIGN.values(), *ATTENTION.values()) for s in b.reads)
+
+
 def piece_sections(recipe) -> set[str]:
     """The adapt.* sections that the alignment and attention pieces of a method (a recipes.Recipe) read."""
     return {s for _, kind in recipe.align for s in ALIGN[kind].reads} | {
