@@ -212,7 +212,9 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
 
     Under torchrun every process runs this same function (DDP, gloo on CPU, nccl on GPU); only rank 0 writes. The run
     folder is locked for the whole run (a second writer is refused at once), and whatever way the run ends, its
-    data-loader workers are shut down before it returns or raises (they ignore SIGTERM, so nothing else would).
+    data-loader workers are shut down before it returns or raises (they ignore SIGTERM, so nothing else would). The
+    process group is left open for further runs in the same processes: call `tmtseg.dist.cleanup()` once at the end
+    (the `tmtseg` command does), since a process that exits with a live gloo group can abort its peer.
     """
     device = dist.local_device(cfg.train.device)
     dist.init_distributed(device)
