@@ -1,7 +1,8 @@
 """What TMT costs: training step time and peak memory of `tmt` against `finetune` on the same batch, inference time
 with and without TMA, and ACTE's time and memory as the feature map grows 4x and 16x. `tmt-paper` is TMT without the
 preservation term (ACTE + TMA, as the paper describes it); `tmt` (the default) adds the decoder on the source batch and
-the frozen source model's forward pass.
+the frozen source model's forward pass, which reuses the adapted model's ViT tokens when the ViT is frozen (as the
+task configs keep it: train.freeze_blocks); the "own ViT" rows switch that off to show what it saves.
 
 Measurements are interleaved (finetune, tmt, finetune, tmt, ...) and medians reported, so that the ratios are taken
 side by side in one run on a noisy machine. Peak memory is the largest sum of bytes of live tensors created during the
@@ -27,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tmtseg.config import load_config
 from tmtseg.methods import build_trainer
 from tmtseg.models.acte import ACTE
+from tmtseg.runner import freeze
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +68,8 @@ def _batch(cfg, seed: int) -> dict:
 
 
 def _step(trainer, opt, batches, step):
-    losses = trainer(batches, step=step)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=trainer.amp == "bf16"):  # train.amp, as the engine
+        losses = trainer(batches, step=step)
     opt.zero_grad(set_to_none=True)
     losses["loss"].backward()
     opt.step()
@@ -76,11 +79,15 @@ def train_step_times(cfgs: dict, rounds: int) -> dict:
     cfg = next(iter(cfgs.values()))[0]
     batches = {"labelled": _batch(cfg, 1), "unlabelled": _batch(cfg, 2)}
     runs = {}
-    for name, (cfg, use_source) in cfgs.items():
+    for name, (cfg, use_source, share) in cfgs.items():
         torch.manual_seed(0)
         trainer = build_trainer(cfg)
+        freeze(cfg, trainer)  # train.freeze_blocks, as the runner does
+        trainer.amp = cfg.train.amp
         if trainer.method.wants_teacher:  # the preservation term's frozen source model (here: the same init)
             trainer.method.set_teacher(copy.deepcopy(trainer.model))
+            if not share:  # the teacher runs its own ViT
+                trainer.method.preserve.shares_vit = lambda student: False
         opt = torch.optim.AdamW(trainer.parameters(), lr=1e-5)
         b = batches if use_source else {"labelled": batches["labelled"]}
         _step(trainer, opt, b, 0)  # warm-up
@@ -161,17 +168,21 @@ def main() -> None:
     cfg_ft = load_config(base, ["adapt.method=finetune"])
     cfg_tmt = load_config(base, ["adapt.method=tmt", "adapt.tma.lambda_init=0.5"])
     cfg_paper = load_config(base, ["adapt.method=tmt", "adapt.tma.lambda_init=0.5", "adapt.preserve.weight=0"])
+    cfg_lwf = load_config(base, ["adapt.method=lwf"])
     b, (h, w) = cfg_ft.data.batch_size, cfg_ft.data.crop_size
     print(
-        f"config {Path(args.config).name}: batch {b}, crop {h}x{w}, torch threads {torch.get_num_threads()}, "
-        f"{rounds} interleaved rounds, medians"
+        f"config {Path(args.config).name}: batch {b}, crop {h}x{w}, train.freeze_blocks {cfg_ft.train.freeze_blocks}, "
+        f"amp {cfg_ft.train.amp}, torch threads {torch.get_num_threads()}, {rounds} interleaved rounds, medians"
     )
     res = train_step_times(
         {
-            "finetune": (cfg_ft, False),
-            "tmt-paper (target pass only)": (cfg_paper, False),
-            "tmt-paper (+ source pass)": (cfg_paper, True),
-            "tmt (+ source pass, preservation)": (cfg_tmt, True),
+            "finetune": (cfg_ft, False, True),
+            "lwf": (cfg_lwf, True, True),
+            "lwf, teacher's own ViT": (cfg_lwf, True, False),
+            "tmt-paper (target pass only)": (cfg_paper, False, True),
+            "tmt-paper (+ source pass)": (cfg_paper, True, True),
+            "tmt (+ source pass, preservation)": (cfg_tmt, True, True),
+            "tmt, teacher's own ViT": (cfg_tmt, True, False),
         },
         rounds,
     )

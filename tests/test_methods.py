@@ -170,6 +170,42 @@ def test_preserve_is_zero_at_the_source_model_and_grows_as_the_model_moves(image
     assert all(p.grad is None for p in trainer.method.preserve._teacher[0].parameters())
 
 
+@pytest.mark.parametrize("method, shared", [("lwf", True), ("tmt", True), ("tvt", False), ("lora", False)])
+def test_the_source_model_takes_the_adapted_models_vit_tokens_only_where_its_vit_computes_the_same(method, shared):
+    """The KL's teacher skips its own ViT when the student's is the same frozen ViT (a third of a KL method's step),
+    and the loss is bit for bit the one it computes itself; never under TVT's attention bias or LoRA's hooks."""
+    trainer = _with_teacher([f"adapt.method={method}", f"adapt.preserve.methods=[{method}]", "adapt.preserve.weight=1"])
+    trainer.model.backbone.vit.requires_grad_(False)  # as train.freeze_blocks=-1 leaves it (LoRA freezes it itself)
+    kl, teacher = trainer.method.preserve, trainer.method.preserve._teacher[0]
+    calls = []
+    teacher.backbone.vit.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        trainer.model.decoder.class_embed.bias.add_(torch.randn_like(trainer.model.decoder.class_embed.bias))
+    images = _batch(1)["image"]
+    with torch.no_grad():
+        outputs = trainer.model(images, hooks=trainer.method.hooks(grl=torch.tensor(0.5)))
+        reused = kl.term(images, outputs, None, student=trainer.model)
+        assert len(calls) == (0 if shared else 1)
+        own = kl.term(images, outputs, None)  # no student: the teacher runs its own ViT
+    assert reused.item() > 1e-4 and torch.equal(reused, own)
+    before = len(calls)
+    losses = trainer({"labelled": _batch(1), "unlabelled": _batch(2)}, step=3)  # and inside a training step
+    assert (len(calls) == before) == shared and losses["loss_preserve"].item() > 1e-4
+    if shared:  # a student ViT weight that moved (a version bump) is compared again, and no longer shared
+        with torch.no_grad():
+            trainer.model.backbone.vit.norm.weight.mul_(1.01)
+        kl.term(images, outputs, None, student=trainer.model)
+        assert len(calls) == 2
+
+
+def test_the_source_model_runs_its_own_vit_under_stochastic_depth_in_training():
+    trainer = _with_teacher(["adapt.method=lwf", "model.backbone.drop_path=0.1"])
+    trainer.model.backbone.vit.requires_grad_(False)
+    kl = trainer.method.preserve
+    assert not kl.shares_vit(trainer.model.train())
+    assert kl.shares_vit(trainer.model.eval())
+
+
 def test_finetune_with_preserve_on_source_images_reads_the_source_batch():
     plain = build_trainer(load_config([], [*TINY, "adapt.method=finetune"]))
     assert not plain.method.needs_unlabelled and not plain.method.wants_teacher

@@ -299,7 +299,7 @@ class Method(nn.Module):
                 losses["loss"] = losses["loss"] + losses["loss_adv"]
         for reg in self.regularisers:
             if isinstance(reg, PreserveKL):
-                losses[reg.name] = reg.loss(self, passes)
+                losses[reg.name] = reg.loss(self, passes, student=model)
             else:
                 losses[reg.name] = reg.loss(model, self)
             losses["loss"] = losses["loss"] + losses[reg.name]

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .models.feature_cache import hooked
 from .models.inference import semantic_probs
+from .models.layers import DropPath
 
 if TYPE_CHECKING:
     from .methods import Method
@@ -32,16 +34,53 @@ class PreserveKL:
     def __init__(self, *, weight: float, domains: tuple[str, ...], weighting: str):
         self.weight, self.domains, self.weighting = weight, domains, weighting
         self._teacher: tuple[nn.Module, ...] = ()  # in a tuple: not a submodule, so never trained, saved or wrapped
+        self._same_vit: tuple[tuple, bool] | None = None  # (the student ViT's state key, whether it is the teacher's)
 
     def set_source(self, model: nn.Module) -> None:
         self._teacher = (model,)
+        self._same_vit = None
 
-    def term(self, images: Tensor, outputs: dict, weight: Tensor | None) -> Tensor:
-        """The KL on one batch; weight [B, 1, h, w] (detached) or None = uniform."""
+    def shares_vit(self, student: nn.Module) -> bool:
+        """Whether the source model's ViT computes exactly what the adapted model's does, so that the teacher can take
+        the student's ViT tokens instead of running its own ViT (a frozen ViT, as in every method but LoRA here: a
+        third of the KL methods' step). True only when nothing can differ: the same weights (compared when any of
+        them changed), the same input pipeline (pixel mean/std, token stride, fit), no forward hook on the student's
+        ViT (LoRA's update) and no stochastic depth in training. An attention bias on the student's pass is checked
+        per batch (`tokens_biased`)."""
+        teacher = self._teacher[0]
+        s, t = getattr(student, "backbone", None), getattr(teacher, "backbone", None)
+        vit = getattr(s, "vit", None)
+        if vit is None or getattr(t, "vit", None) is None or hooked(vit):
+            return False
+        if any(p.requires_grad for p in vit.parameters()):  # it moves at every step: never worth comparing
+            return False
+        if vit.training and any(isinstance(m, DropPath) and m.p > 0 for m in vit.modules()):
+            return False
+        tensors = [*vit.parameters(), *vit.buffers()]
+        key = (id(vit), id(teacher), *(x._version for x in tensors), *(id(x) for x in tensors))
+        if self._same_vit is None or self._same_vit[0] != key:
+            a, b = vit.state_dict(), t.vit.state_dict()
+            same = (
+                (s.token_stride, s.fit) == (t.token_stride, t.fit)
+                and torch.equal(student.pixel_mean, teacher.pixel_mean)
+                and torch.equal(student.pixel_std, teacher.pixel_std)
+                and a.keys() == b.keys()
+                and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k].device)) for k in a)
+            )
+            self._same_vit = (key, same)
+        return self._same_vit[1]
+
+    def term(self, images: Tensor, outputs: dict, weight: Tensor | None, *, student: nn.Module | None = None) -> Tensor:
+        """The KL on one batch; weight [B, 1, h, w] (detached) or None = uniform. student: the adapted segmenter whose
+        forward gave `outputs` (its ViT tokens are reused when `shares_vit`)."""
         if not self._teacher:
             raise RuntimeError("preserve: set_teacher() was not called (the runner loads the source model)")
+        features = outputs.get("features", {})
+        shared = None
+        if student is not None and not features.get("tokens_biased", True) and self.shares_vit(student):
+            shared = (features["tokens"].detach(), features["tokens_hw"])
         with torch.no_grad():
-            teacher = self._teacher[0](images)
+            teacher = self._teacher[0](images) if shared is None else self._teacher[0](images, vit_tokens=shared)
             p_t = class_distribution(teacher["pred_logits"], teacher["pred_masks"])  # [B, K, h, w]
         p_s = class_distribution(outputs["pred_logits"], outputs["pred_masks"])  # [B, K, h, w]
         kl = (torch.special.xlogy(p_t, p_t) - p_t * torch.log(p_s.clamp_min(1e-8))).sum(1, keepdim=True)  # [B, 1, h, w]
@@ -50,14 +89,14 @@ class PreserveKL:
         weight = weight.detach().to(kl.dtype)
         return (kl * weight).sum() / weight.sum().clamp_min(1e-6)
 
-    def loss(self, method: Method, passes: dict[str, tuple[Tensor, dict]]) -> Tensor:
+    def loss(self, method: Method, passes: dict[str, tuple[Tensor, dict]], *, student: nn.Module | None = None):
         terms = []
         for domain in self.domains:
             if domain in passes:
                 images, outputs = passes[domain]
                 hw = outputs["pred_masks"].shape[-2:]
                 t = method.transferability(outputs["adapt"], hw) if self.weighting == "transferability" else None
-                terms.append(self.term(images, outputs, t))
+                terms.append(self.term(images, outputs, t, student=student))
         return self.weight * sum(terms) / max(len(terms), 1)
 
 

@@ -231,9 +231,12 @@ class ViTBackbone(nn.Module):
         self.token_stride, self.fit = token_stride, fit
         self.feature_cache = None  # a FeatureCache: the ViT's outputs from disk where nothing can differ
 
-    def forward(self, x: Tensor, *, attn_hook: BackboneHook | None = None) -> dict:
+    def forward(
+        self, x: Tensor, *, attn_hook: BackboneHook | None = None, vit_tokens: tuple[Tensor, tuple] | None = None
+    ) -> dict:
         """x [B, 3, H, W], H and W multiples of the coarsest stride -> dict(tokens [B, N, C], tokens_hw (h, w),
-        pyramid {stride: [B, Cb, H/s, W/s]})."""
+        pyramid {stride: [B, Cb, H/s, W/s]}). vit_tokens: the ViT's (tokens, hw) for this x, computed elsewhere (the
+        regularisers' frozen source model reuses the adapted model's when both ViTs are the same: regularisers.py)."""
         p, s = self.vit.patch_size, self.token_stride
         H, W = x.shape[-2:]
         h, w = H // s, W // s  # the token grid the pyramid needs
@@ -242,7 +245,9 @@ class ViTBackbone(nn.Module):
         elif p != s:
             x = F.pad(x, (0, -W % p, 0, -H % p))  # [B, 3, H'', W''] multiples of the patch
         cache = self.feature_cache
-        if (
+        if vit_tokens is not None:
+            tokens, hw = vit_tokens
+        elif (
             cache is not None
             and attn_hook is None
             and not self.training

@@ -34,7 +34,8 @@ class Segmenter(nn.Module):
       pred_logits [B, Q, K+1], pred_masks [B, Q, ceil(H/4), ceil(W/4)] (last layer);
       aux_outputs: list of dicts with pred_logits / pred_masks, the prediction before the first decoder layer and after
         each layer but the last;
-      features: tokens [B, N, C] (final ViT patch tokens after norm), tokens_hw (h, w), multi_scale (list of
+      features: tokens [B, N, C] (final ViT patch tokens after norm), tokens_hw (h, w), tokens_biased (whether a
+        hook's attention bias changed them), multi_scale (list of
         [B, Cd, h, w] at strides 32, 16, 8), mask_features [B, Cm, ceil(H/4), ceil(W/4)], backbone {stride: [B, Cb, h,
         w]};
       adapt: what the hooks returned (see below; {} without hooks);
@@ -69,7 +70,7 @@ class Segmenter(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
-    def encode(self, images: Tensor, *, hooks=None) -> dict:
+    def encode(self, images: Tensor, *, hooks=None, vit_tokens: tuple[Tensor, tuple] | None = None) -> dict:
         """Backbone + pixel decoder only: the `features` dict of `forward` (what the domain discriminators need)."""
         H, W = images.shape[-2:]
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
@@ -77,19 +78,24 @@ class Segmenter(nn.Module):
         x = F.pad(x, (0, _padded(W) - W, 0, _padded(H) - H))  # [B, 3, H', W']
         adapt: dict = {}
         backbone_hook = getattr(hooks, "backbone_attn", None)
+        biased = False
 
         def attn_hook(tokens: Tensor, hw: tuple[int, int]) -> Tensor | None:
+            nonlocal biased
             bias, outputs = backbone_hook(tokens, hw)
             adapt.update(outputs)
+            biased = biased or bias is not None
             return bias
 
         with _part("tmtseg.backbone"):
-            bb = self.backbone(x, attn_hook=attn_hook if backbone_hook is not None else None)
+            hook = attn_hook if backbone_hook is not None else None
+            bb = self.backbone(x, attn_hook=hook, vit_tokens=vit_tokens)
         with _part("tmtseg.pixel_decoder"):
             pix = self.pixel_decoder(bb["pyramid"])
         features = {
             "tokens": bb["tokens"],
             "tokens_hw": bb["tokens_hw"],
+            "tokens_biased": biased,  # whether a hook's attention bias changed the ViT's tokens
             "multi_scale": pix["multi_scale"],
             "mask_features_padded": pix["mask_features"],  # [B, Cm, H'/4, W'/4]: what the decoder uses
             "mask_features": pix["mask_features"][..., : -(-H // 4), : -(-W // 4)],  # [B, Cm, ceil(H/4), ceil(W/4)]
@@ -101,11 +107,14 @@ class Segmenter(nn.Module):
             adapt.update(pixel_hook(features))
         return features
 
-    def forward(self, images: Tensor, *, hooks=None, return_attn: bool = False) -> dict:
-        """images: uint8 or float [B, 3, H, W] in 0-255, any H and W (see the class docstring for the output dict)."""
+    def forward(
+        self, images: Tensor, *, hooks=None, return_attn: bool = False, vit_tokens: tuple[Tensor, tuple] | None = None
+    ) -> dict:
+        """images: uint8 or float [B, 3, H, W] in 0-255, any H and W (see the class docstring for the output dict);
+        vit_tokens: the ViT's output (tokens, hw) on these images, computed elsewhere, instead of running the ViT."""
         H, W = images.shape[-2:]
         h4, w4 = -(-H // 4), -(-W // 4)
-        features = self.encode(images, hooks=hooks)
+        features = self.encode(images, hooks=hooks, vit_tokens=vit_tokens)
         decoder_hook = getattr(hooks, "decoder_attn", None)
         adapt = features["adapt"]
         with _part("tmtseg.decoder"):
