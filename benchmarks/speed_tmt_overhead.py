@@ -125,6 +125,26 @@ def inference_times(cfg, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+@torch.no_grad()
+def teacher_times(cfg, rounds: int) -> dict:
+    """The KL's frozen source model on one batch under train.amp: running its own ViT, or taking the adapted model's
+    tokens (what PreserveKL does when both ViTs are the same frozen one)."""
+    torch.manual_seed(0)
+    model = build_trainer(cfg).model.eval()
+    images = _batch(cfg, 4)["image"]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16"):
+        f = model(images)["features"]
+        tokens = (f["tokens"], f["tokens_hw"])
+        variants = {"own ViT": lambda: model(images), "shared ViT tokens": lambda: model(images, vit_tokens=tokens)}
+        times = {k: [] for k in variants}
+        for _ in range(rounds):
+            for k, g in variants.items():
+                t = time.perf_counter()
+                g()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def acte_scaling(cfg, rounds: int) -> list[dict]:
     a = cfg.adapt.acte
     acte = ACTE(
@@ -194,6 +214,10 @@ def main() -> None:
             f"{name:<34}{r['time']:>9.3f}{r['time'] / ref['time']:>12.2f}{r['peak_mb']:>10.1f}"
             f"{r['peak_mb'] / ref['peak_mb']:>12.2f}"
         )
+    teacher = teacher_times(cfg_tmt, rounds * 2)
+    print("\nthe KL's source-model forward, one batch (s)")
+    for k, v in teacher.items():
+        print(f"{k:<34}{v:>9.4f}{v / teacher['own ViT']:>12.2f}")
     inf = inference_times(cfg_tmt, rounds * 2)
     print("\ninference, one image (s)")
     for k, v in inf.items():
