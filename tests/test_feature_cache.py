@@ -80,3 +80,37 @@ def test_a_lora_update_is_never_replaced_by_the_frozen_vits_cached_outputs(tmp_p
     assert cache.hits == hits  # not one window read from the cache
     model.backbone.feature_cache = None
     assert torch.equal(adapted, _scores(model, image)) and not torch.allclose(adapted, frozen)
+
+
+def test_under_tvts_attention_bias_the_last_blocks_input_is_kept_and_the_scores_are_unchanged(tmp_path):
+    """TVT's bias acts on the last ViT block only: the cache keeps that block's input (not the final tokens, which the
+    bias changes) and the last block runs, so TVT's evaluations read the cache too, with the same scores."""
+    from tmtseg.methods import build_trainer
+
+    torch.manual_seed(0)
+    trainer = build_trainer(load_config([], [*TINY, "adapt.method=tvt"])).eval()
+    model, hooks = trainer.model, trainer.method.inference_hooks()
+    assert hooks is not None and hooks.backbone_attn is not None
+    image = torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+    def scores(with_hooks=True):
+        return predict_logits(
+            model,
+            image,
+            out_size=(96, 128),
+            mode="slide",
+            crop=(64, 64),
+            stride=(32, 32),
+            hooks=hooks if with_hooks else None,
+        )
+
+    plain, unbiased = scores(), scores(with_hooks=False)
+    assert not torch.equal(plain, unbiased)  # the bias does change the prediction
+    cache = model.backbone.feature_cache = FeatureCache(tmp_path)
+    first = scores()
+    assert (cache.hits, cache.misses) == (0, 6)
+    second = scores()
+    assert (cache.hits, cache.misses) == (6, 6)
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+    # the final tokens are another entry: a run without the bias neither reads the trunk's files nor is changed
+    assert torch.equal(scores(with_hooks=False), unbiased) and cache.misses == 12

@@ -163,6 +163,11 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor, *, attn_hook: BackboneHook | None = None) -> tuple[Tensor, tuple[int, int]]:
         """x [B, 3, H, W] normalised, H and W multiples of the patch -> (patch tokens after norm [B, N, C], (h, w))."""
+        return self.last(*self.trunk(x), attn_hook=attn_hook)
+
+    def trunk(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Everything before the last block: (its input [B, prefix + N, C], (h, w)). An attention hook acts on the last
+        block only, so this part is the same with and without one (what the feature cache keeps for TVT)."""
         x = self.patch_embed(x)  # [B, C, h, w]
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # [B, N, C]
@@ -170,14 +175,21 @@ class VisionTransformer(nn.Module):
         x = x + resize_pos_embed(self.pos_embed, hw, offset=self.pos_offset, antialias=self.pos_antialias)
         if self.reg_token is not None:  # DINOv2: registers join after the position embedding, without one
             x = torch.cat([x[:, :1], self.reg_token.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+R+N, C]
-        for i, block in enumerate(self.blocks):
-            bias = None
-            if attn_hook is not None and i == len(self.blocks) - 1:
-                bias = attn_hook(x[:, self.num_prefix :], hw)  # [B, 1 or h, N]
-                if bias is not None:
-                    # the class and register keys get no bias; one bias row is shared by every query
-                    bias = F.pad(bias, (self.num_prefix, 0)).to(x.dtype)[:, :, None, :]  # [B, 1 or h, 1, P+N]
-            x = block(x, bias)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        return x, hw
+
+    def last(
+        self, x: Tensor, hw: tuple[int, int], *, attn_hook: BackboneHook | None = None
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """The last block (the hook's bias on its attention) and the norm: trunk output -> (tokens [B, N, C], hw)."""
+        bias = None
+        if attn_hook is not None:
+            bias = attn_hook(x[:, self.num_prefix :], hw)  # [B, 1 or h, N]
+            if bias is not None:
+                # the class and register keys get no bias; one bias row is shared by every query
+                bias = F.pad(bias, (self.num_prefix, 0)).to(x.dtype)[:, :, None, :]  # [B, 1 or h, 1, P+N]
+        x = self.blocks[-1](x, bias)
         return self.norm(x)[:, self.num_prefix :], hw  # [B, N, C]
 
 
@@ -245,16 +257,14 @@ class ViTBackbone(nn.Module):
         elif p != s:
             x = F.pad(x, (0, -W % p, 0, -H % p))  # [B, 3, H'', W''] multiples of the patch
         cache = self.feature_cache
+        cached = cache is not None and not self.training and not torch.is_grad_enabled() and not hooked(self.vit)
         if vit_tokens is not None:
             tokens, hw = vit_tokens
-        elif (
-            cache is not None
-            and attn_hook is None
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not hooked(self.vit)
-        ):
+        elif cached and attn_hook is None:
             tokens, hw = cache.tokens(self.vit, x, lambda: self.vit(x))
+        elif cached:  # the hook acts on the last block only: the trunk's output is the same as without it
+            hidden, hw = cache.tokens(self.vit, x, lambda: self.vit.trunk(x), part="trunk")
+            tokens, hw = self.vit.last(hidden, hw, attn_hook=attn_hook)
         else:
             tokens, hw = self.vit(x, attn_hook=attn_hook)
         grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *hw)  # [B, N, C] -> [B, C, h', w']

@@ -4,8 +4,9 @@ A benchmark scores the same target images, window by window, through the same fr
 stays frozen (all but LoRA here) and every seed: on the vessels pair the ViT is ~85% of an evaluation's time. The
 cache maps (the ViT's weights and structure, the autocast state, the exact input window) to the ViT's output tokens,
 so the result is the same as computing them (bit for bit on the same machine and build). It is used only where
-nothing can differ: in eval mode, without gradients, without an attention hook and without a forward hook on the ViT
-or any of its layers (LoRA's updates are such hooks: `hooked`). A file that cannot be read is
+nothing can differ: in eval mode, without gradients and without a forward hook on the ViT or any of its layers
+(LoRA's updates are such hooks: `hooked`). With an attention hook (TVT's bias on the last block) it keeps the input
+of the last block instead, and that block runs. A file that cannot be read is
 computed again and rewritten; files are written atomically, so parallel runs can share one folder.
 """
 
@@ -56,18 +57,23 @@ class FeatureCache:
             self._fingerprint = (versions, h.hexdigest())
         return self._fingerprint[1]
 
-    def key(self, vit: nn.Module, x: Tensor) -> str:
+    def key(self, vit: nn.Module, x: Tensor, part: str = "out") -> str:
         h = hashlib.sha1(self.fingerprint(vit).encode())
+        if part != "out":  # "out" keys are the ones written before parts existed: their files stay valid
+            h.update(f"part {part}".encode())
         device = x.device.type
         h.update(f"autocast {torch.is_autocast_enabled(device)} {torch.get_autocast_dtype(device)}".encode())
         h.update(_digest(x))
         return h.hexdigest()
 
-    def tokens(self, vit: nn.Module, x: Tensor, compute: Callable[[], tuple[Tensor, tuple[int, int]]]):
-        """The ViT's (tokens [B, N, C], grid (h, w)) for input x: read from the cache, or computed and stored."""
+    def tokens(
+        self, vit: nn.Module, x: Tensor, compute: Callable[[], tuple[Tensor, tuple[int, int]]], *, part: str = "out"
+    ):
+        """The ViT's (tokens [B, N, C], grid (h, w)) for input x: read from the cache, or computed and stored. part:
+        which output of the ViT `compute` gives ("out": its final tokens; "trunk": the input of its last block)."""
         from safetensors.torch import load_file, save_file
 
-        key = self.key(vit, x)
+        key = self.key(vit, x, part)
         path = self.root / key[:2] / f"{key}.safetensors"
         if path.is_file():
             try:
