@@ -23,6 +23,7 @@ import weakref
 from pathlib import Path
 
 import torch
+from speed_common import timed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tmtseg.config import load_config
@@ -105,6 +106,17 @@ def train_step_times(cfgs: dict, rounds: int) -> dict:
     return out
 
 
+def interleaved_medians(variants: dict, rounds: int) -> dict:
+    """Median seconds of each callable, after one warm-up each, timed in turn round after round (a, b, a, b, ...)."""
+    for f in variants.values():
+        f()
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, f in variants.items():
+            times[k].append(timed(f))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 @torch.no_grad()
 def inference_times(cfg, rounds: int) -> dict:
     torch.manual_seed(0)
@@ -114,15 +126,7 @@ def inference_times(cfg, rounds: int) -> dict:
         "without TMA": lambda: trainer.model(images),
         "with TMA": lambda: trainer.model(images, hooks=trainer.method.inference_hooks()),
     }
-    for f in variants.values():
-        f()
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, f in variants.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved_medians(variants, rounds)
 
 
 @torch.no_grad()
@@ -136,13 +140,7 @@ def teacher_times(cfg, rounds: int) -> dict:
         f = model(images)["features"]
         tokens = (f["tokens"], f["tokens_hw"])
         variants = {"own ViT": lambda: model(images), "shared ViT tokens": lambda: model(images, vit_tokens=tokens)}
-        times = {k: [] for k in variants}
-        for _ in range(rounds):
-            for k, g in variants.items():
-                t = time.perf_counter()
-                g()
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+        return interleaved_medians(variants, rounds)
 
 
 def acte_scaling(cfg, rounds: int) -> list[dict]:
