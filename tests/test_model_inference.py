@@ -116,3 +116,28 @@ def test_evaluation_runs_under_bf16_autocast_when_training_did():
         )["mIoU"]  # fmt: skip
     assert seen == [torch.float32] * 3 + [torch.bfloat16] * 3
     assert abs(scores["bf16"] - scores["none"]) < 5.0
+
+
+def test_evaluation_runs_the_methods_inference_pieces_in_eval_mode_and_restores_training():
+    """TVT's discriminators run at inference (their T biases the last block's attention): with their dropout left on,
+    the scores of an evaluation during training would be random."""
+    from tmtseg.config import load_config
+    from tmtseg.data import build_dataset
+    from tmtseg.methods import build_trainer
+    from tmtseg.runner import _evaluate
+
+    from .tiny import TINY
+
+    cfg = load_config([], [*TINY, "adapt.method=tvt", "data.val.num_images=2"])
+    torch.manual_seed(0)
+    trainer = build_trainer(cfg).train()
+    dropouts = [m for m in trainer.method.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts
+    modes = []
+    for m in dropouts:
+        m.register_forward_hook(lambda mod, i, out: modes.append(mod.training))
+    dataset = build_dataset(cfg.data.val, cfg.data, train=False)
+    first = _evaluate(trainer, cfg, dataset, torch.device("cpu"), progress=False)
+    assert modes and not any(modes)  # the discriminators ran, without dropout
+    assert trainer.training and trainer.method.training and all(m.training for m in dropouts)  # training resumes
+    assert _evaluate(trainer, cfg, dataset, torch.device("cpu"), progress=False) == first

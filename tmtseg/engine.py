@@ -229,7 +229,8 @@ def evaluate(
     amp: str = "none",
 ) -> dict:
     """Score a labelled dataset at label resolution, under bf16 autocast if amp is "bf16"; shards over processes and
-    all-reduces the confusion matrix."""
+    all-reduces the confusion matrix. `model` is put in eval mode for the call; the modules behind `hooks_fn` (a
+    method's pieces) are the caller's to put there (runner._evaluate does)."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(

@@ -417,15 +417,22 @@ def _evaluate(trainer: Trainer, cfg: Config, dataset, device, *, progress: bool)
     backbone = trainer.model.backbone
     if cfg.infer.feature_cache and getattr(backbone, "feature_cache", False) is None:
         backbone.feature_cache = FeatureCache(cfg.infer.feature_cache)
-    return evaluate(
-        trainer.model,
-        dataset,
-        mode=cfg.infer.mode,
-        crop=tuple(cfg.data.crop_size),
-        stride=tuple(cfg.infer.stride),
-        device=device,
-        binary=cfg.data.binary,
-        hooks_fn=trainer.method.inference_hooks,
-        progress=progress,
-        amp=cfg.train.amp,
-    )
+    # the method's pieces that run at inference (TVT's discriminators, whose T biases attention) in eval mode too:
+    # their dropout would make the scores random (`evaluate` switches the segmenter only)
+    was_training = trainer.method.training
+    trainer.method.eval()
+    try:
+        return evaluate(
+            trainer.model,
+            dataset,
+            mode=cfg.infer.mode,
+            crop=tuple(cfg.data.crop_size),
+            stride=tuple(cfg.infer.stride),
+            device=device,
+            binary=cfg.data.binary,
+            hooks_fn=trainer.method.inference_hooks,
+            progress=progress,
+            amp=cfg.train.amp,
+        )
+    finally:
+        trainer.method.train(was_training)
