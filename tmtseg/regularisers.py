@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .models.feature_cache import hooked
+from .models.feature_cache import hooked, state_version
 from .models.inference import semantic_probs
 from .models.layers import DropPath
 
@@ -56,8 +56,7 @@ class PreserveKL:
             return False
         if vit.training and any(isinstance(m, DropPath) and m.p > 0 for m in vit.modules()):
             return False
-        tensors = [*vit.parameters(), *vit.buffers()]
-        key = (id(vit), id(teacher), *(x._version for x in tensors), *(id(x) for x in tensors))
+        key = (id(teacher), *state_version(vit))
         if self._same_vit is None or self._same_vit[0] != key:
             a, b = vit.state_dict(), t.vit.state_dict()
             same = (

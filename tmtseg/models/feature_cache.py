@@ -33,6 +33,13 @@ def hooked(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
 
+def state_version(module: nn.Module) -> tuple:
+    """A key that changes whenever a parameter or buffer of `module` is replaced or modified in place (optimizer steps
+    bump a tensor's version counter): what lets a comparison of its weights be made once, not at every call."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return (id(module), *(t._version for t in tensors), *(id(t) for t in tensors))
+
+
 def _digest(t: Tensor) -> bytes:
     t = t.detach().contiguous().cpu()
     return f"{t.dtype}{tuple(t.shape)}".encode() + t.view(torch.uint8).numpy().tobytes()
@@ -47,8 +54,7 @@ class FeatureCache:
     def fingerprint(self, vit: nn.Module) -> str:
         """The ViT's weights and structure; recomputed only when a tensor was modified in place (optimizer steps bump
         a tensor's version counter) or another module comes."""
-        tensors = [*vit.parameters(), *vit.buffers()]
-        versions = (id(vit), *(t._version for t in tensors), *(id(t) for t in tensors))
+        versions = state_version(vit)
         if self._fingerprint is None or self._fingerprint[0] != versions:
             h = hashlib.sha1(repr(vit).encode())  # the structure: widths, heads, norms, patch
             for name, t in [*vit.named_parameters(), *vit.named_buffers()]:
