@@ -142,8 +142,10 @@ def test_uncertain_points_prefer_logits_near_zero():
 def test_point_weight_scales_each_point_and_zero_acts_like_ignore():
     label = label_map()
     wrong_top = prediction_for(label)
-    wrong_top["pred_masks"][0, :, :2, :] *= -1  # every mask wrong in the top quarter
     targets = [semantic_targets(label, num_classes=K, ignore_index=255)]
+    # the class queries' masks wrong in the top quarter (the no-object queries' left alone: flipped too, they would tie
+    # with a class query in the matching, and which one is matched would be a coin toss of the random points)
+    wrong_top["pred_masks"][0, : len(targets[0]["labels"]), :2, :] *= -1
 
     def loss(point_weight=None, tgt=targets):
         torch.manual_seed(0)  # the same sampled points for every call

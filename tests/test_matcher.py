@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from tmtseg.models.matcher import HungarianMatcher, pred_coord_scale, sample_targets
+from tmtseg.models.matcher import HungarianMatcher, pred_coord_scale, sample_targets, uniform_coords
 
 K = 4
 
@@ -58,7 +58,7 @@ def test_one_to_one_and_agrees_with_brute_force():
         rows, cols = m(outputs, targets)[0]
         assert len(rows) == M and len(set(rows.tolist())) == M and sorted(cols.tolist()) == list(range(M))
         torch.manual_seed(seed)
-        coords = torch.rand(64, 2)  # the matcher's own draw
+        coords = uniform_coords(64, 2)  # the matcher's own draw
         cost = m.cost_matrix(outputs["pred_logits"][0], outputs["pred_masks"][0], targets[0], coords)  # [Q, M]
         best = min(sum(cost[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(Q), M))
         torch.testing.assert_close(cost[rows, cols].sum(), torch.as_tensor(best))

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from ..errors import DataError
-from .matcher import HungarianMatcher, point_sample, pred_coord_scale, sample_targets, target_valid
+from .matcher import HungarianMatcher, point_sample, pred_coord_scale, sample_targets, target_valid, uniform_coords
 
 
 def semantic_targets(label: Tensor, *, num_classes: int, ignore_index: int) -> dict[str, Tensor]:
@@ -25,18 +25,22 @@ def semantic_targets(label: Tensor, *, num_classes: int, ignore_index: int) -> d
     return {"labels": classes.long(), "masks": masks, "valid": valid}
 
 
+@torch.no_grad()
 def uncertain_point_coords(logits: Tensor, *, num_points: int, oversample_ratio: float, importance_ratio: float):
     """PointRend's sampling: of oversample_ratio * num_points random points keep the importance_ratio share whose
     logits are closest to 0 (most uncertain), and fill up with fresh random points. logits [M, 1, h, w] -> [M, P, 2]."""
     M = logits.shape[0]
-    candidates = torch.rand(M, int(num_points * oversample_ratio), 2, device=logits.device)  # [M, P', 2]
-    uncertainty = -point_sample(logits, candidates)[:, 0].abs()  # [M, P']
+    # the candidates drawn in grid_sample's [-1, 1] frame: the largest tensors here, not to be rescaled
+    candidates = uniform_coords(M, int(num_points * oversample_ratio), 2, low=-1.0, high=1.0, device=logits.device)
+    value = F.grid_sample(logits.float(), candidates[:, :, None], align_corners=False)[:, 0, :, 0]  # [M, P']
+    # the bits of a non-negative float order as the float does, and CPU top-k on int32 is ~1.5x faster than on float32
+    # (the same points, unsorted: their order is irrelevant to the losses)
     num_uncertain = int(importance_ratio * num_points)
-    # unsorted: the order of the points is irrelevant to the losses, and sorting costs CPU topk 3x the selection
-    idx = uncertainty.topk(num_uncertain, dim=1, sorted=False).indices  # [M, P_u]
+    key = value.abs_().view(torch.int32)
+    idx = key.topk(num_uncertain, dim=1, largest=False, sorted=False).indices  # [M, P_u]
     flat = (idx + torch.arange(M, device=idx.device)[:, None] * candidates.shape[1]).flatten()  # rows of [M * P', 2]
-    coords = candidates.view(-1, 2).index_select(0, flat).view(M, num_uncertain, 2)  # [M, P_u, 2]
-    extra = torch.rand(M, num_points - num_uncertain, 2, device=logits.device)
+    coords = candidates.view(-1, 2).index_select(0, flat).view(M, num_uncertain, 2).add_(1.0).mul_(0.5)  # [0, 1]
+    extra = uniform_coords(M, num_points - num_uncertain, 2, device=logits.device)
     return torch.cat([coords, extra], dim=1)  # [M, P, 2]
 
 
