@@ -112,3 +112,19 @@ def test_non_finite_predictions_still_match():
     outputs["pred_masks"][0, 1] = float("nan")
     rows, cols = matcher()(outputs, targets)[0]
     assert len(rows) == len(cols) == 2
+
+
+def test_uniform_coords_are_uniform_in_range_and_follow_the_global_seed():
+    torch.manual_seed(0)
+    x = uniform_coords(50_000, 2, low=-1.0, high=1.0)
+    assert x.shape == (50_000, 2) and x.dtype == torch.float32
+    assert -1 < x.min() and x.max() < 1
+    # every one of the four 16-bit lanes of a 64-bit draw is uniform (a lane stuck at a sign would show here)
+    lanes = x.flatten()[: 100_000 // 4 * 4].view(-1, 4)
+    assert ((lanes < 0).float().mean(0) - 0.5).abs().max() < 0.01
+    assert (lanes.mean(0).abs() < 0.01).all() and ((lanes.std(0) - 1 / 3**0.5).abs() < 0.01).all()
+    hist = torch.histc(x, bins=64, min=-1, max=1) / x.numel()
+    assert (hist - 1 / 64).abs().max() < 0.003
+    torch.manual_seed(0)
+    assert torch.equal(uniform_coords(50_000, 2, low=-1.0, high=1.0), x)
+    assert uniform_coords(3, 5, 2).shape == (3, 5, 2) and uniform_coords(7).numel() == 7  # any count, not only 4k
