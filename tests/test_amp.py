@@ -110,3 +110,31 @@ def test_preservation_kl_under_bf16_autocast_is_the_float32_kl():
     # the reference: float32 all through, from the same bf16 values (the teacher's too)
     expected = _kl(_as_float(teacher)).term(images, _as_float(student), weight.float())
     assert got.dtype == torch.float32 and torch.equal(got, expected), (got.item(), expected.item())
+
+
+def test_a_frozen_linear_casts_its_weight_once_and_computes_what_autocast_computes():
+    from tmtseg.models.layers import FrozenCastLinear
+
+    torch.manual_seed(0)
+    plain, cast = torch.nn.Linear(24, 40), FrozenCastLinear(24, 40)
+    cast.load_state_dict(plain.state_dict())
+    for layer in (plain, cast):
+        layer.requires_grad_(False)
+    x = torch.randn(3, 5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = cast(x), plain(x)
+        copy = cast._cast[1]
+        assert copy.dtype == torch.bfloat16 and torch.equal(out, want)
+        cast(x)
+        assert cast._cast[1] is copy  # kept between calls
+        with torch.no_grad():  # an in-place change (an optimizer step, load_state_dict) is seen at the next call
+            for layer in (plain, cast):
+                layer.weight.mul_(-2.0)
+        assert torch.equal(cast(x), plain(x)) and cast._cast[1] is not copy
+    assert torch.equal(cast(x), plain(x)) and cast(x).dtype == torch.float32  # outside autocast: the fp32 weight
+    # a weight that trains is never cast ahead: its gradient flows as nn.Linear's
+    cast.requires_grad_(True)
+    cast._cast = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast(x).float().sum().backward()
+    assert cast._cast is None and cast.weight.grad is not None

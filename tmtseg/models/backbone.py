@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .feature_cache import hooked
-from .layers import DropPath, LayerNorm2d
+from .layers import DropPath, FrozenCastLinear, LayerNorm2d
 
 # hook(tokens [B, N, C], (h, w)) -> additive per-key bias [B, 1 or heads, N] or None
 BackboneHook = Callable[[Tensor, tuple[int, int]], Tensor | None]
@@ -21,8 +21,8 @@ class ViTAttention(nn.Module):
     def __init__(self, *, dim: int, num_heads: int) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = FrozenCastLinear(dim, 3 * dim)
+        self.proj = FrozenCastLinear(dim, dim)
 
     def forward(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         B, N, C = x.shape
@@ -34,8 +34,8 @@ class ViTAttention(nn.Module):
 class ViTMlp(nn.Module):
     def __init__(self, *, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1 = FrozenCastLinear(dim, hidden_dim)
+        self.fc2 = FrozenCastLinear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

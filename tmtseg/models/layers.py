@@ -1,5 +1,6 @@
 """Shared building blocks of the segmenter (method.md §3): MLP, multi-head attention with an additive bias and a
-post-softmax scale, the transformer FFN, sine position encoding, LayerNorm2d and stochastic depth."""
+post-softmax scale, the transformer FFN, sine position encoding, LayerNorm2d, stochastic depth, and a linear layer
+that casts its frozen weight for autocast once."""
 
 from __future__ import annotations
 
@@ -9,6 +10,32 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class FrozenCastLinear(nn.Linear):
+    """nn.Linear that, while its weight is frozen (requires_grad False) and it runs under autocast, casts the weight to
+    the autocast dtype once and keeps the copy until the weight changes; autocast itself casts a weight that needs no
+    gradient anew at every call. The outputs are bit for bit autocast's. A frozen DINOv2-S forward in bf16 on CPU
+    spends ~10% of its time on those casts. The copy is rebuilt when the weight is modified in place (its version
+    counter moves: optimizer steps, load_state_dict) or replaced; it is never saved."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias)
+        self._cast: tuple[tuple, Tensor] | None = None  # (key of the weight it was cast from, the cast weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w, device = self.weight, x.device.type
+        if (
+            not w.requires_grad
+            and w.dtype == torch.float32
+            and torch.is_autocast_enabled(device)
+            and not torch.compiler.is_compiling()
+        ):
+            key = (id(w), w._version, w.device, torch.get_autocast_dtype(device))
+            if self._cast is None or self._cast[0] != key:
+                self._cast = (key, w.detach().to(key[-1]))
+            w = self._cast[1]
+        return F.linear(x, w, self.bias)
 
 
 class MLP(nn.Module):
