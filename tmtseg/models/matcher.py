@@ -16,7 +16,8 @@ def uniform_coords(*shape: int, low: float = 0.0, high: float = 1.0, device=None
     bins): point coordinates, where 2^-16 of the map is far below a pixel. Drawn four per 64-bit random integer from
     the global generator: on CPU half the time of torch.rand, whose generator yields one 32-bit draw per number."""
     n = math.prod(shape)
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    # from the int64 minimum with no upper bound: PyTorch's full 64-bit range (CPU and CUDA), every bit uniform
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     u = bits.view(torch.int16)[:n].float()  # [n] in [-32768, 32767]
     return u.add_(32768.5).mul_((high - low) / 65536).add_(low).view(shape)
 
