@@ -143,9 +143,9 @@ def test_point_weight_scales_each_point_and_zero_acts_like_ignore():
     label = label_map()
     wrong_top = prediction_for(label)
     targets = [semantic_targets(label, num_classes=K, ignore_index=255)]
-    # the class queries' masks wrong in the top quarter (the no-object queries' left alone: flipped too, they would tie
-    # with a class query in the matching, and which one is matched would be a coin toss of the random points)
-    wrong_top["pred_masks"][0, : len(targets[0]["labels"]), :2, :] *= -1
+    # the top class's mask wrong in its top quarter (flipping every mask there would make a class query's cost close
+    # to a no-object query's, and which one is matched a coin toss of the random points)
+    wrong_top["pred_masks"][0, 0, :2, :] *= -1
 
     def loss(point_weight=None, tgt=targets):
         torch.manual_seed(0)  # the same sampled points for every call
@@ -159,10 +159,10 @@ def test_point_weight_scales_each_point_and_zero_acts_like_ignore():
     # weight 0 on the wrong quarter (at the 4x coarser prediction grid, so its border is a blur): most loss is gone
     weight = torch.ones(1, 1, H // 4, W // 4)
     weight[..., :2, :] = 0.0
-    assert loss(weight)["loss_mask"] < 0.3 * plain["loss_mask"]
+    assert loss(weight)["loss_mask"] < 0.4 * plain["loss_mask"]  # 0.16-0.28 over 80 draws
     # more weight on the wrong quarter: more loss
     weight[..., :2, :] = 3.0
-    assert loss(weight)["loss_mask"] > 1.5 * plain["loss_mask"]
+    assert loss(weight)["loss_mask"] > 1.4 * plain["loss_mask"]  # >= 1.63 over 40 draws
 
 
 def test_layers_batched_in_one_pass_equal_the_layers_one_by_one(monkeypatch):
