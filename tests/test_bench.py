@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +97,15 @@ def test_bench_config_errors_name_the_key(tmp_path):
         load_bench(str(tmp_path / "missing.yaml"))
 
 
-def test_run_report_skip_extend_and_resume(tmp_path):
+def test_run_report_skip_extend_and_resume(tmp_path, capsys):
     bench, base = load_bench(str(_bench_file(tmp_path)))
-    report = run_bench(bench, base, progress=False)
+    start = time.monotonic()
+    report = run_bench(bench, base, progress=True)
+    elapsed = time.monotonic() - start
+    # stderr is not a terminal here (a log file): the bar is drawn when a run ends or a minute has passed, not at
+    # every 5-s poll of the runs
+    draws = capsys.readouterr().err.count("\r")
+    assert draws <= 5 + 3 + int(elapsed // 60), (draws, elapsed)
     out = Path(bench.output_dir)
     records = _lines(out / "results.jsonl")
     assert sorted(r["method"] for r in records) == ["finetune", "source", "source-only", "target-only", "tmt"]

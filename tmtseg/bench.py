@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -577,6 +578,8 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
     cost = {r.key: max(r.iters, 10) for r in queue}  # work in steps (an evaluation counts as 10)
     failed: dict[str, str] = {}
     bar = tqdm(total=sum(cost.values()), disable=not progress, desc=bench.name, unit="step", dynamic_ncols=True)
+    # to a log file (`nohup tmtseg bench ... > bench.log`): a line a minute, not one every 5 s for hours
+    refresh_every, refreshed = (0.0 if sys.stderr.isatty() else 60.0), float("-inf")
     if progress and done:
         tqdm.write(f"{bench.name}: {len(done)} of {len(p.runs)} runs already finished")
     active: dict[Future, Run] = {}
@@ -609,8 +612,10 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
                 _prune(r)
                 session.ran(rec)
             bar.n = finished_units + sum(min(_progress(r), r.iters) for r in active.values())
-            bar.set_postfix_str("; ".join(f"{r.key} {_progress(r)}/{r.iters}" for r in active.values()))
-            bar.refresh()
+            bar.set_postfix_str("; ".join(f"{r.key} {_progress(r)}/{r.iters}" for r in active.values()), refresh=False)
+            if finished or time.monotonic() - refreshed >= refresh_every:
+                bar.refresh()
+                refreshed = time.monotonic()
     bar.close()
     path = report(bench, base, p)
     if failed:
