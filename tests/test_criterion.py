@@ -196,9 +196,8 @@ def test_layers_batched_in_one_pass_equal_the_layers_one_by_one(monkeypatch):
 
 def test_uncertain_points_are_the_float_top_k(monkeypatch):
     """The selection runs top-k on the int32 bits of |logit|: the same points as float top-k of -|logit|."""
-    import torch.nn.functional as F
-
     import tmtseg.models.criterion as crit_mod
+    from tmtseg.models.matcher import grid_sample_points
 
     torch.manual_seed(0)
     logits = torch.randn(6, 1, 10, 14) * 4
@@ -212,7 +211,7 @@ def test_uncertain_points_are_the_float_top_k(monkeypatch):
     monkeypatch.setattr(crit_mod, "uniform_coords", recording)
     coords = uncertain_point_coords(logits, num_points=200, oversample_ratio=3.0, importance_ratio=0.75)
     grid = drawn[0]  # the candidates, drawn in grid_sample's frame: [M, 600, 2]
-    value = F.grid_sample(logits, grid[:, :, None], align_corners=False)[:, 0, :, 0]  # [M, 600]
+    value = grid_sample_points(logits, grid)[:, 0]  # [M, 600]
     chosen = grid.gather(1, (-value.abs()).topk(150, dim=1).indices[..., None].expand(-1, -1, 2))
     expected = (chosen + 1.0) * 0.5  # in [0, 1], as the function returns them
     for got, want in zip(coords[:, :150], expected, strict=True):  # unsorted: compare as sorted lists of points

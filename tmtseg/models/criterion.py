@@ -9,7 +9,15 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from ..errors import DataError
-from .matcher import HungarianMatcher, point_sample, pred_coord_scale, sample_targets, target_valid, uniform_coords
+from .matcher import (
+    HungarianMatcher,
+    grid_sample_points,
+    point_sample,
+    pred_coord_scale,
+    sample_targets,
+    target_valid,
+    uniform_coords,
+)
 
 
 def semantic_targets(label: Tensor, *, num_classes: int, ignore_index: int) -> dict[str, Tensor]:
@@ -32,7 +40,7 @@ def uncertain_point_coords(logits: Tensor, *, num_points: int, oversample_ratio:
     M = logits.shape[0]
     # the candidates drawn in grid_sample's [-1, 1] frame: the largest tensors here, not to be rescaled
     candidates = uniform_coords(M, int(num_points * oversample_ratio), 2, low=-1.0, high=1.0, device=logits.device)
-    value = F.grid_sample(logits.float(), candidates[:, :, None], align_corners=False)[:, 0, :, 0]  # [M, P']
+    value = grid_sample_points(logits.float(), candidates)[:, 0]  # [M, P']
     # the bits of a non-negative float order as the float does, and CPU top-k on int32 is ~1.5x faster than on float32
     # (the same points, unsorted: their order is irrelevant to the losses)
     num_uncertain = int(importance_ratio * num_points)

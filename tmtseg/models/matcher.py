@@ -22,11 +22,15 @@ def uniform_coords(*shape: int, low: float = 0.0, high: float = 1.0, device=None
     return u.add_(32768.5).mul_((high - low) / 65536).add_(low).view(shape)
 
 
+def grid_sample_points(x: Tensor, grid: Tensor, *, padding_mode: str = "zeros") -> Tensor:
+    """Bilinear samples of x [N, C, H, W] at points [N, P, 2] (x, y) in grid_sample's [-1, 1] frame -> [N, C, P];
+    outside the map's pixel centres: blended with 0 ("zeros") or the edge value ("border")."""
+    return F.grid_sample(x, grid[:, :, None], align_corners=False, padding_mode=padding_mode)[..., 0]  # [N, C, P]
+
+
 def point_sample(x: Tensor, coords: Tensor, *, padding_mode: str = "zeros") -> Tensor:
-    """Bilinear samples of x [N, C, H, W] at coords [N, P, 2] (x, y) in [0, 1] -> [N, C, P]; outside the map's pixel
-    centres: blended with 0 ("zeros") or the edge value ("border")."""
-    grid = 2.0 * coords[:, :, None, :] - 1.0  # [N, P, 1, 2]
-    return F.grid_sample(x, grid, align_corners=False, padding_mode=padding_mode)[..., 0]  # [N, C, P]
+    """`grid_sample_points` at coords [N, P, 2] (x, y) in [0, 1] -> [N, C, P]."""
+    return grid_sample_points(x, 2.0 * coords - 1.0, padding_mode=padding_mode)
 
 
 def pred_coord_scale(pred_hw: tuple[int, int], gt_hw: tuple[int, int], *, device=None) -> Tensor:
