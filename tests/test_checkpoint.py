@@ -95,3 +95,24 @@ def test_pickle_is_refused(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="x.safetensors"):
         load_checkpoint(garbage)
+
+
+def test_a_save_that_fails_half_way_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import tmtseg.checkpoint as ckpt_mod
+
+    model, opt = _model_and_optim()
+    good = save_checkpoint(tmp_path, step=1, model=model, meta={}, optimizer=opt)
+    real_save_file, calls = ckpt_mod.save_file, []
+
+    def disk_full_at_the_second_file(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:  # the model file was written, the training state is not
+            raise OSError(28, "No space left on device")
+        real_save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", disk_full_at_the_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, step=2, model=model, meta={}, optimizer=opt)
+    assert len(calls) == 2
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [good.name]  # no .tmp_ folder left
+    assert latest_valid(tmp_path) == good

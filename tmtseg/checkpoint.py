@@ -134,15 +134,19 @@ def save_checkpoint(
     final = checkpoint_path(run_dir, step=step, name=f"{name}_{_PREFIX}{step:07d}" if name else None)
     tmp = ckpt_root / f".tmp_{final.name}_{os.getpid()}"
     tmp.mkdir()
-    meta = {**meta, "step": step}
-    _save(weights, tmp / MODEL_FILE, meta)
-    _test_pause(1 / 3)
-    if optimizer is not None:
-        tensors, optim_meta = _optimizer_tensors(optimizer)
-        _check_finite(tensors, f"optimizer state of step {step}")
-        tensors["rng.torch"] = torch.get_rng_state()
-        _save(tensors, tmp / STATE_FILE, {"optimizer": optim_meta, **(train_state or {}), "step": step})
-    _fsync_dir(tmp)
+    try:
+        meta = {**meta, "step": step}
+        _save(weights, tmp / MODEL_FILE, meta)
+        _test_pause(1 / 3)
+        if optimizer is not None:
+            tensors, optim_meta = _optimizer_tensors(optimizer)
+            _check_finite(tensors, f"optimizer state of step {step}")
+            tensors["rng.torch"] = torch.get_rng_state()
+            _save(tensors, tmp / STATE_FILE, {"optimizer": optim_meta, **(train_state or {}), "step": step})
+        _fsync_dir(tmp)
+    except BaseException:  # e.g. a full disk: the half-written folder goes now, not at the next save
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _test_pause(1 / 3)
     _remove(final)  # the same step saved again (rare): the older copy goes only now that the new one is whole
     tmp.rename(final)
