@@ -95,6 +95,8 @@ def test_bench_config_errors_name_the_key(tmp_path):
         load_bench(str(_bench_file(tmp_path)), ["profile=huge"])
     with pytest.raises(ConfigError, match="not found"):
         load_bench(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="keep='all'"):
+        load_bench(str(_bench_file(tmp_path)), ["keep=all"])
 
 
 def test_run_report_skip_extend_and_resume(tmp_path, capsys):
@@ -123,6 +125,12 @@ def test_run_report_skip_extend_and_resume(tmp_path, capsys):
     assert [s["runs"] for s in session] == [1, 2, 3, 4, 5] and len({s["start"] for s in session}) == 1
     assert session[-1]["elapsed_s"] >= max(r["wall_s"] for r in records) and session[-1]["jobs"] == bench.jobs
     assert f"{session[-1]['elapsed_s'] / 3600:.2f} h over 1 invocation(s) (5 runs finished" in text
+    # a recorded run keeps its selected model, without the training state only step checkpoints are resumed from
+    for r in records:
+        if r["kind"] == "train":
+            ckpts = Path(r["dir"]) / "checkpoints"
+            assert sorted(p.name for p in ckpts.iterdir() if not p.name.startswith("best")) == [], r["key"]
+            assert sorted(p.name for p in (ckpts / "best").iterdir()) == ["model.safetensors"], r["key"]
 
     # the same config again: nothing runs, nothing is appended
     run_bench(bench, base, progress=False)
@@ -319,3 +327,14 @@ def test_every_method_of_a_core_sized_bench_has_its_own_colour():
     for n in (4, 10, 16, 20):
         colours = method_colors([f"m{i}" for i in range(n)])
         assert len(set(colours.values())) == n
+
+
+def test_keep_sources_drops_every_other_runs_checkpoints(tmp_path):
+    bench, base = load_bench(str(_bench_file(tmp_path, methods=["source-only", "finetune"])), ["keep=sources"])
+    run_bench(bench, base, progress=False)
+    records = {r["method"]: r for r in _lines(Path(bench.output_dir) / "results.jsonl")}
+    assert sorted(records) == ["finetune", "source", "source-only"]
+    assert (Path(records["source"]["dir"]) / "checkpoints" / "best" / "model.safetensors").is_file()
+    tuned = Path(records["finetune"]["dir"])
+    assert not (tuned / "checkpoints").exists() and (tuned / "eval.json").is_file()
+    assert 0.0 <= records["finetune"]["metrics"]["mIoU"] <= 100.0

@@ -100,6 +100,10 @@ class BenchConfig:
     # the frozen ViT's outputs on the scored images, kept in <output_dir>/cache between runs (infer.feature_cache):
     # every method whose ViT stays frozen, and every seed, scores the same windows through the same ViT
     feature_cache: bool = True
+    # what a recorded run keeps on disk: "best" (its selected model, ~100 MB with DINOv2-S: pictures, export) or
+    # "sources" (only the source models, which later runs start from; the others keep their scores and logs). The
+    # full driving bench keeps 20 GB with "best", 1 GB with "sources"
+    keep: str = "best"
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
 
 
@@ -158,6 +162,8 @@ def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]
         raise ConfigError(f"{file}: bench key baseline={bench.baseline!r}: not among the methods")
     if bench.jobs < 1:
         raise ConfigError(f"{file}: bench key jobs={bench.jobs}: must be >= 1")
+    if bench.keep not in ("best", "sources"):
+        raise ConfigError(f"{file}: bench key keep={bench.keep!r}: best or sources")
     return bench, file.parent
 
 
@@ -402,14 +408,21 @@ def _split_overrides(cfg: Config) -> list[str]:
     return [f"data.root={json.dumps(d['root'])}", *(f"data.val.{k}={json.dumps(v)}" for k, v in d["val"].items())]
 
 
-def _prune(run: Run) -> None:
-    """A recorded run keeps only `best` (what sources hand on and pictures use): the step checkpoints, kept for
-    resuming, would fill the disk over a bench (~70 MB each on the CamVid config)."""
-    from .checkpoint import list_checkpoints
+def _prune(run: Run, *, keep: str, needed: set[str]) -> None:
+    """What a recorded run leaves on disk. The step checkpoints, kept for resuming, go (~100 MB each with DINOv2-S: a
+    bench would fill the disk), and so does `best`'s training state (only step checkpoints are resumed from). `best`
+    stays for source models and for runs another run of the plan starts from; for the others, when `keep` is "best"."""
+    from .checkpoint import STATE_FILE, list_checkpoints
 
-    if run.kind == "train" and (run.out / "checkpoints" / "best").exists():
-        for ckpt in list_checkpoints(run.out):
-            shutil.rmtree(ckpt, ignore_errors=True)
+    ckpts = run.out / "checkpoints"
+    if run.kind != "train" or not (ckpts / "best").exists():
+        return
+    if keep == "sources" and run.method != "source" and run.key not in needed:
+        shutil.rmtree(ckpts, ignore_errors=True)
+        return
+    for ckpt in list_checkpoints(run.out):
+        shutil.rmtree(ckpt, ignore_errors=True)
+    (ckpts / "best" / STATE_FILE).unlink(missing_ok=True)
 
 
 def _mean_rate(log: Path) -> float | None:
@@ -573,6 +586,7 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
     done = _finished(p, bench)
     # sources first: each unblocks several runs, so the parallel lanes never wait for one at the end
     queue = sorted((r for r in p.runs if r.key not in done), key=lambda r: r.method != "source")
+    needed = {r.after for r in p.runs}  # runs that others start from or score
     threads = bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)
     prov = provenance()
     cost = {r.key: max(r.iters, 10) for r in queue}  # work in steps (an evaluation counts as 10)
@@ -609,7 +623,7 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
                 with open(results_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 done[r.key] = rec
-                _prune(r)
+                _prune(r, keep=bench.keep, needed=needed)
                 session.ran(rec)
             bar.n = finished_units + sum(min(_progress(r), r.iters) for r in active.values())
             bar.set_postfix_str("; ".join(f"{r.key} {_progress(r)}/{r.iters}" for r in active.values()), refresh=False)
