@@ -263,7 +263,7 @@ def report(args, modes: list[Mode], gflops: float, parts: dict, peaks: dict, sha
                 median_cell(m.times),
                 f"{args.batch / statistics.median(m.times):.2f}",
                 f"{achieved:.0f}",
-                f"{100 * share:.0f}% of {m.precision}",
+                f"{100 * share:.1f}% of {m.precision}",
                 f">= {100 * TARGET[m.precision]:.0f}%: {'met' if share >= TARGET[m.precision] else 'NOT met'}",
                 f"{m.first - statistics.median(m.times):.1f}" if "compile" in m.name else "-",
             ]
