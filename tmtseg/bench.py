@@ -408,16 +408,17 @@ def _split_overrides(cfg: Config) -> list[str]:
     return [f"data.root={json.dumps(d['root'])}", *(f"data.val.{k}={json.dumps(v)}" for k, v in d["val"].items())]
 
 
-def _prune(run: Run, *, keep: str, needed: set[str]) -> None:
+def _prune(run: Run, *, keep: str) -> None:
     """What a recorded run leaves on disk. The step checkpoints, kept for resuming, go (~100 MB each with DINOv2-S: a
     bench would fill the disk), and so does `best`'s training state (only step checkpoints are resumed from). `best`
-    stays for source models and for runs another run of the plan starts from; for the others, when `keep` is "best"."""
+    stays for source models (the only runs others start from, in this bench or another sharing its source_dir); for
+    the others, when `keep` is "best"."""
     from .checkpoint import STATE_FILE, list_checkpoints
 
     ckpts = run.out / "checkpoints"
     if run.kind != "train" or not (ckpts / "best").exists():
         return
-    if keep == "sources" and run.method != "source" and run.key not in needed:
+    if keep == "sources" and run.method != "source":
         shutil.rmtree(ckpts, ignore_errors=True)
         return
     for ckpt in list_checkpoints(run.out):
@@ -586,7 +587,6 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
     done = _finished(p, bench)
     # sources first: each unblocks several runs, so the parallel lanes never wait for one at the end
     queue = sorted((r for r in p.runs if r.key not in done), key=lambda r: r.method != "source")
-    needed = {r.after for r in p.runs}  # runs that others start from or score
     threads = bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)
     prov = provenance()
     cost = {r.key: max(r.iters, 10) for r in queue}  # work in steps (an evaluation counts as 10)
@@ -623,7 +623,7 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
                 with open(results_file, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 done[r.key] = rec
-                _prune(r, keep=bench.keep, needed=needed)
+                _prune(r, keep=bench.keep)
                 session.ran(rec)
             bar.n = finished_units + sum(min(_progress(r), r.iters) for r in active.values())
             bar.set_postfix_str("; ".join(f"{r.key} {_progress(r)}/{r.iters}" for r in active.values()), refresh=False)
