@@ -101,6 +101,28 @@ def test_ignored_pixels_have_zero_weight_and_do_not_sway_the_match():
     assert rows.tolist() == [0]
 
 
+def test_rows_sampled_by_index_equal_each_row_sampled_alone():
+    """The criterion's path: rows pick their mask by index and carry their own points; each mask is read once for all
+    its rows. The values must be those of every row sampled on its own, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    H, W = 20, 28
+    label = torch.randint(0, 4, (H, W), generator=g)
+    label[:3] = 255  # an ignored band
+    masks = label[None] == torch.arange(4)[:, None, None]  # [4, H, W]
+    valid = label != 255
+    index = torch.tensor([2, 0, 2, 3, 2, 0])  # repeated masks (one row per decoder layer), one mask never picked
+    coords = torch.rand(len(index), 50, 2, generator=g) * 1.2 - 0.1  # some points outside the map
+    gt, w = sample_targets(masks, valid, coords, index=index)
+    assert gt.shape == w.shape == (6, 50) and (w == 0).any() and ((w > 0) & (w < 1)).any()
+    for n, m in enumerate(index.tolist()):
+        gt_n, w_n = sample_targets(masks[m : m + 1], valid, coords[n : n + 1])  # one mask at one row's points
+        assert torch.equal(gt[n], gt_n[0]) and torch.equal(w[n], w_n[0])
+    # without an index, row m is mask m
+    gt4, w4 = sample_targets(masks, valid, coords[:4])
+    gt_i, w_i = sample_targets(masks, valid, coords[:4], index=torch.arange(4))
+    assert torch.equal(gt4, gt_i) and torch.equal(w4, w_i)
+
+
 def test_pred_coord_scale_aligns_stride_four_predictions():
     torch.testing.assert_close(pred_coord_scale((16, 24), (64, 96)), torch.tensor([1.0, 1.0]))
     torch.testing.assert_close(pred_coord_scale((17, 14), (65, 53)), torch.tensor([53 / 56, 65 / 68]))

@@ -140,13 +140,11 @@ class SetCriterion(nn.Module):
                 rows = (batch == b).nonzero()[:, 0]
                 if rows.numel() == 0:
                     continue
-                masks = t["masks"][target[rows].to(t["masks"].device)]  # [r, H, W]
-                valid = target_valid(t)
+                masks, valid = t["masks"].to(coords.device), target_valid(t).to(coords.device)  # [M, H, W], [H, W]
                 scale = pred_coord_scale(pred.shape[-2:], masks.shape[-2:], device=coords.device)
                 rows = rows.to(coords.device)
-                gt[rows], w[rows] = sample_targets(
-                    masks.to(coords.device), valid.to(coords.device), coords[rows] / scale
-                )
+                index = target[rows].to(coords.device)  # which of the image's masks each row is matched to
+                gt[rows], w[rows] = sample_targets(masks, valid, coords[rows] / scale, index=index)
             if point_weight is not None:
                 pw = point_weight[batch.to(point_weight.device)].float()  # [R, 1, h, w]
                 w = w * point_sample(pw, coords, padding_mode="border")[:, 0]  # [R, P]

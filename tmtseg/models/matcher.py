@@ -53,15 +53,26 @@ def target_valid(target: dict) -> Tensor:
     return valid
 
 
-def sample_targets(masks: Tensor, valid: Tensor, coords: Tensor) -> tuple[Tensor, Tensor]:
-    """Ground truth at points: masks [M, H, W], valid [H, W], coords [M or 1, P, 2] -> (labels [M, P], weights [M or 1,
-    P]). Labels are interpolated over valid pixels only; weights are the valid fraction (0 inside ignore regions)."""
-    n = coords.shape[0]
-    if n == 1:  # the same points for every mask: sample the masks as channels of one map
+def sample_targets(masks: Tensor, valid: Tensor, coords: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Ground truth at points: masks [M, H, W], valid [H, W] -> (labels, weights). Labels are interpolated over valid
+    pixels only; weights are the valid fraction (0 inside ignore regions).
+
+    - coords [1, P, 2], no index: every mask at the same points -> labels [M, P], weights [1, P];
+    - coords [N, P, 2] and index [N] (default: N = M, row m is mask m): row n is mask index[n] at its own points ->
+      [N, P], [N, P]. Each mask is read by one call for all its rows and the valid map by one call for all rows: the
+      values of a per-row sampling, bit for bit, without an [N, H, W] copy of the masks.
+    """
+    n, P = coords.shape[:2]
+    if index is None and n == 1:  # the same points for every mask: sample the masks as channels of one map
         gt = point_sample(masks[None].float(), coords)[0]  # [M, P]
+        w = point_sample(valid[None, None].float(), coords)[:, 0]  # [1, P]
     else:
-        gt = point_sample(masks[:, None].float(), coords)[:, 0]  # [M, P]
-    w = point_sample(valid[None, None].float().expand(n, 1, -1, -1), coords)[:, 0]  # [M or 1, P]
+        index = torch.arange(n, device=coords.device) if index is None else index
+        w = point_sample(valid[None, None].float(), coords.reshape(1, n * P, 2))[0, 0].view(n, P)
+        gt = coords.new_empty(n, P)
+        for m in torch.unique(index).tolist():
+            rows = (index == m).nonzero()[:, 0]
+            gt[rows] = point_sample(masks[m][None, None].float(), coords[rows].reshape(1, -1, 2))[0, 0].view(-1, P)
     # masks are 0 at ignored pixels, so dividing by the sampled valid fraction renormalises the interpolation
     return gt / w.clamp(min=1e-6) * (w > 0), w
 
