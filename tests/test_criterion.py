@@ -194,8 +194,10 @@ def test_layers_batched_in_one_pass_equal_the_layers_one_by_one(monkeypatch):
             torch.testing.assert_close(together[k + suffix], alone[k], rtol=1e-5, atol=1e-6)
 
 
-def test_uncertain_points_are_the_float_top_k(monkeypatch):
-    """The selection runs top-k on the int32 bits of |logit|: the same points as float top-k of -|logit|."""
+@pytest.mark.parametrize("groups", [None, [2, 0, 3, 1]], ids=["own-draws", "shared-draws"])
+def test_uncertain_points_are_the_float_top_k(monkeypatch, groups):
+    """The selection runs top-k on the int32 bits of |logit|: the same points as float top-k of -|logit|, among the
+    candidates of the row's own draw or of its group's shared draw (an empty group draws nothing)."""
     import tmtseg.models.criterion as crit_mod
     from tmtseg.models.matcher import grid_sample_points
 
@@ -209,11 +211,24 @@ def test_uncertain_points_are_the_float_top_k(monkeypatch):
         return drawn[-1]
 
     monkeypatch.setattr(crit_mod, "uniform_coords", recording)
-    coords = uncertain_point_coords(logits, num_points=200, oversample_ratio=3.0, importance_ratio=0.75)
-    grid = drawn[0]  # the candidates, drawn in grid_sample's frame: [M, 600, 2]
+    coords = uncertain_point_coords(logits, num_points=200, oversample_ratio=3.0, importance_ratio=0.75, groups=groups)
+    group = torch.arange(6) if groups is None else torch.tensor([0, 0, 1, 1, 1, 2])  # each row's draw
+    assert drawn[0].shape == (int(group.max()) + 1, 600, 2)  # the candidates, in grid_sample's frame
+    grid = drawn[0][group]  # [M, 600, 2]: each row's candidates
     value = grid_sample_points(logits, grid)[:, 0]  # [M, 600]
     chosen = grid.gather(1, (-value.abs()).topk(150, dim=1).indices[..., None].expand(-1, -1, 2))
     expected = (chosen + 1.0) * 0.5  # in [0, 1], as the function returns them
     for got, want in zip(coords[:, :150], expected, strict=True):  # unsorted: compare as sorted lists of points
         assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, want.tolist()))
-    assert torch.equal(coords[:, 150:], drawn[1])  # then fresh random points
+    assert drawn[1].shape == (6, 50, 2) and torch.equal(coords[:, 150:], drawn[1])  # then each row's fresh points
+
+
+def test_uncertain_points_in_groups_of_one_are_the_own_draws_and_groups_must_cover_the_rows():
+    logits = torch.randn(5, 1, 10, 14)
+    kw = {"num_points": 64, "oversample_ratio": 3.0, "importance_ratio": 0.75}
+    torch.manual_seed(3)
+    own = uncertain_point_coords(logits, **kw)
+    torch.manual_seed(3)
+    assert torch.equal(uncertain_point_coords(logits, **kw, groups=[1] * 5), own)
+    with pytest.raises(ValueError, match="do not cover the 5 rows"):
+        uncertain_point_coords(logits, **kw, groups=[2, 2])

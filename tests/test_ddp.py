@@ -26,7 +26,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 WORKER = "import sys, tests.test_ddp as t; raise SystemExit(t.worker(sys.argv[1:]))"
 
 
-def _same_points_for_every_mask(logits, *, num_points, oversample_ratio, importance_ratio):  # noqa: ARG001
+def _same_points_for_every_mask(logits, *, num_points, **_):
     """Fixed uniform points for every mask: the stand-in for points drawn per image from the image's own seed.
 
     The criterion draws the points of all M masks of its batch in one call on the global RNG, so a rank holding half

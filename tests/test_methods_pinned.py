@@ -202,6 +202,10 @@ def test_losses_and_gradients_equal_the_pre_refactor_values(key, monkeypatch):
 
     monkeypatch.setattr(matcher, "uniform_coords", _pre_refactor_draws)
     monkeypatch.setattr(criterion, "uniform_coords", _pre_refactor_draws)
+    # and every mask drew its own candidate points (the criterion now shares one draw among the masks of an image at
+    # a decoder layer: the same distribution per mask, another stream)
+    real = criterion.uncertain_point_coords
+    monkeypatch.setattr(criterion, "uncertain_point_coords", lambda logits, groups=None, **kw: real(logits, **kw))
     name, mode = key.split("/")
     torch.manual_seed(0)
     trainer = build_trainer(load_config([], [*TINY, *CASES[name]]))

@@ -34,19 +34,45 @@ def semantic_targets(label: Tensor, *, num_classes: int, ignore_index: int) -> d
 
 
 @torch.no_grad()
-def uncertain_point_coords(logits: Tensor, *, num_points: int, oversample_ratio: float, importance_ratio: float):
+def uncertain_point_coords(
+    logits: Tensor,
+    *,
+    num_points: int,
+    oversample_ratio: float,
+    importance_ratio: float,
+    groups: list[int] | None = None,
+) -> Tensor:
     """PointRend's sampling: of oversample_ratio * num_points random points keep the importance_ratio share whose
-    logits are closest to 0 (most uncertain), and fill up with fresh random points. logits [M, 1, h, w] -> [M, P, 2]."""
-    M = logits.shape[0]
+    logits are closest to 0 (most uncertain), and fill up with fresh random points. logits [M, 1, h, w] -> [M, P, 2].
+
+    `groups`: sizes of consecutive runs of rows that share one draw of candidates (the criterion's rows of one image
+    at one decoder layer). Each row still keeps its own most uncertain candidates and draws its own fresh points, so
+    every row's points follow the same distribution as with a draw of its own (the default, `None`); a shared draw
+    costs a fraction of the random numbers, and the group's masks are read as channels of one map by one grid_sample.
+    """
+    M, (h, w) = logits.shape[0], logits.shape[-2:]
+    sizes = [1] * M if groups is None else [n for n in groups if n > 0]
+    if sum(sizes) != M:
+        raise ValueError(f"groups {groups} do not cover the {M} rows")
+    num_candidates = int(num_points * oversample_ratio)
     # the candidates drawn in grid_sample's [-1, 1] frame: the largest tensors here, not to be rescaled
-    candidates = uniform_coords(M, int(num_points * oversample_ratio), 2, low=-1.0, high=1.0, device=logits.device)
-    value = grid_sample_points(logits.float(), candidates)[:, 0]  # [M, P']
+    candidates = uniform_coords(len(sizes), num_candidates, 2, low=-1.0, high=1.0, device=logits.device)  # [G, P', 2]
+    if groups is None:
+        value = grid_sample_points(logits.float(), candidates)[:, 0]  # [M, P']
+    else:
+        value = torch.cat(
+            [
+                grid_sample_points(rows.float().view(1, -1, h, w), candidates[g : g + 1])[0]  # [n, P']
+                for g, rows in enumerate(logits.split(sizes))
+            ]
+        )  # [M, P']
     # the bits of a non-negative float order as the float does, and CPU top-k on int32 is ~1.5x faster than on float32
     # (the same points, unsorted: their order is irrelevant to the losses)
     num_uncertain = int(importance_ratio * num_points)
     key = value.abs_().view(torch.int32)
     idx = key.topk(num_uncertain, dim=1, largest=False, sorted=False).indices  # [M, P_u]
-    flat = (idx + torch.arange(M, device=idx.device)[:, None] * candidates.shape[1]).flatten()  # rows of [M * P', 2]
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(idx.device)  # [M]
+    flat = (idx + group[:, None] * num_candidates).flatten()  # rows of [G * P', 2]
     coords = candidates.view(-1, 2).index_select(0, flat).view(M, num_uncertain, 2).add_(1.0).mul_(0.5)  # [0, 1]
     extra = uniform_coords(M, num_points - num_uncertain, 2, device=logits.device)
     return torch.cat([coords, extra], dim=1)  # [M, P, 2]
@@ -113,8 +139,10 @@ class SetCriterion(nn.Module):
         point."""
         L = len(pred_masks)
         layer, batch, query, target = [], [], [], []  # one entry per matched (query, ground-truth mask) pair
+        groups = []  # the rows of each (layer, image), consecutive: they share one draw of candidate points
         for i, per_image in enumerate(indices):
             for b, (src, tgt) in enumerate(per_image):
+                groups.append(len(src))
                 layer.append(torch.full_like(src, i))
                 batch.append(torch.full_like(src, b))
                 query.append(src)
@@ -133,6 +161,7 @@ class SetCriterion(nn.Module):
                 num_points=self.num_points,
                 oversample_ratio=self.oversample_ratio,
                 importance_ratio=self.importance_sample_ratio,
+                groups=groups,
             )  # [R, P, 2] in prediction coordinates
             gt = coords.new_zeros(coords.shape[:2])  # [R, P]
             w = coords.new_zeros(coords.shape[:2])  # [R, P]
