@@ -6,7 +6,14 @@ import itertools
 
 import torch
 
-from tmtseg.models.matcher import HungarianMatcher, pred_coord_scale, sample_targets, uniform_coords
+from tmtseg.models.matcher import (
+    HungarianMatcher,
+    batch_dice,
+    batch_sigmoid_ce,
+    pred_coord_scale,
+    sample_targets,
+    uniform_coords,
+)
 
 K = 4
 
@@ -121,6 +128,25 @@ def test_rows_sampled_by_index_equal_each_row_sampled_alone():
     gt4, w4 = sample_targets(masks, valid, coords[:4])
     gt_i, w_i = sample_targets(masks, valid, coords[:4], index=torch.arange(4))
     assert torch.equal(gt4, gt_i) and torch.equal(w4, w_i)
+
+
+def test_mask_costs_equal_their_definitions_pair_by_pair():
+    """The costs are matmuls over points; each entry must be the weighted BCE mean and the weighted Dice of its pair."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(2, 5, 300, generator=g) * 3  # [L, Q, P]
+    gt = (torch.rand(2, 4, 300, generator=g) > 0.5).float()  # [L, M, P]
+    gt[..., :20] = 0.5  # interpolated labels at mask borders
+    w = torch.rand(2, 1, 300, generator=g)
+    w[..., 50:90] = 0.0  # ignored points
+    ce, dice = batch_sigmoid_ce(pred, gt, w), batch_dice(pred, gt, w)
+    assert ce.shape == dice.shape == (2, 5, 4)
+    for layer, q, m in itertools.product(range(2), range(5), range(4)):
+        x, y, wt = pred[layer, q], gt[layer, m], w[layer, 0]
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+        torch.testing.assert_close(ce[layer, q, m], (bce * wt).sum() / wt.sum(), rtol=1e-5, atol=1e-6)
+        s = x.sigmoid() * wt
+        want = 1 - (2 * (s * y).sum() + 1) / (s.sum() + (y * wt).sum() + 1)
+        torch.testing.assert_close(dice[layer, q, m], want, rtol=1e-5, atol=1e-6)
 
 
 def test_pred_coord_scale_aligns_stride_four_predictions():

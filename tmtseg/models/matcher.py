@@ -80,18 +80,18 @@ def sample_targets(masks: Tensor, valid: Tensor, coords: Tensor, index: Tensor |
 def batch_sigmoid_ce(pred: Tensor, gt: Tensor, w: Tensor) -> Tensor:
     """Weighted mean BCE of every prediction [.., Q, P] against every target [.., M, P] with point weights [.., 1, P]
     -> [.., Q, M]."""
-    # BCE(x, g) = softplus(x) - g x, so the sum over points is one reduction and one matmul (Mask2Former's two
-    # matmuls, against g and 1 - g, give the same up to rounding)
-    neg = (F.softplus(pred) * w).sum(-1, keepdim=True)  # BCE against 0, [.., Q, 1]
-    return (neg - (pred * w) @ gt.mT) / w.sum(-1, keepdim=True).clamp(min=1e-6)  # [.., Q, M]
+    # BCE(x, g) = softplus(x) - g x, so the weighted sums over points are two matmuls: softplus(x) @ w and x @ (g w)
+    # (Mask2Former's two matmuls, against g and 1 - g, give the same up to rounding); the weights go on the M targets
+    # and the single weight row, never over the Q predictions
+    return (F.softplus(pred) @ w.mT - pred @ (gt * w).mT) / w.sum(-1, keepdim=True).clamp(min=1e-6)  # [.., Q, M]
 
 
 def batch_dice(pred: Tensor, gt: Tensor, w: Tensor) -> Tensor:
     """Dice cost of every prediction [.., Q, P] against every target [.., M, P] with point weights [.., 1, P] ->
     [.., Q, M]."""
-    p = pred.sigmoid() * w  # [.., Q, P]
-    numerator = 2 * p @ gt.mT  # [.., Q, M]
-    denominator = p.sum(-1)[..., :, None] + (gt * w).sum(-1)[..., None, :]  # [.., Q, M]
+    p, gw = pred.sigmoid(), gt * w  # [.., Q, P], [.., M, P]
+    numerator = 2 * p @ gw.mT  # [.., Q, M]: the weighted intersection
+    denominator = p @ w.mT + gw.sum(-1)[..., None, :]  # [.., Q, 1] + [.., 1, M]
     return 1 - (numerator + 1) / (denominator + 1)
 
 
