@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tmtseg.errors import ConfigError
-from tmtseg.models.acte import ACTE, OFFSETS, soft_cluster
+from tmtseg.models.acte import ACTE, OFFSETS, _neighbours, _scatter_neighbours, soft_cluster
 from tmtseg.models.domain import domain_bce
 
 
@@ -38,6 +38,18 @@ def _two_colour_map(side: torch.Tensor, channels: int = 4, noise: float = 0.05) 
 
 def _straddling_regions(ids: torch.Tensor, side: torch.Tensor) -> int:
     return sum(int(side[ids == r].any() and (~side[ids == r]).any()) for r in ids.unique())
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (1, 1), (2, 1)])
+def test_scattering_to_the_neighbours_is_the_adjoint_of_gathering_them(grid):
+    """<gather(g), p> = <g, scatter(p)>: what a cell sends to its k-th neighbour region lands on that region, and
+    what would land off the grid is dropped (on a 1x1 grid only the centre is kept)."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(2, 3, *grid, generator=gen, dtype=torch.float64)
+    p = torch.randn(2, 9, 3, *grid, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close((_neighbours(g) * p).sum(), (g * _scatter_neighbours(p)).sum())
+    if grid == (1, 1):
+        assert torch.equal(_scatter_neighbours(p), p[:, OFFSETS.index((0, 0))])
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 16, 24), (1, 3, 13, 21)])

@@ -28,11 +28,15 @@ def _neighbours(grid: Tensor) -> Tensor:
 
 def _scatter_neighbours(per_offset: Tensor) -> Tensor:
     """Inverse of :func:`_neighbours`: [B, 9, C, Hc, Wc] contributions of each cell to its 9 neighbour
-    regions, summed per region -> [B, C, Hc, Wc]; contributions to out-of-grid regions are dropped."""
-    hc, wc = per_offset.shape[-2:]
-    acc = per_offset.new_zeros(per_offset.shape[:1] + per_offset.shape[2:-2] + (hc + 2, wc + 2))  # [B, C, Hc+2, Wc+2]
+    regions, summed per region -> [B, C, Hc, Wc]; contributions to out-of-grid regions are dropped.
+
+    Each offset's contributions are padded into place on the (Hc+2, Wc+2) grid and summed in offset order (the
+    same additions as writing them into slices; no in-place write, which ONNX export turns into a ScatterND with
+    its own index arithmetic per offset)."""
+    acc = None
     for k, (dy, dx) in enumerate(OFFSETS):
-        acc[..., 1 + dy : 1 + dy + hc, 1 + dx : 1 + dx + wc] += per_offset[:, k]
+        placed = F.pad(per_offset[:, k], (1 + dx, 1 - dx, 1 + dy, 1 - dy))  # [B, C, Hc+2, Wc+2]
+        acc = placed if acc is None else acc + placed
     return acc[..., 1:-1, 1:-1]
 
 
