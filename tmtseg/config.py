@@ -131,9 +131,11 @@ class TrainConfig:
     grad_clip: float = 1.0  # max total grad norm; 0 = off
     amp: str = "none"  # none | bf16 (autocast)
     # torch.compile of the segmenter for training and evaluation (its forward; the criterion and the Hungarian matcher
-    # stay eager); where compiling fails, one warning and eager. Off by default: inductor compiles for minutes on a CPU
-    # (one busy thread: 155 s for the DINOv2-S training graph, 64 s more for evaluation's), and whether it pays within
-    # a run is to be measured first (benchmarks/speed_step.py --compile)
+    # stay eager); where compiling fails, one warning and eager. Off by default, as it does not pay within a run here:
+    # the compiled DINOv2-S step is 1.05x the eager one (bf16 0.352 -> 0.337 s, fp32 0.524 -> 0.497 s; results.md
+    # §5.1), while inductor's first compile takes minutes on a CPU (one busy thread: 155 s for the training graph, 64 s
+    # more for evaluation's), 4-6 s with a warm cache, against 0.015 s (bf16) to 0.027 s (fp32) saved a step: 5-22 s
+    # over a source model's 300-800 steps, 1-2 s over an adaptation's 80
     compile: bool = False
     # inductor (fused generated kernels: the fast one) | aot_eager (the same graph capture and autograd, no code
     # generation: seconds to compile, for tests and for finding a compile problem) | eager (graph capture only)
