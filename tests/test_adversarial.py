@@ -504,19 +504,26 @@ DDP_WORKER = "import sys, tests.test_adversarial as t; t.adapt_every_method(sys.
 
 def adapt_every_method(argv: list[str]) -> None:
     """Each method in turn in the same two processes (under torchrun): one start-up of torch instead of four. The
-    group is left in step at the end, as `tmtseg` does: a process that exits with a live gloo group can abort
-    ("terminate called without an active exception") while its peer is still tearing down."""
+    process ends as `tmtseg` ends one that joined a DDP group: all ranks leave the group in step, then exit without
+    interpreter finalization (tmtseg.dist.exit_process: the group DDP wrapped outlives destroy_process_group)."""
+    import traceback
+
     from tmtseg import dist
     from tmtseg.config import load_config
     from tmtseg.runner import fit
 
     root, source, *args = argv
+    code = 1
     try:
         for method in METHODS:
             extra = [f"adapt.method={method}", f"adapt.source_checkpoint={source}", f"output_dir={root}/{method}"]
             fit(load_config([], [*args, *extra]), init_from=source, progress=False)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
     finally:
-        dist.cleanup(together=True)
+        dist.cleanup(together=code == 0)
+        dist.exit_process(code)
 
 
 def test_every_method_trains_under_two_processes_with_a_partly_unused_decoder(ddp_source, tmp_path):

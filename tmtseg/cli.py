@@ -584,6 +584,19 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:  # noq
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `tmtseg` command. As a program (no argv) in a process that joined a DDP group, it ends the process itself
+    once every rank has left the group (tmtseg.dist.exit_process says why); called with argv (tests, other
+    programs) it returns the exit code."""
+    code = _main(argv)
+    if argv is None and "torch.distributed" in sys.modules:
+        from . import dist
+
+        if dist.joined():
+            dist.exit_process(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     from .errors import Preempted, TmtsegError, TrainingError
 
     argv = sys.argv[1:] if argv is None else list(argv)
