@@ -11,20 +11,19 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+_joined = False  # this process has joined a process group of several (init_distributed)
+
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); return (rank, world size)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    global _joined
     if world <= 1:
         return 0, 1
-    global _joined
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         _joined = True
     return dist.get_rank(), dist.get_world_size()
-
-
-_joined = False  # this process has joined a process group of several (init_distributed)
 
 
 def is_distributed() -> bool:
