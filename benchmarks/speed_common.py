@@ -43,7 +43,7 @@ def make_batch(cfg, *, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def make_targets(cfg, labels: Tensor) -> list[dict]:
-    from tmtseg.models.criterion import semantic_targets
+    from tmtseg.losses.criterion import semantic_targets
 
     return [
         semantic_targets(lab, num_classes=cfg.data.num_classes, ignore_index=cfg.data.ignore_index) for lab in labels

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from tmtseg.export import OnnxSegmenter
-from tmtseg.models.inference import image_scores
-from tmtseg.runner import trainer_from_checkpoint
+from tmtseg.engine.loop import trainer_from_checkpoint
+from tmtseg.io.export import OnnxSegmenter
+from tmtseg.modeling.inference import image_scores
 
 
 def main() -> None:

@@ -65,9 +65,9 @@ class Mode:
 
 def build(cfg, *, compiled: bool):
     """(trainer, optimizer) as `tmtseg train` builds them (random ViT weights; frozen blocks as the config says)."""
-    from tmtseg.compiled import compile_model
-    from tmtseg.methods import build_trainer
-    from tmtseg.runner import build_optimizer, freeze
+    from tmtseg.adapt.method import build_trainer
+    from tmtseg.engine.compiled import compile_model
+    from tmtseg.engine.loop import build_optimizer, freeze
 
     torch.manual_seed(0)
     trainer = build_trainer(cfg, pretrained=False)
@@ -78,7 +78,7 @@ def build(cfg, *, compiled: bool):
 
 
 def make_step(cfg, trainer, optimizer, batches: dict, amp: str) -> Callable[[], None]:
-    from tmtseg.engine import train_step
+    from tmtseg.engine.step import train_step
 
     counter = iter(range(10**9))
 

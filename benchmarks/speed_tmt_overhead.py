@@ -26,10 +26,10 @@ import torch
 from speed_common import timed
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tmtseg.adapt.acte import ACTE
+from tmtseg.adapt.method import build_trainer
 from tmtseg.config import load_config
-from tmtseg.methods import build_trainer
-from tmtseg.models.acte import ACTE
-from tmtseg.runner import freeze
+from tmtseg.engine.loop import freeze
 
 ROOT = Path(__file__).resolve().parents[1]
 

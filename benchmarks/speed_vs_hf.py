@@ -104,7 +104,7 @@ def make_subject(name, model: nn.Module, opt, loss: Callable[[], Tensor], run: C
 
 def freeze_ours(cfg, vit: nn.Module) -> None:
     """train.freeze_blocks on our VisionTransformer, as `tmtseg train` freezes it."""
-    from tmtseg.runner import vit_depth_from_top
+    from tmtseg.engine.loop import vit_depth_from_top
 
     n, depth = cfg.train.freeze_blocks, cfg.model.backbone.depth
     for name, p in vit.named_parameters():
@@ -122,9 +122,9 @@ def freeze_hf(cfg, dinov2: nn.Module) -> None:
 
 
 def build_ours(cfg, decoder: str, modes: list[str], images: Tensor, targets: list[dict]) -> list[Subject]:
-    from tmtseg.compiled import compile_model
     from tmtseg.config import load_config_over
-    from tmtseg.models.build import build_criterion, build_model
+    from tmtseg.engine.compiled import compile_model
+    from tmtseg.modeling.build import build_criterion, build_model
 
     cfg = load_config_over(cfg, [f"model.pixel_decoder={decoder}"])
     criterion = build_criterion(cfg)
@@ -232,8 +232,8 @@ def build_hf(cfg, args, backbone: str, modes: list[str], images: Tensor, targets
     from transformers import Dinov2Backbone, Mask2FormerForUniversalSegmentation
     from transformers.models.mask2former import modeling_mask2former
 
-    from tmtseg.models.backbone import SimpleFeaturePyramid
-    from tmtseg.models.build import build_backbone
+    from tmtseg.modeling.backbones.vit import SimpleFeaturePyramid
+    from tmtseg.modeling.build import build_backbone
 
     torch.manual_seed(0)
     b = cfg.model.backbone
@@ -273,7 +273,7 @@ def build_hf(cfg, args, backbone: str, modes: list[str], images: Tensor, targets
 def build_shared_backbone(cfg, modes: list[str], images: Tensor) -> list[Subject]:
     """The ViT + simple feature pyramid that ours-fpn and hf-vit share, alone (forward, backward of the pyramid's mean,
     AdamW step): the part of a training step no decoder or loss implementation can speed up."""
-    from tmtseg.models.build import build_backbone
+    from tmtseg.modeling.build import build_backbone
 
     torch.manual_seed(0)
     backbone = build_backbone(cfg, pretrained=False)

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tmtseg.adapt.acte import ACTE, OFFSETS, _neighbours, _scatter_neighbours, soft_cluster
+from tmtseg.adapt.domain import domain_bce
 from tmtseg.errors import ConfigError
-from tmtseg.models.acte import ACTE, OFFSETS, _neighbours, _scatter_neighbours, soft_cluster
-from tmtseg.models.domain import domain_bce
 
 
 def _dense_assignment(regions, h, w):

@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from tmtseg.checkpoint import MODEL_FILE, list_checkpoints
 from tmtseg.cli import main
-from tmtseg.models.inference import _window_starts, predict_logits
+from tmtseg.io.checkpoint import MODEL_FILE, list_checkpoints
+from tmtseg.modeling.inference import _window_starts, predict_logits
 
 from .test_resume import REPO, cli, env, logged_step, start, wait_for
 from .tiny import TINY
@@ -217,7 +217,7 @@ def test_slide_windows_cover_every_pixel_even_with_a_stride_above_the_crop(size,
 
 
 def test_slide_inference_with_crop_below_stride_scores_every_pixel(checkpoint, tmp_path):
-    from tmtseg.runner import trainer_from_checkpoint
+    from tmtseg.engine.loop import trainer_from_checkpoint
 
     trainer, _, _ = trainer_from_checkpoint(checkpoint)
     image = torch.randint(0, 255, (3, 90, 110), dtype=torch.uint8)
@@ -247,7 +247,7 @@ def _float_tiff(path: Path, high: float) -> None:
 
 
 def test_16_bit_png_and_float_tiff_images_are_rescaled_from_their_real_range(tmp_path):
-    from tmtseg.predict import read_image
+    from tmtseg.tools.predict import read_image
 
     _sixteen_bit(tmp_path / "deep.png")
     _float_tiff(tmp_path / "unit.tif", 1.0)
@@ -315,7 +315,7 @@ def test_images_of_32_px_or_less_work_everywhere(tmp_path):
 
 
 def test_large_images_slide_with_a_progress_line_and_too_large_ones_are_refused_up_front(checkpoint, tmp_path):
-    from tmtseg.predict import MAX_PIXELS, WHOLE_MAX_PIXELS
+    from tmtseg.tools.predict import MAX_PIXELS, WHOLE_MAX_PIXELS
 
     big, huge = tmp_path / "big", tmp_path / "huge"
     big.mkdir()
@@ -510,7 +510,7 @@ def adapt_every_method(argv: list[str]) -> None:
 
     from tmtseg import dist
     from tmtseg.config import load_config
-    from tmtseg.runner import fit
+    from tmtseg.engine.loop import fit
 
     root, source, *args = argv
     code = 1
@@ -544,10 +544,10 @@ def test_frozen_parameters_are_left_to_themselves_under_ddp(tmp_path):
     step runs, they stay as they were, the others move (a one-process gloo group: the wrapper's logic is the same)."""
     import torch.distributed as tdist
 
+    from tmtseg.adapt.method import build_trainer
     from tmtseg.config import load_config
-    from tmtseg.engine import train_step
-    from tmtseg.methods import build_trainer
-    from tmtseg.runner import build_optimizer
+    from tmtseg.engine.loop import build_optimizer
+    from tmtseg.engine.step import train_step
 
     cfg = load_config([], [*TINY, "model.dec_layers=2", "model.hidden_dim=48"])
     trainer = build_trainer(cfg)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from tmtseg.models.criterion import semantic_targets
-from tmtseg.regularisers import PreserveKL, class_distribution
+from tmtseg.adapt.regularisers import PreserveKL, class_distribution
+from tmtseg.losses.criterion import semantic_targets
 
 from .test_criterion import H, K, Q, W, criterion, label_map
 
@@ -58,7 +58,7 @@ def test_criterion_under_bf16_autocast_equals_float32_losses_of_the_same_predict
 def test_matcher_costs_under_bf16_autocast_are_the_float32_costs(monkeypatch):
     """Every cost matrix handed to the Hungarian solver is the float32 one (its BCE and Dice are matmuls, which
     autocast would run in bf16), and so is the matching."""
-    import tmtseg.models.matcher as matcher_mod
+    import tmtseg.losses.matcher as matcher_mod
 
     seen: list = []
     solve = matcher_mod.linear_sum_assignment
@@ -113,7 +113,7 @@ def test_preservation_kl_under_bf16_autocast_is_the_float32_kl():
 
 
 def test_a_frozen_linear_casts_its_weight_once_and_computes_what_autocast_computes():
-    from tmtseg.models.layers import FrozenCastLinear
+    from tmtseg.modeling.layers import FrozenCastLinear
 
     torch.manual_seed(0)
     plain, cast = torch.nn.Linear(24, 40), FrozenCastLinear(24, 40)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from tmtseg.checkpoint import (
+from tmtseg.errors import CheckpointError
+from tmtseg.io.checkpoint import (
     latest_valid,
     list_checkpoints,
     load_checkpoint,
@@ -12,7 +13,6 @@ from tmtseg.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from tmtseg.errors import CheckpointError
 
 
 def _model_and_optim(seed=0):
@@ -98,7 +98,7 @@ def test_pickle_is_refused(tmp_path):
 
 
 def test_a_save_that_fails_half_way_leaves_no_partial_folder(tmp_path, monkeypatch):
-    import tmtseg.checkpoint as ckpt_mod
+    import tmtseg.io.checkpoint as ckpt_mod
 
     model, opt = _model_and_optim()
     good = save_checkpoint(tmp_path, step=1, model=model, meta={}, optimizer=opt)

@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmtseg.checkpoint import MODEL_FILE, load_weights
+from tmtseg.adapt.method import build_trainer
 from tmtseg.config import load_config
-from tmtseg.methods import build_trainer
-from tmtseg.runner import evaluate_checkpoint, fit
+from tmtseg.engine.loop import evaluate_checkpoint, fit
+from tmtseg.io.checkpoint import MODEL_FILE, load_weights
 
 from .tiny import TINY
 
@@ -108,7 +108,7 @@ def test_a_failing_compile_warns_once_and_trains_exactly_as_eager(tmp_path, eage
 
 
 def test_resume_may_switch_compile_on_and_the_bench_identity_ignores_it(tmp_path):
-    from tmtseg.bench import config_hash
+    from tmtseg.tools.bench.run import config_hash
 
     base = load_config([], RUN)
     assert config_hash(base) == config_hash(load_config([], [*RUN, *COMPILED]))
@@ -125,7 +125,7 @@ def test_an_adversarial_method_compiles_once_not_at_every_step_of_its_ramp():
     constant that would recompile the graph at each step (and fall back to eager past dynamo's limit)."""
     from torch._dynamo.utils import counters
 
-    from tmtseg.compiled import compile_model
+    from tmtseg.engine.compiled import compile_model
 
     torch._dynamo.reset()
     counters.clear()

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tmtseg.errors import DataError
-from tmtseg.models.criterion import SetCriterion, semantic_targets, uncertain_point_coords
-from tmtseg.models.matcher import HungarianMatcher
+from tmtseg.losses.criterion import SetCriterion, semantic_targets, uncertain_point_coords
+from tmtseg.losses.matcher import HungarianMatcher
 
 K, Q, H, W = 3, 5, 32, 32
 
@@ -169,7 +169,7 @@ def test_layers_batched_in_one_pass_equal_the_layers_one_by_one(monkeypatch):
     """Deep supervision computes every layer's matching and losses together; each layer's losses must be what that
     layer alone gives (the matcher's points drawn in the same order; the loss points made independent of the row
     count, since one draw for all rows cannot equal one draw per layer)."""
-    import tmtseg.models.criterion as crit_mod
+    import tmtseg.losses.criterion as crit_mod
 
     def fixed_points(logits, *, num_points, **_):
         g = torch.Generator().manual_seed(0)
@@ -198,8 +198,8 @@ def test_layers_batched_in_one_pass_equal_the_layers_one_by_one(monkeypatch):
 def test_uncertain_points_are_the_float_top_k(monkeypatch, groups):
     """The selection runs top-k on the int32 bits of |logit|: the same points as float top-k of -|logit|, among the
     candidates of the row's own draw or of its group's shared draw (an empty group draws nothing)."""
-    import tmtseg.models.criterion as crit_mod
-    from tmtseg.models.matcher import grid_sample_points
+    import tmtseg.losses.criterion as crit_mod
+    from tmtseg.losses.matcher import grid_sample_points
 
     torch.manual_seed(0)
     logits = torch.randn(6, 1, 10, 14) * 4

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmtseg.checkpoint import MODEL_FILE, STATE_FILE, latest_valid, list_checkpoints, read_meta
+from tmtseg.adapt.method import build_trainer
 from tmtseg.config import config_from_dict
-from tmtseg.engine import StepSampler
-from tmtseg.methods import build_trainer
-from tmtseg.runner import build_optimizer
+from tmtseg.engine.loop import build_optimizer
+from tmtseg.engine.step import StepSampler
+from tmtseg.io.checkpoint import MODEL_FILE, STATE_FILE, latest_valid, list_checkpoints, read_meta
 
 from .test_resume import ITERS, REPO, RUN, assert_same_outcome, env, logged_step, outcome, start, wait_for
 
@@ -39,7 +39,7 @@ def _same_points_for_every_mask(logits, *, num_points, **_):
 
 def worker(argv: list[str]) -> int:
     """The tmtseg command with deterministic mask-loss points (run by `python -c WORKER`, alone or under torchrun)."""
-    import tmtseg.models.criterion as criterion
+    import tmtseg.losses.criterion as criterion
     from tmtseg.cli import main
 
     criterion.uncertain_point_coords = _same_points_for_every_mask

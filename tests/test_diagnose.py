@@ -11,11 +11,14 @@ import pytest
 import torch
 from scipy import stats
 
-from tmtseg.checkpoint import save_checkpoint
+from tmtseg.adapt.method import build_trainer
 from tmtseg.cli import main
 from tmtseg.config import load_config, load_config_over
 from tmtseg.data import build_dataset
-from tmtseg.diagnose import (
+from tmtseg.engine.loop import checkpoint_meta
+from tmtseg.io.checkpoint import save_checkpoint
+from tmtseg.modeling.inference import predict_logits
+from tmtseg.tools.diagnose import (
     Model,
     _boundary,
     _fragments,
@@ -27,10 +30,7 @@ from tmtseg.diagnose import (
     to_label,
     views,
 )
-from tmtseg.methods import build_trainer
-from tmtseg.models.inference import predict_logits
-from tmtseg.runner import checkpoint_meta
-from tmtseg.viz import boundaries
+from tmtseg.tools.viz import boundaries
 
 from .test_resume import cli
 from .tiny import TINY

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tmtseg.models.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse, grl_coeff
+from tmtseg.adapt.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse, grl_coeff
 
 
 @pytest.mark.parametrize("coeff", [1.0, 0.3, 0.0])

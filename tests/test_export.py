@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tmtseg.adapt.method import build_trainer
 from tmtseg.config import load_config
-from tmtseg.export import ATOL, InferenceGraph, _session, check_parity, export_graph, parity, smooth_images
-from tmtseg.methods import build_trainer
-from tmtseg.models.inference import image_scores
+from tmtseg.io.export import ATOL, InferenceGraph, _session, check_parity, export_graph, parity, smooth_images
+from tmtseg.modeling.inference import image_scores
 
 from .test_resume import cli
 from .tiny import TINY

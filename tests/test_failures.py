@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tmtseg.checkpoint import (
+from tmtseg.errors import TrainingError
+from tmtseg.io.checkpoint import (
     MODEL_FILE,
     SLOW_SAVE_ENV,
     STATE_FILE,
@@ -24,7 +25,6 @@ from tmtseg.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from tmtseg.errors import TrainingError
 
 from .test_resume import (
     ITERS,

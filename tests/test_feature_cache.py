@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from tmtseg.config import load_config
-from tmtseg.models.build import build_model
-from tmtseg.models.feature_cache import FeatureCache
-from tmtseg.models.inference import predict_logits
+from tmtseg.modeling.build import build_model
+from tmtseg.modeling.feature_cache import FeatureCache
+from tmtseg.modeling.inference import predict_logits
 
 from .tiny import TINY
 
@@ -65,7 +65,7 @@ def test_other_weights_training_gradients_or_autocast_do_not_use_it(tmp_path):
 def test_a_lora_update_is_never_replaced_by_the_frozen_vits_cached_outputs(tmp_path):
     """LoRA adds its update by forward hooks on the ViT's linear layers, with factors outside the ViT: the ViT's own
     weights (the cache key) are the source's, so a cached window would silently drop the update."""
-    from tmtseg.models.tuning import LoRA
+    from tmtseg.adapt.tuning import LoRA
 
     model, image = _model_and_image()
     cache = model.backbone.feature_cache = FeatureCache(tmp_path)
@@ -85,7 +85,7 @@ def test_a_lora_update_is_never_replaced_by_the_frozen_vits_cached_outputs(tmp_p
 def test_under_tvts_attention_bias_the_last_blocks_input_is_kept_and_the_scores_are_unchanged(tmp_path):
     """TVT's bias acts on the last ViT block only: the cache keeps that block's input (not the final tokens, which the
     bias changes) and the last block runs, so TVT's evaluations read the cache too, with the same scores."""
-    from tmtseg.methods import build_trainer
+    from tmtseg.adapt.method import build_trainer
 
     torch.manual_seed(0)
     trainer = build_trainer(load_config([], [*TINY, "adapt.method=tvt"])).eval()

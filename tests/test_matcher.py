@@ -6,7 +6,7 @@ import itertools
 
 import torch
 
-from tmtseg.models.matcher import (
+from tmtseg.losses.matcher import (
     HungarianMatcher,
     batch_dice,
     batch_sigmoid_ce,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from tmtseg.adapt.method import METHODS, build_trainer
 from tmtseg.config import load_config
-from tmtseg.methods import METHODS, build_trainer
 
 from .tiny import TINY
 
@@ -103,7 +103,7 @@ def test_grl_pushes_features_against_the_discriminator():
 
 
 def test_optimizer_gives_lambda_and_discriminators_their_own_lr():
-    from tmtseg.runner import build_optimizer
+    from tmtseg.engine.loop import build_optimizer
 
     cfg = load_config([], [*TINY, "adapt.method=tmt", "train.lr=1e-4", "train.backbone_lr_mult=0.5",
                            "adapt.head_lr_mult=10", "adapt.tma.lambda_lr_mult=100"])  # fmt: skip
@@ -239,7 +239,7 @@ def test_preserve_counts_each_pixel_by_its_transferability():
 
 
 def _steps(trainer, cfg, n=3):
-    from tmtseg.runner import build_optimizer
+    from tmtseg.engine.loop import build_optimizer
 
     opt = build_optimizer(cfg, trainer)
     for step in range(n):
@@ -294,9 +294,9 @@ def test_lora_given_to_another_method_keeps_its_pieces_and_freezes_the_vit():
 
 
 def test_lora_checkpoint_loads_into_the_plain_segmenter_and_resumes_exactly(tmp_path):
-    from tmtseg.checkpoint import load_checkpoint, load_weights, save_checkpoint
-    from tmtseg.models.build import build_model
-    from tmtseg.runner import load_segmenter
+    from tmtseg.engine.loop import load_segmenter
+    from tmtseg.io.checkpoint import load_checkpoint, load_weights, save_checkpoint
+    from tmtseg.modeling.build import build_model
 
     cfg = load_config([], [*TINY, "adapt.method=lora"])
     torch.manual_seed(0)
@@ -366,9 +366,10 @@ def test_lwf_is_the_uniform_kl_and_zero_at_the_source_model():
 
 
 def test_the_method_table_is_what_cli_config_and_bench_accept():
-    from tmtseg import bench, cli
+    from tmtseg import cli
+    from tmtseg.adapt.recipes import METHODS as TABLE
     from tmtseg.errors import ConfigError
-    from tmtseg.recipes import METHODS as TABLE
+    from tmtseg.tools.bench import run as bench
 
     assert TABLE is METHODS and bench.ADAPT_METHODS == tuple(METHODS)
     adapt = next(a for a in cli._parser()._subparsers._group_actions[0].choices["adapt"]._actions
@@ -387,8 +388,8 @@ def test_lora_resume_is_bitwise_exact(tmp_path):
 
     from safetensors.torch import load_file
 
-    from tmtseg.checkpoint import MODEL_FILE
-    from tmtseg.runner import fit
+    from tmtseg.engine.loop import fit
+    from tmtseg.io.checkpoint import MODEL_FILE
 
     run = [*TINY, "adapt.method=lora", "data.train.num_images=4", "data.val.num_images=1", "train.iters=4",
            "train.warmup_iters=1", "train.save_every=2", "train.log_every=1"]  # fmt: skip

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
+from tmtseg.adapt.method import build_trainer
 from tmtseg.config import load_config
-from tmtseg.methods import build_trainer
 
 from .tiny import TINY
 
@@ -197,8 +197,8 @@ def _pre_refactor_draws(*shape, low=0.0, high=1.0, device=None):
 
 @pytest.mark.parametrize("key", sorted(PINNED))
 def test_losses_and_gradients_equal_the_pre_refactor_values(key, monkeypatch):
-    import tmtseg.models.criterion as criterion
-    import tmtseg.models.matcher as matcher
+    import tmtseg.losses.criterion as criterion
+    import tmtseg.losses.matcher as matcher
 
     monkeypatch.setattr(matcher, "uniform_coords", _pre_refactor_draws)
     monkeypatch.setattr(criterion, "uniform_coords", _pre_refactor_draws)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from tmtseg.config import Config, load_config
 from tmtseg.errors import ConfigError
-from tmtseg.models.build import build_criterion, build_model
-from tmtseg.models.criterion import semantic_targets
-from tmtseg.models.layers import MLP, attention, sine_position_encoding
-from tmtseg.models.msdeform import ms_deform_attn_core
+from tmtseg.losses.criterion import semantic_targets
+from tmtseg.modeling.build import build_criterion, build_model
+from tmtseg.modeling.layers import MLP, attention, sine_position_encoding
+from tmtseg.modeling.pixel_decoders.msdeform_attn import ms_deform_attn_core
 
 from .tiny import TINY
 

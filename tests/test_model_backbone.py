@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 
 from tmtseg.errors import CheckpointError
-from tmtseg.models.backbone import SimpleFeaturePyramid, VisionTransformer, ViTBackbone, resize_pos_embed
-from tmtseg.models.vit_checkpoint import load_pretrained
+from tmtseg.modeling.backbones.vit import SimpleFeaturePyramid, VisionTransformer, ViTBackbone, resize_pos_embed
+from tmtseg.modeling.backbones.vit_checkpoint import load_pretrained
 
 
 def vit(img_size: int, seed: int) -> VisionTransformer:
@@ -255,7 +255,7 @@ def test_dinov2_position_offset_interpolates_like_the_hub_models():
 
 
 def test_flexivit_kernel_resampling_keeps_the_token():
-    from tmtseg.models.backbone import resample_patch_kernel
+    from tmtseg.modeling.backbones.vit import resample_patch_kernel
 
     torch.manual_seed(0)
     w, x = torch.randn(5, 3, 8, 8), torch.randn(4, 3, 8, 8)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from tmtseg.config import Config
-from tmtseg.models.build import build_model
-from tmtseg.models.inference import _window_starts, predict_logits, semantic_probs
+from tmtseg.modeling.build import build_model
+from tmtseg.modeling.inference import _window_starts, predict_logits, semantic_probs
 
 K = 4
 
@@ -97,7 +97,7 @@ def test_slide_average_of_a_constant_model_is_constant():
 def test_evaluation_runs_under_bf16_autocast_when_training_did():
     from tmtseg.config import load_config
     from tmtseg.data import build_dataset
-    from tmtseg.engine import evaluate
+    from tmtseg.engine.step import evaluate
 
     from .tiny import TINY
 
@@ -121,10 +121,10 @@ def test_evaluation_runs_under_bf16_autocast_when_training_did():
 def test_evaluation_runs_the_methods_inference_pieces_in_eval_mode_and_restores_training():
     """TVT's discriminators run at inference (their T biases the last block's attention): with their dropout left on,
     the scores of an evaluation during training would be random."""
+    from tmtseg.adapt.method import build_trainer
     from tmtseg.config import load_config
     from tmtseg.data import build_dataset
-    from tmtseg.methods import build_trainer
-    from tmtseg.runner import _evaluate
+    from tmtseg.engine.loop import _evaluate
 
     from .tiny import TINY
 

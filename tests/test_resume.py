@@ -17,10 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmtseg.checkpoint import MODEL_FILE, STATE_FILE, list_checkpoints, read_meta
 from tmtseg.config import load_config
 from tmtseg.data import build_dataset, collate
-from tmtseg.engine import StepSampler, train_batches
+from tmtseg.engine.step import StepSampler, train_batches
+from tmtseg.io.checkpoint import MODEL_FILE, STATE_FILE, list_checkpoints, read_meta
 
 from .tiny import TINY
 

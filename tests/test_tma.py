@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from tmtseg.adapt.tma import TMA
 from tmtseg.errors import ConfigError
-from tmtseg.models.tma import TMA
 
 HEADS = 4
 

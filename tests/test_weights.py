@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from tmtseg import weights
+from tmtseg.adapt.method import build_trainer
 from tmtseg.config import load_config
+from tmtseg.engine.loop import build_optimizer, freeze, lr_mult
 from tmtseg.errors import CheckpointError, ConfigError
-from tmtseg.methods import build_trainer
-from tmtseg.models.backbone import VisionTransformer
-from tmtseg.runner import build_optimizer, freeze, lr_mult
+from tmtseg.io import weights
+from tmtseg.modeling.backbones.vit import VisionTransformer
 
 from .tiny import TINY
 
@@ -119,7 +119,7 @@ def test_converted_backbone_matches_the_onnx_graph(dinov2_file, tmp_path):
     x = ((rgb - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]).transpose(2, 0, 1)[None].astype(np.float32)
     want = torch.from_numpy(session.run([name], {"input_image": x})[0])[:, 1:]  # [1, 1 + 256, 384]: drop the class
     vit = VisionTransformer(**info["arch"]).eval()
-    from tmtseg.models.vit_checkpoint import load_pretrained
+    from tmtseg.modeling.backbones.vit_checkpoint import load_pretrained
 
     load_pretrained(vit, dinov2_file)
     with torch.no_grad():
@@ -189,7 +189,7 @@ def test_pretrained_weights_are_read_once_and_never_needed_again(tmp_path):
     args = ["--no-progress", "train", *TINY, *arch, *data, "train.iters=2", "train.save_every=1", f"output_dir={run}"]
     assert main(args) == 0
     ckpt = run / "checkpoints" / "iter_0000002"
-    from tmtseg.checkpoint import load_checkpoint
+    from tmtseg.io.checkpoint import load_checkpoint
 
     # the run really started from the file: two small steps moved the ViT's LayerScale little
     start = load_checkpoint(run / "checkpoints" / "iter_0000001").weights["model.backbone.vit.blocks.1.ls2.gamma"]

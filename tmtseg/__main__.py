@@ -1,3 +1,3 @@
-from .cli import main
+from tmtseg.cli import main
 
 raise SystemExit(main())

@@ -10,8 +10,8 @@ import traceback
 import warnings
 from pathlib import Path
 
-from . import __version__
-from .recipes import METHODS
+from tmtseg import __version__
+from tmtseg.adapt.recipes import METHODS
 
 EPILOG = (
     "Exit codes: 0 ok, 1 unexpected error, 2 bad config, data or arguments, 3 bad checkpoint, 4 training failed"
@@ -168,15 +168,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> Config:  # noqa: F821
-    from .config import load_config
+    from tmtseg.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
 def _cmd_train(args) -> int:
-    from . import dist
-    from .metrics import format_table
-    from .runner import fit
+    from tmtseg import dist
+    from tmtseg.engine.loop import fit
+    from tmtseg.metrics import format_table
 
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:  # start the workers; each runs this command without --nproc
         rest, skip = [], False
@@ -191,12 +191,12 @@ def _cmd_train(args) -> int:
     _refuse_config_overwrite(args.config, cfg, resume=args.resume)
     init = ""
     if args.command == "finetune":
-        from .config import load_config_over
+        from tmtseg.config import load_config_over
 
         cfg = load_config_over(cfg, ["adapt.method=finetune", f"adapt.source_checkpoint={args.checkpoint}"])
         init = args.checkpoint
     elif args.command == "adapt":
-        from .config import load_config_over
+        from tmtseg.config import load_config_over
 
         extra = []
         if args.method:
@@ -207,7 +207,7 @@ def _cmd_train(args) -> int:
             extra.append("adapt.unsupervised=true")
         cfg = load_config_over(cfg, extra)
         if not cfg.adapt.source_checkpoint:
-            from .errors import ConfigError
+            from tmtseg.errors import ConfigError
 
             raise ConfigError("config key adapt.source_checkpoint: adapt needs a source model (--source-checkpoint)")
         init = cfg.adapt.source_checkpoint
@@ -221,8 +221,8 @@ def _cmd_train(args) -> int:
 def _refuse_config_overwrite(files: list[str], cfg, *, resume: bool) -> None:
     """A run writes its resolved config to <output_dir>/config.yaml: refuse when that is a config file given with -c
     whose text would change (resuming a run from its own config.yaml updates the run's record, which is fine)."""
-    from .config import to_yaml
-    from .errors import ConfigError
+    from tmtseg.config import to_yaml
+    from tmtseg.errors import ConfigError
 
     written = (Path(cfg.output_dir) / "config.yaml").resolve()
     for name in files:
@@ -234,11 +234,11 @@ def _refuse_config_overwrite(files: list[str], cfg, *, resume: bool) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .checkpoint import MODEL_FILE
-    from .errors import DataError
-    from .metrics import format_table
-    from .predict import make_out_dir, refuse_overwrite
-    from .runner import evaluate_checkpoint
+    from tmtseg.engine.loop import evaluate_checkpoint
+    from tmtseg.errors import DataError
+    from tmtseg.io.checkpoint import MODEL_FILE
+    from tmtseg.metrics import format_table
+    from tmtseg.tools.predict import make_out_dir, refuse_overwrite
 
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "eval.json"
@@ -260,10 +260,10 @@ def _cmd_eval(args) -> int:
 def _cmd_diagnose(args) -> int:
     from tqdm import tqdm
 
-    from .bench import provenance
-    from .diagnose import diagnose, format_report, load_models, resolve_checkpoint
-    from .errors import DataError
-    from .predict import make_out_dir, refuse_overwrite
+    from tmtseg.errors import DataError
+    from tmtseg.tools.bench.run import provenance
+    from tmtseg.tools.diagnose import diagnose, format_report, load_models, resolve_checkpoint
+    from tmtseg.tools.predict import make_out_dir, refuse_overwrite
 
     ckpt = resolve_checkpoint(args.tmt)
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "diagnose.json"
@@ -308,19 +308,19 @@ def _cmd_predict(args) -> int:
 
     progress = None if args.no_progress else tqdm
     if args.onnx:
-        from .errors import ConfigError
-        from .export import predict_onnx
+        from tmtseg.errors import ConfigError
+        from tmtseg.io.export import predict_onnx
 
         if args.input is not None or args.overrides:
             raise ConfigError("predict --onnx MODEL takes one IMAGE_OR_FOLDER, no checkpoint and no overrides")
         written = predict_onnx(args.onnx, Path(args.checkpoint), Path(args.out), progress=progress)
         print(f"wrote {len(written)} files to {args.out}")
         return 0
-    from .predict import predict_folder
-    from .runner import trainer_from_checkpoint
+    from tmtseg.engine.loop import trainer_from_checkpoint
+    from tmtseg.tools.predict import predict_folder
 
     if args.input is None:
-        from .errors import ConfigError
+        from tmtseg.errors import ConfigError
 
         raise ConfigError("predict needs CHECKPOINT IMAGE_OR_FOLDER (or --onnx MODEL IMAGE_OR_FOLDER)")
     trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
@@ -340,8 +340,8 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import export_checkpoint
-    from .predict import list_images
+    from tmtseg.io.export import export_checkpoint
+    from tmtseg.tools.predict import list_images
 
     images = list_images(Path(args.images))[:3] if args.images else []
     info = export_checkpoint(
@@ -360,10 +360,10 @@ def _cmd_viz(args) -> int:
     import numpy as np
     import torch
 
-    from .data import build_dataset
-    from .predict import list_images, make_out_dir, output_names, read_image, refuse_overwrite
-    from .runner import trainer_from_checkpoint
-    from .viz import compute_panels, draw_figure, draw_grid
+    from tmtseg.data import build_dataset
+    from tmtseg.engine.loop import trainer_from_checkpoint
+    from tmtseg.tools.predict import list_images, make_out_dir, output_names, read_image, refuse_overwrite
+    from tmtseg.tools.viz import compute_panels, draw_figure, draw_grid
 
     out = Path(args.out)
     inputs = list_images(Path(args.input)) if args.input else []
@@ -373,7 +373,7 @@ def _cmd_viz(args) -> int:
     depth = cfg.model.dec_layers
     bad = [n for n in args.layers if not -depth <= n < depth]
     if bad:
-        from .errors import ConfigError
+        from tmtseg.errors import ConfigError
 
         raise ConfigError(f"--layers {' '.join(map(str, bad))}: the model has {depth} decoder layers (0..{depth - 1})")
     palette = np.asarray(meta["palette"], dtype=np.uint8)
@@ -434,7 +434,7 @@ def _cmd_viz(args) -> int:
 
 def _check_targets(target: Path, overrides: list[str]):
     """(cfg, splits) pairs to check for a config file or a dataset folder."""
-    from .config import SplitConfig, load_config, load_config_over
+    from tmtseg.config import SplitConfig, load_config, load_config_over
 
     if target.suffix in (".yaml", ".yml") and target.is_file():
         import yaml
@@ -444,7 +444,7 @@ def _check_targets(target: Path, overrides: list[str]):
         except yaml.YAMLError:
             data = None  # load_config names the error
         if isinstance(data, dict) and "tasks" in data:  # a bench config: every split of every domain
-            from .bench import data_splits, load_bench
+            from tmtseg.tools.bench.run import data_splits, load_bench
 
             return [(cfg, ("train",)) for cfg in data_splits(*load_bench(str(target), overrides))]
         cfg = load_config([str(target)], overrides)
@@ -456,13 +456,13 @@ def _check_targets(target: Path, overrides: list[str]):
     elif (target / "leftImg8bit").is_dir():
         kind = "cityscapes"
     else:
-        from .errors import DataError
+        from tmtseg.errors import DataError
 
         raise DataError(f"{target}: not a config file, folder dataset (dataset.yaml), manifest folder or Cityscapes")
     base = load_config([], overrides)
     out = []
     if kind == "manifest":
-        from .data.sources import read_manifest
+        from tmtseg.data.sources import read_manifest
 
         domains = sorted({row["domain"] for row in read_manifest(target / "manifest.csv")})
         for domain in domains:
@@ -476,7 +476,7 @@ def _check_targets(target: Path, overrides: list[str]):
             cfg.data.train = SplitConfig(kind="cityscapes", path=str(target), domain=sub)
             out.append((cfg, ("train",)))
     else:
-        from .data.sources import _read_folder_yaml
+        from tmtseg.data.sources import _read_folder_yaml
 
         classes = _read_folder_yaml(target / "dataset.yaml")["classes"]
         cfg = load_config_over(base, [f"data.num_classes={len(classes)}"])
@@ -486,11 +486,11 @@ def _check_targets(target: Path, overrides: list[str]):
 
 
 def _cmd_data(args) -> int:
-    from .data import check_config
+    from tmtseg.data import check_config
 
     target = Path(args.target)
     if not target.exists():
-        from .errors import DataError
+        from tmtseg.errors import DataError
 
         raise DataError(f"{target}: no such file or folder")
     problems: list[str] = []
@@ -505,7 +505,7 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import describe, load_bench, report, run_bench
+    from tmtseg.tools.bench.run import describe, load_bench, report, run_bench
 
     overrides = list(args.overrides)
     if args.profile:
@@ -523,7 +523,7 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from tmtseg.tools.demo import run_demo
 
     report, pictures = run_demo(Path(args.out), overrides=args.overrides, progress=not args.no_progress)
     print(report.read_text())
@@ -532,7 +532,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_weights(args) -> int:
-    from . import weights
+    from tmtseg.io import weights
 
     if args.weights_command == "get":
         path = weights.get(args.name, log=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -589,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     programs) it returns the exit code."""
     code = _main(argv)
     if argv is None and "torch.distributed" in sys.modules:
-        from . import dist
+        from tmtseg import dist
 
         if dist.joined():
             dist.exit_process(code)
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .errors import Preempted, TmtsegError, TrainingError
+    from tmtseg.errors import Preempted, TmtsegError, TrainingError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
@@ -638,6 +638,6 @@ def _main(argv: list[str] | None) -> int:
     finally:
         warnings.formatwarning = formatwarning  # main() may run inside another program (tests)
         if "torch.distributed" in sys.modules:
-            from . import dist
+            from tmtseg import dist
 
             dist.cleanup(together=together)

@@ -16,8 +16,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
-from .recipes import METHODS
+from tmtseg.adapt.recipes import METHODS
+from tmtseg.errors import ConfigError
 
 
 @dataclass
@@ -482,7 +482,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key model.backbone.embed_dim={b.embed_dim}: must be divisible by token_stride/4")
     if not -1 <= cfg.train.freeze_blocks <= b.depth:
         raise ConfigError(f"config key train.freeze_blocks={cfg.train.freeze_blocks}: must be in [-1, {b.depth}]")
-    from .weights import check_arch
+    from tmtseg.io.weights import check_arch
 
     if bad := check_arch(b.pretrained, dataclasses.asdict(b)):
         raise ConfigError(f"config key {bad[0]}; set the architecture of the pretrained weights")

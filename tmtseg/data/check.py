@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..config import Config, DataConfig, SplitConfig
-from ..errors import DataError
-from .sources import list_source
+from tmtseg.config import Config, DataConfig, SplitConfig
+from tmtseg.data.sources import list_source
+from tmtseg.errors import DataError
 
 
 def check_split(split: SplitConfig, data: DataConfig, *, key: str = "split") -> list[str]:

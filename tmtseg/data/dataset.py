@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DataConfig, SplitConfig
-from ..errors import ConfigError
-from .decode import Pair, Record
-from .sources import list_source
-from .transforms import eval_transform, train_transform
+from tmtseg.config import DataConfig, SplitConfig
+from tmtseg.data.decode import Pair, Record
+from tmtseg.data.sources import list_source
+from tmtseg.data.transforms import eval_transform, train_transform
+from tmtseg.errors import ConfigError
 
 
 class SegDataset(Dataset):

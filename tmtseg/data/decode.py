@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ..errors import DataError
+from tmtseg.errors import DataError
 
 # a decoded pair: image uint8 [H, W, 3], label int64 [H, W] in [0, K) or ignore_index
 Pair = tuple[np.ndarray, np.ndarray]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from .decode import Pair, Record
+from tmtseg.data.decode import Pair, Record
+from tmtseg.errors import ConfigError
 
 IGNORE = "ignore"  # the mapping target that turns a class into void
 

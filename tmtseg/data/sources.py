@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..config import DataConfig, SplitConfig
-from ..errors import ConfigError, DataError
-from . import synthetic
-from .decode import (
+from tmtseg.config import DataConfig, SplitConfig
+from tmtseg.data import synthetic
+from tmtseg.data.decode import (
     Pair,
     PolypDecoder,
     Record,
@@ -28,7 +27,8 @@ from .decode import (
     folder_decoder,
     id_decoder,
 )
-from .label_map import MappedDecoder, build_lut, dataset_name
+from tmtseg.data.label_map import MappedDecoder, build_lut, dataset_name
+from tmtseg.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 BINARY_PALETTE = np.array([[0, 0, 0], [255, 255, 255]], dtype=np.uint8)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .decode import Pair, Record
+from tmtseg.data.decode import Pair, Record
 
 CLASS_NAMES = ["sky", "road", "building", "tree", "car"]
 SKY, ROAD, BUILDING, TREE, CAR = range(5)
