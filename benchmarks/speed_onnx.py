@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from tmtseg.engine.loop import trainer_from_checkpoint
+from tmtseg.engine.loop import model_with_loss_from_checkpoint
 from tmtseg.io.export import OnnxSegmenter
 from tmtseg.modeling.inference import image_scores
 
@@ -30,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    trainer, _, _ = trainer_from_checkpoint(args.checkpoint)
+    trainer, _, _ = model_with_loss_from_checkpoint(args.checkpoint)
     trainer.eval()
     onnx = OnnxSegmenter(args.onnx, threads=args.threads)
     x = (torch.rand(args.batch, 3, *args.size) * 255).round()  # [B, 3, H, W] in 0-255

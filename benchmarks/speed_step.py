@@ -43,10 +43,10 @@ CRITERION = {"tmtseg.matcher": "matcher", "tmtseg.point_sampling": "point sampli
 COMPILED_REGION = "Torch-Compiled Region"  # the profiler's name of a compiled graph's run
 # FlopCounterMode's module names of the parts
 FLOP_PARTS = {
-    "backbone": "Trainer.model.backbone",
-    "pixel decoder": "Trainer.model.pixel_decoder",
-    "transformer decoder": "Trainer.model.decoder",
-    "criterion": "Trainer.criterion",
+    "backbone": "ModelWithLoss.model.backbone",
+    "pixel decoder": "ModelWithLoss.model.pixel_decoder",
+    "transformer decoder": "ModelWithLoss.model.decoder",
+    "criterion": "ModelWithLoss.criterion",
 }
 
 
@@ -65,12 +65,12 @@ class Mode:
 
 def build(cfg, *, compiled: bool):
     """(trainer, optimizer) as `tmtseg train` builds them (random ViT weights; frozen blocks as the config says)."""
-    from tmtseg.adapt.method import build_trainer
+    from tmtseg.adapt.method import build_model_with_loss
     from tmtseg.engine.compiled import compile_model
     from tmtseg.engine.loop import build_optimizer, freeze
 
     torch.manual_seed(0)
-    trainer = build_trainer(cfg, pretrained=False)
+    trainer = build_model_with_loss(cfg, pretrained=False)
     freeze(cfg, trainer)
     if compiled:
         compile_model(trainer.model, backend=cfg.train.compile_backend)

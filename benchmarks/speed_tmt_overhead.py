@@ -27,7 +27,7 @@ from speed_common import timed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tmtseg.adapt.acte import ACTE
-from tmtseg.adapt.method import build_trainer
+from tmtseg.adapt.method import build_model_with_loss
 from tmtseg.config import load_config
 from tmtseg.engine.loop import freeze
 
@@ -82,7 +82,7 @@ def train_step_times(cfgs: dict, rounds: int) -> dict:
     runs = {}
     for name, (cfg, use_source, share) in cfgs.items():
         torch.manual_seed(0)
-        trainer = build_trainer(cfg)
+        trainer = build_model_with_loss(cfg)
         freeze(cfg, trainer)  # train.freeze_blocks, as the runner does
         trainer.amp = cfg.train.amp
         if trainer.method.wants_teacher:  # the preservation term's frozen source model (here: the same init)
@@ -120,7 +120,7 @@ def interleaved_medians(variants: dict, rounds: int) -> dict:
 @torch.no_grad()
 def inference_times(cfg, rounds: int) -> dict:
     torch.manual_seed(0)
-    trainer = build_trainer(cfg).eval()
+    trainer = build_model_with_loss(cfg).eval()
     images = _batch(cfg, 3)["image"][:1]
     variants = {
         "without TMA": lambda: trainer.model(images),
@@ -134,7 +134,7 @@ def teacher_times(cfg, rounds: int) -> dict:
     """The KL's frozen source model on one batch under train.amp: running its own ViT, or taking the adapted model's
     tokens (what PreserveKL does when both ViTs are the same frozen one)."""
     torch.manual_seed(0)
-    model = build_trainer(cfg).model.eval()
+    model = build_model_with_loss(cfg).model.eval()
     images = _batch(cfg, 4)["image"]
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.amp == "bf16"):
         f = model(images)["features"]

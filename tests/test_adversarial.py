@@ -217,9 +217,9 @@ def test_slide_windows_cover_every_pixel_even_with_a_stride_above_the_crop(size,
 
 
 def test_slide_inference_with_crop_below_stride_scores_every_pixel(checkpoint, tmp_path):
-    from tmtseg.engine.loop import trainer_from_checkpoint
+    from tmtseg.engine.loop import model_with_loss_from_checkpoint
 
-    trainer, _, _ = trainer_from_checkpoint(checkpoint)
+    trainer, _, _ = model_with_loss_from_checkpoint(checkpoint)
     image = torch.randint(0, 255, (3, 90, 110), dtype=torch.uint8)
     scores = predict_logits(
         trainer.model.eval(), image, out_size=(90, 110), mode="slide", crop=(32, 32), stride=(48, 48)
@@ -544,13 +544,13 @@ def test_frozen_parameters_are_left_to_themselves_under_ddp(tmp_path):
     step runs, they stay as they were, the others move (a one-process gloo group: the wrapper's logic is the same)."""
     import torch.distributed as tdist
 
-    from tmtseg.adapt.method import build_trainer
+    from tmtseg.adapt.method import build_model_with_loss
     from tmtseg.config import load_config
     from tmtseg.engine.loop import build_optimizer
     from tmtseg.engine.step import train_step
 
     cfg = load_config([], [*TINY, "model.dec_layers=2", "model.hidden_dim=48"])
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     trainer.model.backbone.requires_grad_(False)
     frozen = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
     head = trainer.model.decoder.class_embed.weight.detach().clone()

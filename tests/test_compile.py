@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmtseg.adapt.method import build_trainer
+from tmtseg.adapt.method import build_model_with_loss
 from tmtseg.config import load_config
 from tmtseg.engine.loop import evaluate_checkpoint, fit
 from tmtseg.io.checkpoint import MODEL_FILE, load_weights
@@ -75,7 +75,7 @@ def test_compiled_bf16_training_matches_eager_and_its_checkpoint_loads_uncompile
     # the checkpoint holds the segmenter's own keys and loads strictly into an uncompiled trainer
     weights = _final(run_dir)
     assert weights.keys() == _final(eager_run).keys() and not any("_orig_mod" in k for k in weights)
-    trainer = build_trainer(load_config([], RUN), pretrained=False)
+    trainer = build_model_with_loss(load_config([], RUN), pretrained=False)
     load_weights(trainer, weights, source="compiled run")
     trainer.eval()
     with torch.no_grad():
@@ -130,7 +130,7 @@ def test_an_adversarial_method_compiles_once_not_at_every_step_of_its_ramp():
     torch._dynamo.reset()
     counters.clear()
     cfg = load_config([], [*TINY, "adapt.method=tmt", "adapt.preserve.weight=0", "train.iters=100"])
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     compile_model(trainer.model, backend="aot_eager")
     g = torch.Generator().manual_seed(0)
     image = lambda: torch.randint(0, 256, (2, 3, 64, 64), generator=g, dtype=torch.uint8)  # noqa: E731

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmtseg.adapt.method import build_trainer
+from tmtseg.adapt.method import build_model_with_loss
 from tmtseg.config import config_from_dict
 from tmtseg.engine.loop import build_optimizer
 from tmtseg.engine.step import StepSampler
@@ -99,7 +99,7 @@ def _assert_same_weights(ckpt_one: Path, ckpt_two: Path, *, rtol: float) -> None
     the rest (exactly 0 for dead ReLU units: those are compared, they only decay).
     """
     cfg = config_from_dict(read_meta(ckpt_one / MODEL_FILE)["config"])
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     names = {id(p): n for n, p in trainer.named_parameters()}
     order = [names[id(p)] for group in build_optimizer(cfg, trainer).param_groups for p in group["params"]]
     second_moment = load_file(str(ckpt_one / STATE_FILE))

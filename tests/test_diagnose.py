@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from tmtseg.adapt.method import build_trainer
+from tmtseg.adapt.method import build_model_with_loss
 from tmtseg.cli import main
 from tmtseg.config import load_config, load_config_over
 from tmtseg.data import build_dataset
@@ -49,7 +49,7 @@ BASE = [
 def _save(root: Path, name: str, method: str, *extra: str, steps=(2,), lambdas=None) -> Path:
     cfg = load_config([], [*BASE, f"adapt.method={method}", f"output_dir={root / name}", *extra])
     torch.manual_seed(len(name))
-    trainer = build_trainer(cfg, pretrained=False)
+    trainer = build_model_with_loss(cfg, pretrained=False)
     meta = checkpoint_meta(cfg, build_dataset(cfg.data.train, cfg.data, train=False), method=method)
     for i, step in enumerate(steps):
         if lambdas is not None:

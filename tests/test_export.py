@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tmtseg.adapt.method import build_trainer
+from tmtseg.adapt.method import build_model_with_loss
 from tmtseg.config import load_config
 from tmtseg.io.export import ATOL, InferenceGraph, _session, check_parity, export_graph, parity, smooth_images
 from tmtseg.modeling.inference import image_scores
@@ -35,7 +35,7 @@ DINO = ["model.backbone.patch_size=14", "model.backbone.token_stride=8", "model.
 def test_export_matches_pytorch_at_other_sizes(tmp_path, decoder, method, backbone):
     cfg = load_config([], [*SMALL, *backbone, f"model.pixel_decoder={decoder}", f"adapt.method={method}"])
     torch.manual_seed(0)
-    trainer = build_trainer(cfg).eval()
+    trainer = build_model_with_loss(cfg).eval()
     graph = InferenceGraph(model=trainer.model, method=trainer.method, with_masks=True).eval()
     export_graph(graph, tmp_path / "m.onnx", with_masks=True)
     session = _session(tmp_path / "m.onnx")

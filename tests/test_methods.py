@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tmtseg.adapt.method import METHODS, build_trainer
+from tmtseg.adapt.method import METHODS, build_model_with_loss
 from tmtseg.config import load_config
 
 from .tiny import TINY
@@ -17,8 +17,8 @@ def _batch(seed, b=2, h=64, w=64, k=5):
 
 def test_tmt_with_lambda_zero_predicts_exactly_as_vanilla():
     torch.manual_seed(0)
-    tmt = build_trainer(load_config([], [*TINY, "adapt.method=tmt"])).eval()
-    vanilla = build_trainer(load_config([], TINY)).eval()
+    tmt = build_model_with_loss(load_config([], [*TINY, "adapt.method=tmt"])).eval()
+    vanilla = build_model_with_loss(load_config([], TINY)).eval()
     vanilla.model.load_state_dict(tmt.model.state_dict())
     images = _batch(1)["image"]
     with torch.no_grad():
@@ -35,7 +35,7 @@ def test_tmt_with_lambda_zero_predicts_exactly_as_vanilla():
 @pytest.mark.parametrize("at_inference", [True, False])
 @pytest.mark.parametrize("method", ["tmt", "tvt", "dann"])
 def test_inference_runs_the_attention_pieces_that_ask_and_the_alignment_they_read(method, at_inference):
-    trainer = build_trainer(
+    trainer = build_model_with_loss(
         load_config([], [*TINY, f"adapt.method={method}", f"adapt.tma.at_inference={at_inference}"])
     )
     hooks = trainer.method.inference_hooks()
@@ -88,7 +88,7 @@ def test_unsupervised_variant_never_reads_target_labels():
 def test_grl_pushes_features_against_the_discriminator():
     """With the GRL the backbone gradient of the adversarial term points opposite to the discriminator's own."""
     torch.manual_seed(0)
-    trainer = build_trainer(load_config([], [*TINY, "adapt.method=dann", "adapt.adv_weight=1.0"])).eval()
+    trainer = build_model_with_loss(load_config([], [*TINY, "adapt.method=dann", "adapt.adv_weight=1.0"])).eval()
     method = trainer.method  # eval: the discriminator's dropout would make the two passes differ
     disc = method.align[0]
     grads = []
@@ -107,7 +107,7 @@ def test_optimizer_gives_lambda_and_discriminators_their_own_lr():
 
     cfg = load_config([], [*TINY, "adapt.method=tmt", "train.lr=1e-4", "train.backbone_lr_mult=0.5",
                            "adapt.head_lr_mult=10", "adapt.tma.lambda_lr_mult=100"])  # fmt: skip
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     opt = build_optimizer(cfg, trainer)
     lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -129,7 +129,7 @@ def test_tmt_loss_weight_reweights_the_mask_losses_only():
     weight = trainer.method.point_weight(outputs)
     assert weight.shape == (2, 1, *outputs["pred_masks"].shape[-2:])  # on the prediction grid
     assert weight.min() >= 1.0 and weight.max() <= 3.0  # 1 + beta * W, W in [0, 1]
-    assert build_trainer(load_config([], [*TINY, "adapt.method=tmt"])).method.point_weight(outputs) is None
+    assert build_model_with_loss(load_config([], [*TINY, "adapt.method=tmt"])).method.point_weight(outputs) is None
 
     # the weights reach the criterion: a map that zeroes half of the image changes the mask losses, not the class loss
     half = torch.ones_like(weight)
@@ -148,7 +148,7 @@ def _with_teacher(overrides):
     import copy
 
     torch.manual_seed(0)
-    trainer = build_trainer(load_config([], [*TINY, *overrides]))
+    trainer = build_model_with_loss(load_config([], [*TINY, *overrides]))
     trainer.method.set_teacher(copy.deepcopy(trainer.model))
     return trainer
 
@@ -207,7 +207,7 @@ def test_the_source_model_runs_its_own_vit_under_stochastic_depth_in_training():
 
 
 def test_finetune_with_preserve_on_source_images_reads_the_source_batch():
-    plain = build_trainer(load_config([], [*TINY, "adapt.method=finetune"]))
+    plain = build_model_with_loss(load_config([], [*TINY, "adapt.method=finetune"]))
     assert not plain.method.needs_unlabelled and not plain.method.wants_teacher
     trainer = _with_teacher(["adapt.method=finetune", "adapt.preserve.weight=1.0", "adapt.preserve.methods=[finetune]"])
     assert trainer.method.needs_unlabelled and trainer.method.transferability({}, (4, 4)) is None  # uniform weights
@@ -251,7 +251,7 @@ def _steps(trainer, cfg, n=3):
 def test_lora_trains_only_the_low_rank_factors_and_the_decoders():
     cfg = load_config([], [*TINY, "adapt.method=lora", "adapt.lora.targets=[qkv,fc2]"])
     torch.manual_seed(0)
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     factors = sorted(n for n, _ in trainer.named_parameters() if n.startswith("method.lora."))
     assert factors == [f"method.lora.{ab}.blocks_{i}_{layer}" for ab in "ab" for i in (0, 1)
                        for layer in ("attn_qkv", "mlp_fc2")]  # fmt: skip
@@ -271,7 +271,7 @@ def test_acte_on_the_vit_tokens_maps_the_stride_16_grid_and_trains():
         [], [*TINY, "adapt.method=tmt", "adapt.preserve.weight=0", "adapt.acte.features=vit", "adapt.acte.cell=2"]
     )
     torch.manual_seed(0)
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     assert trainer.method.acte.discriminator.net.layers[0].in_features == cfg.model.backbone.embed_dim
     out = trainer.model(_batch(3)["image"], hooks=trainer.method.hooks(grl=torch.tensor(1.0)))
     # TINY's tokens are one per 8 px: resampled to the stride-16 grid of the decoder's 1/16 map
@@ -285,11 +285,11 @@ def test_acte_on_the_vit_tokens_maps_the_stride_16_grid_and_trains():
 def test_lora_given_to_another_method_keeps_its_pieces_and_freezes_the_vit():
     cfg = load_config([], [*TINY, "adapt.method=tmt", "adapt.lora.methods=[tmt]"])
     torch.manual_seed(0)
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     names = [n for n, p in trainer.named_parameters() if p.requires_grad]
     assert any(n.startswith("method.lora.") for n in names) and any(n.startswith("method.acte.") for n in names)
     assert "method.tma.lambdas" in names and not any(n.startswith("model.backbone.vit.") for n in names)
-    plain = build_trainer(load_config([], [*TINY, "adapt.method=tmt"]))
+    plain = build_model_with_loss(load_config([], [*TINY, "adapt.method=tmt"]))
     assert not any(n.startswith("method.lora.") for n, _ in plain.named_parameters())
 
 
@@ -300,7 +300,7 @@ def test_lora_checkpoint_loads_into_the_plain_segmenter_and_resumes_exactly(tmp_
 
     cfg = load_config([], [*TINY, "adapt.method=lora"])
     torch.manual_seed(0)
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     _steps(trainer, cfg)
     trainer.eval()
     path = save_checkpoint(tmp_path, step=3, model=trainer, meta={})
@@ -315,7 +315,7 @@ def test_lora_checkpoint_loads_into_the_plain_segmenter_and_resumes_exactly(tmp_
     assert not torch.equal(plain.state_dict()[qkv[len("model.") :]], trainer.model.state_dict()[qkv[len("model.") :]])
 
     torch.manual_seed(1)
-    resumed = build_trainer(cfg)  # as a resume does: a fresh trainer, then the checkpoint's weights
+    resumed = build_model_with_loss(cfg)  # as a resume does: a fresh trainer, then the checkpoint's weights
     load_weights(resumed, load_checkpoint(path).weights, source=str(path))
     for (name, p), q in zip(trainer.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), name  # the frozen weights too: exact, not merged-then-unmerged
@@ -409,7 +409,7 @@ def test_ddp_wraps_a_method_with_frozen_weights(tmp_path, method):
     torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        trainer = build_trainer(load_config([], [*TINY, f"adapt.method={method}"]))
+        trainer = build_model_with_loss(load_config([], [*TINY, f"adapt.method={method}"]))
         ddp = torch.nn.parallel.DistributedDataParallel(trainer)
         for step in range(2):  # DDP raises in the next step if a parameter it reduces got no gradient
             ddp({"labelled": _batch(1 + step)}, step=step)["loss"].backward()

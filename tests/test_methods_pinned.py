@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tmtseg.adapt.method import build_trainer
+from tmtseg.adapt.method import build_model_with_loss
 from tmtseg.config import load_config
 
 from .tiny import TINY
@@ -208,7 +208,7 @@ def test_losses_and_gradients_equal_the_pre_refactor_values(key, monkeypatch):
     monkeypatch.setattr(criterion, "uncertain_point_coords", lambda logits, groups=None, **kw: real(logits, **kw))
     name, mode = key.split("/")
     torch.manual_seed(0)
-    trainer = build_trainer(load_config([], [*TINY, *CASES[name]]))
+    trainer = build_model_with_loss(load_config([], [*TINY, *CASES[name]]))
     teacher = copy.deepcopy(trainer.model)
     if trainer.method.wants_teacher:
         trainer.method.set_teacher(teacher)

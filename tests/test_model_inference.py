@@ -121,7 +121,7 @@ def test_evaluation_runs_under_bf16_autocast_when_training_did():
 def test_evaluation_runs_the_methods_inference_pieces_in_eval_mode_and_restores_training():
     """TVT's discriminators run at inference (their T biases the last block's attention): with their dropout left on,
     the scores of an evaluation during training would be random."""
-    from tmtseg.adapt.method import build_trainer
+    from tmtseg.adapt.method import build_model_with_loss
     from tmtseg.config import load_config
     from tmtseg.data import build_dataset
     from tmtseg.engine.loop import _evaluate
@@ -130,7 +130,7 @@ def test_evaluation_runs_the_methods_inference_pieces_in_eval_mode_and_restores_
 
     cfg = load_config([], [*TINY, "adapt.method=tvt", "data.val.num_images=2"])
     torch.manual_seed(0)
-    trainer = build_trainer(cfg).train()
+    trainer = build_model_with_loss(cfg).train()
     dropouts = [m for m in trainer.method.modules() if isinstance(m, nn.Dropout)]
     assert dropouts
     modes = []

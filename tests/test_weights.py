@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tmtseg.adapt.method import build_trainer
+from tmtseg.adapt.method import build_model_with_loss
 from tmtseg.config import load_config
 from tmtseg.engine.loop import build_optimizer, freeze, lr_mult
 from tmtseg.errors import CheckpointError, ConfigError
@@ -147,7 +147,7 @@ def test_layer_decay_and_backbone_lr_follow_depth_and_the_pyramid_starts_fresh()
 def test_frozen_blocks_get_no_gradient_and_stay_put(blocks):
     cfg = _cfg(f"train.freeze_blocks={blocks}")
     torch.manual_seed(0)
-    trainer = build_trainer(cfg)
+    trainer = build_model_with_loss(cfg)
     freeze(cfg, trainer)
     optimizer = build_optimizer(cfg, trainer)
     vit = trainer.model.backbone.vit

@@ -316,14 +316,14 @@ def _cmd_predict(args) -> int:
         written = predict_onnx(args.onnx, Path(args.checkpoint), Path(args.out), progress=progress)
         print(f"wrote {len(written)} files to {args.out}")
         return 0
-    from tmtseg.engine.loop import trainer_from_checkpoint
+    from tmtseg.engine.loop import model_with_loss_from_checkpoint
     from tmtseg.tools.predict import predict_folder
 
     if args.input is None:
         from tmtseg.errors import ConfigError
 
         raise ConfigError("predict needs CHECKPOINT IMAGE_OR_FOLDER (or --onnx MODEL IMAGE_OR_FOLDER)")
-    trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
+    trainer, cfg, meta = model_with_loss_from_checkpoint(args.checkpoint, args.overrides)
     ckpt = Path(args.checkpoint)
     written = predict_folder(
         trainer,
@@ -361,7 +361,7 @@ def _cmd_viz(args) -> int:
     import torch
 
     from tmtseg.data import build_dataset
-    from tmtseg.engine.loop import trainer_from_checkpoint
+    from tmtseg.engine.loop import model_with_loss_from_checkpoint
     from tmtseg.tools.predict import list_images, make_out_dir, output_names, read_image, refuse_overwrite
     from tmtseg.tools.viz import compute_panels, draw_figure, draw_grid
 
@@ -369,7 +369,7 @@ def _cmd_viz(args) -> int:
     inputs = list_images(Path(args.input)) if args.input else []
     out_names = output_names(inputs)
     refuse_overwrite([out / "grid.png", *(out / f"{n}.png" for n in out_names.values())], inputs, option="--out")
-    trainer, cfg, meta = trainer_from_checkpoint(args.checkpoint, args.overrides)
+    trainer, cfg, meta = model_with_loss_from_checkpoint(args.checkpoint, args.overrides)
     depth = cfg.model.dec_layers
     bad = [n for n in args.layers if not -depth <= n < depth]
     if bad:

@@ -3,7 +3,7 @@
 A method is the segmentation loss on the labelled batch plus pieces: domain alignment at image, patch or region level
 (DANN, TVT-style, ACTE) and attention biasing (TVT-style, TMA), here; regularisers toward the source model (the KL,
 L2-SP; regularisers.py) and which weights train (LoRA, a frozen ViT; models/tuning.py). `recipes.METHODS` names every
-method by its pieces; `build_method` makes them from their config sections. `Trainer` = segmenter + method +
+method by its pieces; `build_method` makes them from their config sections. `ModelWithLoss` = segmenter + method +
 criterion: the one module that DDP wraps and that checkpoints hold.
 """
 
@@ -401,7 +401,7 @@ def piece_sections(recipe) -> set[str]:
     }
 
 
-class Trainer(nn.Module):
+class ModelWithLoss(nn.Module):
     """Segmenter + adaptation method + criterion; `forward(batches, step)` returns the step's losses.
 
     Its state dict holds the segmenter as a plain Segmenter loads it: with LoRA, the update merged into the weights."""
@@ -419,11 +419,11 @@ class Trainer(nn.Module):
         return self.method(self.model, self.criterion, batches, step=step)
 
 
-def build_trainer(cfg, *, pretrained: bool = True) -> Trainer:
+def build_model_with_loss(cfg, *, pretrained: bool = True) -> ModelWithLoss:
     """The trainer of cfg.adapt.method; `pretrained=False` skips loading the ViT's pretrained weights (a checkpoint
     is about to replace them)."""
     from tmtseg.modeling.build import build_criterion, build_model
 
-    return Trainer(
+    return ModelWithLoss(
         model=build_model(cfg, pretrained=pretrained), method=build_method(cfg), criterion=build_criterion(cfg)
     )

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from tmtseg import config as config_mod
 from tmtseg import dist
-from tmtseg.adapt.method import Trainer, build_trainer
+from tmtseg.adapt.method import ModelWithLoss, build_model_with_loss
 from tmtseg.adapt.recipes import regularisers_of
 from tmtseg.config import Config
 from tmtseg.data import build_dataset, check_config, collate
@@ -73,7 +73,7 @@ def vit_depth_from_top(depth: int, rest: str) -> int:
     return 0 if rest.startswith("norm.") else depth + 1
 
 
-def freeze(cfg: Config, trainer: Trainer) -> None:
+def freeze(cfg: Config, trainer: ModelWithLoss) -> None:
     """train.freeze_blocks: the patch embedding, position table, prefix tokens and the first N ViT blocks (-1: the
     whole ViT) get requires_grad False; the optimizer then skips them and DDP ignores them."""
     n = cfg.train.freeze_blocks
@@ -86,7 +86,7 @@ def freeze(cfg: Config, trainer: Trainer) -> None:
             p.requires_grad_(False)
 
 
-def build_optimizer(cfg: Config, trainer: Trainer) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, trainer: ModelWithLoss) -> torch.optim.Optimizer:
     """AdamW with per-part lr multipliers (`lr_mult`); no weight decay on norms, biases, embeddings, lambda."""
     groups: dict[tuple[float, float], list] = {}
     for name, p in trainer.named_parameters():
@@ -111,7 +111,9 @@ def checkpoint_meta(cfg: Config, dataset, **extra) -> dict:
     }
 
 
-def trainer_from_checkpoint(path: str | Path, overrides: list[str] | None = None) -> tuple[Trainer, Config, dict]:
+def model_with_loss_from_checkpoint(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[ModelWithLoss, Config, dict]:
     """Rebuild the trainer a checkpoint was saved from (its own config, plus overrides) and load its weights."""
     ckpt = load_checkpoint(path)
     if "config" not in ckpt.meta:
@@ -119,12 +121,12 @@ def trainer_from_checkpoint(path: str | Path, overrides: list[str] | None = None
     cfg = config_mod.config_from_dict(ckpt.meta["config"])
     if overrides:
         cfg = config_mod.load_config_over(cfg, overrides)
-    trainer = build_trainer(cfg, pretrained=False)
+    trainer = build_model_with_loss(cfg, pretrained=False)
     load_weights(trainer, ckpt.weights, source=str(path))
     return trainer, cfg, ckpt.meta
 
 
-def init_from_source(trainer: Trainer, path: str) -> None:
+def init_from_source(trainer: ModelWithLoss, path: str) -> None:
     """Load a source model's segmenter weights; the method's own modules start fresh."""
     load_segmenter(trainer.model, path)
 
@@ -138,7 +140,7 @@ def load_segmenter(model: torch.nn.Module, path: str) -> None:
     load_weights(model, seg, source=str(path))
 
 
-def attach_teacher(cfg: Config, trainer: Trainer, device: torch.device) -> None:
+def attach_teacher(cfg: Config, trainer: ModelWithLoss, device: torch.device) -> None:
     """The frozen source model that the regularisers (adapt.preserve, adapt.l2sp) compare against: loaded from
     adapt.source_checkpoint on a fresh start and on a resume alike, never saved with the run."""
     if not trainer.method.wants_teacher:
@@ -164,7 +166,9 @@ def _check_data(cfg: Config, splits: tuple[str, ...]) -> None:
         raise DataError(problems[0] + more)
 
 
-def _resume(cfg: Config, run_dir: Path, trainer: Trainer, optimizer: torch.optim.Optimizer) -> tuple[LoopState, Path]:
+def _resume(
+    cfg: Config, run_dir: Path, trainer: ModelWithLoss, optimizer: torch.optim.Optimizer
+) -> tuple[LoopState, Path]:
     """Load the newest readable checkpoint of the run folder into trainer and optimizer; refuse a changed config."""
     with warnings.catch_warnings():
         if not dist.is_main():  # one warning per run, not per process
@@ -199,7 +203,7 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, mean.tolist(), strict=True))
 
 
-def _finite_weights(trainer: Trainer) -> str | None:
+def _first_nonfinite(trainer: ModelWithLoss) -> str | None:
     """The first parameter or buffer holding a NaN or inf, or None."""
     for name, t in trainer.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -244,7 +248,9 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
             " another output_dir"
         )
     torch.manual_seed(cfg.train.seed)
-    trainer = build_trainer(cfg, pretrained=not (init_from or resume))  # a checkpoint replaces the ViT's weights
+    trainer = build_model_with_loss(
+        cfg, pretrained=not (init_from or resume)
+    )  # a checkpoint replaces the ViT's weights
     freeze(cfg, trainer)
     needs_source = trainer.method.needs_unlabelled or cfg.adapt.unsupervised
     _check_data(cfg, ("train", "val", "source") if needs_source else ("train", "val"))
@@ -312,7 +318,7 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
 
     def save(step: int, name: str | None = None, metrics: dict | None = None) -> Path:
         """Rank 0 writes; every rank waits for it and gets the path (so any rank can name it in a message)."""
-        bad = _finite_weights(trainer)
+        bad = _first_nonfinite(trainer)
         if bad is not None:  # the same weights on every rank: all raise together
             raise TrainingError(
                 f"non-finite weights ({bad}) after step {step}: not saved; last good checkpoint: {last_good or 'none'}"
@@ -401,7 +407,7 @@ def _fit(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: st
 
 def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progress: bool = True) -> tuple[dict, Config]:
     """Score a checkpoint on its config's data.val (overrides may point it at another split or data root)."""
-    trainer, cfg, _ = trainer_from_checkpoint(path, overrides)
+    trainer, cfg, _ = model_with_loss_from_checkpoint(path, overrides)
     _check_data(cfg, ("val",))
     device = dist.local_device(cfg.train.device)
     trainer.to(device)
@@ -411,7 +417,7 @@ def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progre
     return _evaluate(trainer, cfg, val_ds, device, progress=progress), cfg
 
 
-def _evaluate(trainer: Trainer, cfg: Config, dataset, device, *, progress: bool) -> dict:
+def _evaluate(trainer: ModelWithLoss, cfg: Config, dataset, device, *, progress: bool) -> dict:
     """Score the model on `dataset` as `cfg` infers (mode, crop, stride; the TMA hooks if the method has them; the
     ViT's outputs from infer.feature_cache if set)."""
     backbone = trainer.model.backbone

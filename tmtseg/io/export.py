@@ -150,14 +150,14 @@ def export_checkpoint(
 ) -> dict:
     """Export a checkpoint to `out` (.onnx) and `out`.json; parity-check it first (raises ExportError past the
     tolerances, leaving nothing written). Returns the JSON's content."""
-    from tmtseg.engine.loop import trainer_from_checkpoint
+    from tmtseg.engine.loop import model_with_loss_from_checkpoint
     from tmtseg.tools.predict import read_image
 
     require("onnx", "onnxscript", "onnxruntime")
     checkpoint, out = Path(checkpoint), Path(out)
     images = list(images or [])
     _refuse_overwrite(out, [checkpoint, *images])
-    trainer, cfg, meta = trainer_from_checkpoint(checkpoint, overrides)
+    trainer, cfg, meta = model_with_loss_from_checkpoint(checkpoint, overrides)
     trainer.eval()
     graph = InferenceGraph(model=trainer.model, method=trainer.method, with_masks=with_masks).eval()
     out.parent.mkdir(parents=True, exist_ok=True)

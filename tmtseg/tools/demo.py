@@ -45,11 +45,11 @@ def write_pictures(runs: dict[str, str], out: Path, *, eval_split, count: int = 
     import matplotlib.pyplot as plt
 
     from tmtseg.data import build_dataset
-    from tmtseg.engine.loop import trainer_from_checkpoint
+    from tmtseg.engine.loop import model_with_loss_from_checkpoint
     from tmtseg.tools.predict import colorize, predict_array
 
     out.mkdir(parents=True, exist_ok=True)
-    loaded = {name: trainer_from_checkpoint(path) for name, path in runs.items()}
+    loaded = {name: model_with_loss_from_checkpoint(path) for name, path in runs.items()}
     _, cfg, meta = next(iter(loaded.values()))
     dataset = build_dataset(eval_split, cfg.data, train=False)
     palette = np.asarray(meta["palette"], dtype=np.uint8)

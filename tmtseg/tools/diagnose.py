@@ -15,7 +15,7 @@ from scipy import ndimage, stats
 
 from tmtseg.adapt.acte import soft_cluster
 from tmtseg.adapt.domain import binary_entropy_bits
-from tmtseg.adapt.method import Hooks, PatchAlignment, RegionAlignment, TMAAttention, Trainer
+from tmtseg.adapt.method import Hooks, ModelWithLoss, PatchAlignment, RegionAlignment, TMAAttention
 from tmtseg.adapt.tma import resize_map
 from tmtseg.config import Config
 from tmtseg.errors import CheckpointError, ConfigError
@@ -27,7 +27,7 @@ from tmtseg.tools.viz import boundaries, to_image
 @dataclass
 class Model:
     path: Path
-    trainer: Trainer
+    trainer: ModelWithLoss
     cfg: Config
 
 
@@ -46,11 +46,11 @@ def load_models(
 
     Raises CheckpointError for a checkpoint that lacks its role's piece (ACTE for --tmt, the patch discriminator for
     --tvt) or that belongs to another task or target split than the TMT checkpoint."""
-    from tmtseg.engine.loop import trainer_from_checkpoint
+    from tmtseg.engine.loop import model_with_loss_from_checkpoint
 
     def load(path: str, extra=()) -> Model:
         p = resolve_checkpoint(path)
-        trainer, cfg, _ = trainer_from_checkpoint(p, list(extra))
+        trainer, cfg, _ = model_with_loss_from_checkpoint(p, list(extra))
         return Model(path=p, trainer=trainer.eval(), cfg=cfg)
 
     models = {"tmt": load(tmt, overrides)}
