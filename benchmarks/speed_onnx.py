@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from tmtseg.engine.loop import model_with_loss_from_checkpoint
-from tmtseg.io.export import OnnxSegmenter
+from tmtseg.engine.restore import model_with_loss_from_checkpoint
 from tmtseg.modeling.inference import image_scores
+from tmtseg.tools.export import OnnxSegmenter
 
 
 def main() -> None:

@@ -65,9 +65,9 @@ class Mode:
 
 def build(cfg, *, compiled: bool):
     """(trainer, optimizer) as `tmtseg train` builds them (random ViT weights; frozen blocks as the config says)."""
-    from tmtseg.adapt.method import build_model_with_loss
+    from tmtseg.adapt.build import build_model_with_loss
     from tmtseg.engine.compiled import compile_model
-    from tmtseg.engine.loop import build_optimizer, freeze
+    from tmtseg.engine.optim import build_optimizer, freeze
 
     torch.manual_seed(0)
     trainer = build_model_with_loss(cfg, pretrained=False)

@@ -27,9 +27,9 @@ from speed_common import timed
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tmtseg.adapt.acte import ACTE
-from tmtseg.adapt.method import build_model_with_loss
+from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.config import load_config
-from tmtseg.engine.loop import freeze
+from tmtseg.engine.optim import freeze
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -104,7 +104,7 @@ def make_subject(name, model: nn.Module, opt, loss: Callable[[], Tensor], run: C
 
 def freeze_ours(cfg, vit: nn.Module) -> None:
     """train.freeze_blocks on our VisionTransformer, as `tmtseg train` freezes it."""
-    from tmtseg.engine.loop import vit_depth_from_top
+    from tmtseg.engine.optim import vit_depth_from_top
 
     n, depth = cfg.train.freeze_blocks, cfg.model.backbone.depth
     for name, p in vit.named_parameters():

@@ -1,4 +1,4 @@
-"""ACTE (method.md §4): soft clustering on the 3x3 cell neighbourhood, its O(9 P) memory, the
+"""ACTE (docs/method.md §4): soft clustering on the 3x3 cell neighbourhood, its O(9 P) memory, the
 region discriminator behind the GRL and the detached transferability map."""
 
 import pytest

@@ -217,7 +217,7 @@ def test_slide_windows_cover_every_pixel_even_with_a_stride_above_the_crop(size,
 
 
 def test_slide_inference_with_crop_below_stride_scores_every_pixel(checkpoint, tmp_path):
-    from tmtseg.engine.loop import model_with_loss_from_checkpoint
+    from tmtseg.engine.restore import model_with_loss_from_checkpoint
 
     trainer, _, _ = model_with_loss_from_checkpoint(checkpoint)
     image = torch.randint(0, 255, (3, 90, 110), dtype=torch.uint8)
@@ -544,9 +544,9 @@ def test_frozen_parameters_are_left_to_themselves_under_ddp(tmp_path):
     step runs, they stay as they were, the others move (a one-process gloo group: the wrapper's logic is the same)."""
     import torch.distributed as tdist
 
-    from tmtseg.adapt.method import build_model_with_loss
+    from tmtseg.adapt.build import build_model_with_loss
     from tmtseg.config import load_config
-    from tmtseg.engine.loop import build_optimizer
+    from tmtseg.engine.optim import build_optimizer
     from tmtseg.engine.step import train_step
 
     cfg = load_config([], [*TINY, "model.dec_layers=2", "model.hidden_dim=48"])

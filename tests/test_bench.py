@@ -12,8 +12,8 @@ import yaml
 
 from tests.tiny import TINY
 from tmtseg.errors import ConfigError
-from tmtseg.tools.bench.report import build_table, markdown, method_colors, wins
-from tmtseg.tools.bench.run import load_bench, plan, read_sessions, run_bench
+from tmtseg.tools.bench import load_bench, plan, read_sessions, run_bench
+from tmtseg.tools.bench.tables import build_table, markdown, method_colors, wins
 
 
 def _bench_file(tmp_path: Path, **changes) -> Path:
@@ -183,8 +183,7 @@ def test_report_wins_and_deltas_follow_the_seed_spread():
 
 
 def test_extends_reuse_and_the_versioned_hash(tmp_path, monkeypatch):
-    from tmtseg.tools.bench import run as bench_mod
-    from tmtseg.tools.bench.run import config_hash, describe
+    from tmtseg.tools.bench import config_hash, describe, identity
 
     base = _bench_file(tmp_path)
     child = tmp_path / "child.yaml"
@@ -226,7 +225,7 @@ def test_extends_reuse_and_the_versioned_hash(tmp_path, monkeypatch):
     cfg.train.lr *= 2
     assert config_hash(cfg) != name
     cfg.train.lr /= 2
-    monkeypatch.setattr(bench_mod, "HASH_VERSION", bench_mod.HASH_VERSION + 1)
+    monkeypatch.setattr(identity, "HASH_VERSION", identity.HASH_VERSION + 1)  # where config_hash reads it
     assert config_hash(cfg) != name
 
     cyclic = tmp_path / "cyclic.yaml"
@@ -243,7 +242,7 @@ def test_only_restricts_the_plan_to_tasks_or_pairs(tmp_path):
 
 
 def test_a_run_is_found_under_another_method_name_and_preserve_hashes_only_where_it_acts(tmp_path):
-    from tmtseg.tools.bench.run import config_hash, describe, report
+    from tmtseg.tools.bench import config_hash, describe, report
 
     variants = {"tmt-p10": {"method": "tmt", "overrides": ["adapt.preserve.weight=10.0"]},
                 "tmt-paper": {"method": "tmt", "overrides": ["adapt.preserve.weight=0.0"]}}  # fmt: skip
@@ -279,7 +278,7 @@ def test_a_regulariser_or_lora_enters_the_hash_only_where_it_acts():
     """The sections a method does not use leave its hash alone; a method that is another plus a regulariser (lwf =
     finetune + KL, l2sp = finetune + L2-SP) hashes as that one, so the same computation is found under either name."""
     from tmtseg.config import load_config
-    from tmtseg.tools.bench.run import config_hash
+    from tmtseg.tools.bench import config_hash
 
     def h(*overrides: str) -> str:
         return config_hash(load_config([], list(overrides)))
@@ -311,7 +310,7 @@ def test_a_regulariser_or_lora_enters_the_hash_only_where_it_acts():
 
 def test_keys_that_only_say_how_a_run_is_carried_out_leave_its_identity_alone():
     from tmtseg.config import RUN_NEUTRAL, load_config
-    from tmtseg.tools.bench.run import config_hash
+    from tmtseg.tools.bench import config_hash
 
     def h(*overrides: str) -> str:
         return config_hash(load_config([], list(overrides)))

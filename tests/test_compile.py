@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmtseg.adapt.method import build_model_with_loss
+from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.config import load_config
-from tmtseg.engine.loop import evaluate_checkpoint, fit
+from tmtseg.engine.evaluate import evaluate_checkpoint
+from tmtseg.engine.loop import fit
 from tmtseg.io.checkpoint import MODEL_FILE, load_weights
 
 from .tiny import TINY
@@ -108,7 +109,7 @@ def test_a_failing_compile_warns_once_and_trains_exactly_as_eager(tmp_path, eage
 
 
 def test_resume_may_switch_compile_on_and_the_bench_identity_ignores_it(tmp_path):
-    from tmtseg.tools.bench.run import config_hash
+    from tmtseg.tools.bench import config_hash
 
     base = load_config([], RUN)
     assert config_hash(base) == config_hash(load_config([], [*RUN, *COMPILED]))

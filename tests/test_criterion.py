@@ -1,4 +1,4 @@
-"""Set criterion (method.md §3): perfect vs wrong predictions, ignore pixels, deep supervision, the normaliser."""
+"""Set criterion (docs/method.md §3): perfect vs wrong predictions, ignore pixels, deep supervision, the normaliser."""
 
 from __future__ import annotations
 

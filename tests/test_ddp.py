@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tmtseg.adapt.method import build_model_with_loss
+from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.config import config_from_dict
-from tmtseg.engine.loop import build_optimizer
+from tmtseg.engine.optim import build_optimizer
 from tmtseg.engine.step import StepSampler
 from tmtseg.io.checkpoint import MODEL_FILE, STATE_FILE, latest_valid, list_checkpoints, read_meta
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from scipy import stats
 
-from tmtseg.adapt.method import build_model_with_loss
+from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.cli import main
 from tmtseg.config import load_config, load_config_over
 from tmtseg.data import build_dataset
-from tmtseg.engine.loop import checkpoint_meta
+from tmtseg.engine.restore import checkpoint_meta
 from tmtseg.io.checkpoint import save_checkpoint
 from tmtseg.modeling.inference import predict_logits
 from tmtseg.tools.diagnose import (

@@ -1,4 +1,4 @@
-"""Gradient reversal, GRL ramp, binary entropy, discriminator and domain BCE (method.md §4, §6)."""
+"""Gradient reversal, GRL ramp, binary entropy, discriminator and domain BCE (docs/method.md §4, §6)."""
 
 import math
 

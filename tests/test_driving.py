@@ -17,7 +17,7 @@ from tmtseg.config import DataConfig, SplitConfig, load_config
 from tmtseg.data import build_dataset, check_config, check_split
 from tmtseg.data.sources import list_source
 from tmtseg.errors import DataError
-from tmtseg.tools.bench.run import PACKAGED, data_splits, load_bench, plan
+from tmtseg.tools.bench import PACKAGED, data_splits, load_bench, plan
 
 DRIVING = str(PACKAGED / "driving.yaml")
 TASK = ["drivable", "non-drivable", "living things", "vehicles", "roadside objects", "far objects", "sky"]

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tmtseg.adapt.method import build_model_with_loss
+from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.config import load_config
-from tmtseg.io.export import ATOL, InferenceGraph, _session, check_parity, export_graph, parity, smooth_images
 from tmtseg.modeling.inference import image_scores
+from tmtseg.tools.export import ATOL, InferenceGraph, _session, check_parity, export_graph, parity, smooth_images
 
 from .test_resume import cli
 from .tiny import TINY

@@ -85,7 +85,7 @@ def test_a_lora_update_is_never_replaced_by_the_frozen_vits_cached_outputs(tmp_p
 def test_under_tvts_attention_bias_the_last_blocks_input_is_kept_and_the_scores_are_unchanged(tmp_path):
     """TVT's bias acts on the last ViT block only: the cache keeps that block's input (not the final tokens, which the
     bias changes) and the last block runs, so TVT's evaluations read the cache too, with the same scores."""
-    from tmtseg.adapt.method import build_model_with_loss
+    from tmtseg.adapt.build import build_model_with_loss
 
     torch.manual_seed(0)
     trainer = build_model_with_loss(load_config([], [*TINY, "adapt.method=tvt"])).eval()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from tmtseg.config import load_config
+from tmtseg.engine.logs import TENSORBOARD_DIR
 from tmtseg.engine.loop import fit
 from tmtseg.errors import ConfigError
-from tmtseg.io.logs import TENSORBOARD_DIR
 
 from .tiny import TINY
 

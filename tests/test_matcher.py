@@ -1,4 +1,4 @@
-"""Hungarian matcher (method.md §3): batched == per image, empty targets, brute-force agreement, ignore pixels."""
+"""Hungarian matcher (docs/method.md §3): batched == per image, empty targets, brute-force agreement, ignore pixels."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from tmtseg.adapt.method import METHODS, build_model_with_loss
+from tmtseg.adapt.base import StepPasses
+from tmtseg.adapt.build import build_model_with_loss
+from tmtseg.adapt.registry import METHODS
 from tmtseg.config import load_config
 
 from .tiny import TINY
@@ -103,7 +105,7 @@ def test_grl_pushes_features_against_the_discriminator():
 
 
 def test_optimizer_gives_lambda_and_discriminators_their_own_lr():
-    from tmtseg.engine.loop import build_optimizer
+    from tmtseg.engine.optim import build_optimizer
 
     cfg = load_config([], [*TINY, "adapt.method=tmt", "train.lr=1e-4", "train.backbone_lr_mult=0.5",
                            "adapt.head_lr_mult=10", "adapt.tma.lambda_lr_mult=100"])  # fmt: skip
@@ -167,7 +169,7 @@ def test_preserve_is_zero_at_the_source_model_and_grows_as_the_model_moves(image
     assert trainer.model.decoder.class_embed.bias.grad is not None
     # the teacher is no part of the trainer: never optimised, never in a checkpoint
     assert not any("teacher" in k for k in trainer.state_dict())
-    assert all(p.grad is None for p in trainer.method.preserve._teacher[0].parameters())
+    assert all(p.grad is None for p in trainer.method.regularisers["preserve"]._teacher[0].parameters())
 
 
 @pytest.mark.parametrize("method, shared", [("lwf", True), ("tmt", True), ("tvt", False), ("lora", False)])
@@ -176,7 +178,7 @@ def test_the_source_model_takes_the_adapted_models_vit_tokens_only_where_its_vit
     and the loss is bit for bit the one it computes itself; never under TVT's attention bias or LoRA's hooks."""
     trainer = _with_teacher([f"adapt.method={method}", f"adapt.preserve.methods=[{method}]", "adapt.preserve.weight=1"])
     trainer.model.backbone.vit.requires_grad_(False)  # as train.freeze_blocks=-1 leaves it (LoRA freezes it itself)
-    kl, teacher = trainer.method.preserve, trainer.method.preserve._teacher[0]
+    kl, teacher = trainer.method.regularisers["preserve"], trainer.method.regularisers["preserve"]._teacher[0]
     calls = []
     teacher.backbone.vit.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
@@ -201,7 +203,7 @@ def test_the_source_model_takes_the_adapted_models_vit_tokens_only_where_its_vit
 def test_the_source_model_runs_its_own_vit_under_stochastic_depth_in_training():
     trainer = _with_teacher(["adapt.method=lwf", "model.backbone.drop_path=0.1"])
     trainer.model.backbone.vit.requires_grad_(False)
-    kl = trainer.method.preserve
+    kl = trainer.method.regularisers["preserve"]
     assert not kl.shares_vit(trainer.model.train())
     assert kl.shares_vit(trainer.model.eval())
 
@@ -220,7 +222,7 @@ def test_finetune_with_preserve_on_source_images_reads_the_source_batch():
 
 def test_preserve_counts_each_pixel_by_its_transferability():
     trainer = _with_teacher(["adapt.method=tmt", "adapt.preserve.weight=1.0", "adapt.preserve.images=target"])
-    method, kl = trainer.method, trainer.method.preserve
+    method, kl = trainer.method, trainer.method.regularisers["preserve"]
     batch = _batch(1)
     with torch.no_grad():
         trainer.model.decoder.class_embed.bias.add_(torch.randn_like(trainer.model.decoder.class_embed.bias))
@@ -228,7 +230,8 @@ def test_preserve_counts_each_pixel_by_its_transferability():
         hw = outputs["pred_masks"].shape[-2:]
         t = method.transferability(outputs["adapt"], hw)
         assert t.shape == (2, 1, *hw) and 0 <= t.min() and t.max() <= 1
-        weighted = kl.loss(method, {"target": (batch["image"], outputs)})
+        # model=None: no student ViT to share, the teacher runs its own (as the loss did before StepPasses)
+        weighted = kl.loss(StepPasses(model=None, method=method, passes={"target": (batch["image"], outputs)}))
         uniform = kl.term(batch["image"], outputs, None)
         right = torch.zeros(2, 1, *hw)
         right[..., right.shape[-1] // 2 :] = 1.0
@@ -239,7 +242,7 @@ def test_preserve_counts_each_pixel_by_its_transferability():
 
 
 def _steps(trainer, cfg, n=3):
-    from tmtseg.engine.loop import build_optimizer
+    from tmtseg.engine.optim import build_optimizer
 
     opt = build_optimizer(cfg, trainer)
     for step in range(n):
@@ -294,7 +297,7 @@ def test_lora_given_to_another_method_keeps_its_pieces_and_freezes_the_vit():
 
 
 def test_lora_checkpoint_loads_into_the_plain_segmenter_and_resumes_exactly(tmp_path):
-    from tmtseg.engine.loop import load_segmenter
+    from tmtseg.engine.restore import load_segmenter
     from tmtseg.io.checkpoint import load_checkpoint, load_weights, save_checkpoint
     from tmtseg.modeling.build import build_model
 
@@ -367,9 +370,9 @@ def test_lwf_is_the_uniform_kl_and_zero_at_the_source_model():
 
 def test_the_method_table_is_what_cli_config_and_bench_accept():
     from tmtseg import cli
-    from tmtseg.adapt.recipes import METHODS as TABLE
+    from tmtseg.adapt.registry import METHODS as TABLE
     from tmtseg.errors import ConfigError
-    from tmtseg.tools.bench import run as bench
+    from tmtseg.tools import bench
 
     assert TABLE is METHODS and bench.ADAPT_METHODS == tuple(METHODS)
     adapt = next(a for a in cli._parser()._subparsers._group_actions[0].choices["adapt"]._actions

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from tmtseg.adapt.method import build_model_with_loss
+from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.config import load_config
 
 from .tiny import TINY

@@ -1,8 +1,9 @@
-"""Segmenter shapes, gradients and hooks on a tiny CPU config (method.md §3)."""
+"""Segmenter shapes, gradients and hooks on a tiny CPU config (docs/method.md §3)."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,7 +142,9 @@ def test_zero_bias_unit_scale_and_none_hooks_change_nothing():
     zero = Hooks(bias=lambda B, hw: torch.zeros(B, HEADS, hw[0] * hw[1]))
     unit = Hooks(scale=lambda B, hw: torch.ones(B, HEADS, hw[0] * hw[1]))
     nothing = Hooks(backbone=lambda tokens, hw: torch.zeros(tokens.shape[0], 1, tokens.shape[1]))
-    for hooks in (zero, unit, nothing, object()):  # object(): every hook method absent
+    # every hook point declared None (the SegmenterHooks contract: an unused hook point is None, never absent)
+    absent = SimpleNamespace(backbone_attn=None, pixel_features=None, decoder_attn=None)
+    for hooks in (zero, unit, nothing, absent):
         out = model(x, hooks=hooks, return_attn=True)
         torch.testing.assert_close(out["pred_masks"], ref["pred_masks"])
         torch.testing.assert_close(out["pred_logits"], ref["pred_logits"])

@@ -1,4 +1,4 @@
-"""ViT backbone: pretrained-weight loading in timm and HF layouts, refused and mismatched checkpoints (method.md §3)."""
+"""ViT backbone: pretrained weights in timm and HF layouts, refused and mismatched checkpoints (docs/method.md §3)."""
 
 from __future__ import annotations
 

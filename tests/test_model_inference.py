@@ -1,4 +1,4 @@
-"""Semantic inference (method.md §3): semantic_probs against a loop, whole vs sliding-window prediction."""
+"""Semantic inference (docs/method.md §3): semantic_probs against a loop, whole vs sliding-window prediction."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def test_slide_average_of_a_constant_model_is_constant():
 def test_evaluation_runs_under_bf16_autocast_when_training_did():
     from tmtseg.config import load_config
     from tmtseg.data import build_dataset
-    from tmtseg.engine.step import evaluate
+    from tmtseg.engine.evaluate import evaluate
 
     from .tiny import TINY
 
@@ -121,10 +121,10 @@ def test_evaluation_runs_under_bf16_autocast_when_training_did():
 def test_evaluation_runs_the_methods_inference_pieces_in_eval_mode_and_restores_training():
     """TVT's discriminators run at inference (their T biases the last block's attention): with their dropout left on,
     the scores of an evaluation during training would be random."""
-    from tmtseg.adapt.method import build_model_with_loss
+    from tmtseg.adapt.build import build_model_with_loss
     from tmtseg.config import load_config
     from tmtseg.data import build_dataset
-    from tmtseg.engine.loop import _evaluate
+    from tmtseg.engine.evaluate import evaluate_model_with_loss as _evaluate
 
     from .tiny import TINY
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from html.parser import HTMLParser
 
-from tmtseg.tools.bench.report import write_report
+from tmtseg.tools.bench.tables import write_report
 
 
 class _Page(HTMLParser):

@@ -1,4 +1,4 @@
-"""TMA (method.md §5): importance W from transferability and uncertainty, and the per-head attention terms."""
+"""TMA (docs/method.md §5): importance W from transferability and uncertainty, and the per-head attention terms."""
 
 import math
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from tmtseg.adapt.method import build_model_with_loss
+from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.config import load_config
-from tmtseg.engine.loop import build_optimizer, freeze, lr_mult
+from tmtseg.engine.optim import build_optimizer, freeze, lr_mult
 from tmtseg.errors import CheckpointError, ConfigError
-from tmtseg.io import weights
+from tmtseg.modeling.backbones import weights
 from tmtseg.modeling.backbones.vit import VisionTransformer
 
 from .tiny import TINY

@@ -1,4 +1,4 @@
-"""ACTE, the Adaptive Cluster-based Transferability Estimator (method.md §4): soft SLIC-style
+"""ACTE, the Adaptive Cluster-based Transferability Estimator (docs/method.md §4): soft SLIC-style
 clustering of a feature map into adaptively shaped regions, a region discriminator behind a GRL,
 and the dense transferability map T(p) = sum_r a(p, r) t_r."""
 
@@ -13,6 +13,21 @@ from torch import Tensor, nn
 
 from tmtseg.adapt.domain import Discriminator, binary_entropy_bits, domain_bce, grad_reverse
 from tmtseg.errors import ConfigError
+from tmtseg.settings import setting
+
+
+@dataclass
+class ACTESettings:
+    """`adapt.acte`: ACTE's clustering and the map it reads (docs/method.md §4)."""
+
+    cell: int = setting(4, low=1)  # c: regions start as c x c cells; c = 8 leaves only ~4-12 regions on CPU-size crops
+    iters: int = setting(3, low=0)  # L: soft-clustering iterations; 0 = fixed square patches
+    kappa: float = setting(10.0, low=0, positive=True)  # temperature on the cosine similarity
+    feature_stride: int = setting(8, choices=(8, 16, 32))  # which pixel-decoder map clusters
+    # "decoder": the pixel decoder's map at feature_stride (the paper's reading: the adversarial loss then shapes those
+    # features); "vit": the frozen ViT's token map at stride 16 (an extension: docs/results.md §7)
+    features: str = setting("decoder", choices=("decoder", "vit"))
+
 
 # The 3x3 cell neighbourhood, row-major: channel k of an assignment is the region at cell offset OFFSETS[k].
 OFFSETS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -92,7 +107,7 @@ class Regions:
 
 
 def soft_cluster(x: Tensor, *, cell: int, iters: int, kappa: float) -> Regions:
-    """Differentiable SLIC on cosine similarity (method.md §4 steps 1-4), memory O(9 * P).
+    """Differentiable SLIC on cosine similarity (docs/method.md §4 steps 1-4), memory O(9 * P).
 
     Starts from the c x c cell grid (zero padding to multiples of c is masked out of the region means);
     each of ``iters`` rounds recomputes region means, then re-assigns each pixel with a softmax over
@@ -132,7 +147,7 @@ def soft_cluster(x: Tensor, *, cell: int, iters: int, kappa: float) -> Regions:
 
 
 class ACTE(nn.Module):
-    """Soft clustering + region discriminator + transferability map (method.md §4).
+    """Soft clustering + region discriminator + transferability map (docs/method.md §4).
 
     forward(x [B, C, H, W], grl_coeff) -> dict(regions, disc_logits [B, R], transferability [B, R],
     tmap [B, 1, H, W]); ``grl_coeff=None`` skips the gradient reversal (inference).
@@ -158,7 +173,7 @@ class ACTE(nn.Module):
         logits = self.discriminator(feats)  # [B, R]
         transferability = binary_entropy_bits(torch.sigmoid(logits))  # [B, R]
         # The map is an input signal to TMA, not a training path: only the GRL'd discriminator loss
-        # shapes the features (method.md §4 [choice]), so assignments and t are both detached here.
+        # shapes the features (docs/method.md §4 [choice]), so assignments and t are both detached here.
         tmap = regions.detached().dense(transferability.detach())  # [B, 1, H, W]
         return {"regions": regions, "disc_logits": logits, "transferability": transferability, "tmap": tmap}
 

@@ -1,15 +1,27 @@
 """Domain-adversarial building blocks: gradient reversal, the domain discriminator, its loss and
-the binary-entropy transferability (method.md §4 region transferability, §6 DANN/TVT baselines)."""
+the binary-entropy transferability (docs/method.md §4 region transferability, §6 DANN/TVT baselines)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tmtseg.modeling.layers import MLP
+from tmtseg.settings import setting
+
+
+@dataclass
+class DiscSettings:
+    """`adapt.disc`: the domain discriminators of every aligning method (DANN's image level, TVT's patch and global,
+    ACTE's region level), a 3-layer MLP each. One section, so that the methods compare with discriminators of the
+    same size."""
+
+    hidden: int = setting(256, low=1)  # DANN's 1024 is for 2048-d ResNet features; our token widths are 192-384
+    dropout: float = setting(0.1, low=0, high=1)
 
 
 class GradReverse(torch.autograd.Function):

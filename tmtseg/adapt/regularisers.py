@@ -1,19 +1,48 @@
-"""Regularisers toward the source model (method.md §6), given to any method: the KL to the frozen source model's
-predictions (LwF / this project's preservation term) and L2-SP's pull of the weights toward the source weights."""
+"""Regularisers toward the source model (docs/method.md §6; the Regulariser contract of tmtseg/adapt/base.py), given
+to any method: the KL to the frozen source model's predictions (LwF / this project's preservation term) and L2-SP's
+pull of the weights toward the source weights."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from tmtseg.adapt.base import StepPasses
 from tmtseg.modeling.feature_cache import hooked, state_version
 from tmtseg.modeling.inference import semantic_probs
 from tmtseg.modeling.layers import DropPath
+from tmtseg.settings import setting
 
-if TYPE_CHECKING:
-    from tmtseg.adapt.method import Method
+
+@dataclass
+class PreserveSettings:
+    """`adapt.preserve`: source-knowledge preservation (an extension; not in the paper), a KL term that keeps the
+    adapted model's semantic prediction close to the frozen source model's. The method `lwf` is fine-tuning with it;
+    the methods listed in `methods` get it too. With a transferability map (TMT) each pixel counts by T(p): what the
+    source model knows is kept where the domains look alike, adaptation is free where they do not (docs/method.md §5).
+    weight 0 = off, i.e. the paper's TMT."""
+
+    weight: float = setting(10.0, low=0)
+    methods: list[str] = setting(factory=lambda: ["tmt"])  # the methods that use it (a control: [finetune])
+    # source (the unlabelled source batch) | target (the labelled target batch) | both
+    images: str = setting("source", choices=("source", "target", "both"))
+    # transferability (T(p) where the method has a map; else uniform) | uniform
+    weighting: str = setting("transferability", choices=("transferability", "uniform"))
+
+
+@dataclass
+class L2SPSettings:
+    """`adapt.l2sp`: L2-SP (Li et al., 2018), alpha/2 * |w - w_source|^2 on the weights the source model has (the
+    whole segmenter), beta/2 * |w|^2 on the method's new ones. The method `l2sp` is fine-tuning with it; `methods`
+    gives it to others (like for like: TMT + L2-SP against fine-tuning + L2-SP)."""
+
+    # Li et al. find alpha in 0.01-0.1 best for transfer (0.01 for segmentation) and keep beta = 0.01; the pull is
+    # summed over every weight, against a segmentation loss of ~40 (7 deep-supervised layers), so the small end
+    alpha: float = setting(0.01, low=0)
+    beta: float = setting(0.01, low=0)
+    methods: list[str] = setting(factory=list)  # other methods that get the term (l2sp has it always)
 
 
 def class_distribution(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
@@ -30,6 +59,7 @@ class PreserveKL:
     transferability T(p) (weighting="transferability", where the method has a map) or uniformly."""
 
     name = "loss_preserve"
+    needs_source = True
 
     def __init__(self, *, weight: float, domains: tuple[str, ...], weighting: str):
         self.weight, self.domains, self.weighting = weight, domains, weighting
@@ -88,14 +118,14 @@ class PreserveKL:
         weight = weight.detach().to(kl.dtype)
         return (kl * weight).sum() / weight.sum().clamp_min(1e-6)
 
-    def loss(self, method: Method, passes: dict[str, tuple[Tensor, dict]], *, student: nn.Module | None = None):
+    def loss(self, step: StepPasses) -> Tensor:
         terms = []
         for domain in self.domains:
-            if domain in passes:
-                images, outputs = passes[domain]
+            if domain in step.passes:
+                images, outputs = step.passes[domain]
                 hw = outputs["pred_masks"].shape[-2:]
-                t = method.transferability(outputs["adapt"], hw) if self.weighting == "transferability" else None
-                terms.append(self.term(images, outputs, t, student=student))
+                t = step.method.transferability(outputs["adapt"], hw) if self.weighting == "transferability" else None
+                terms.append(self.term(images, outputs, t, student=step.model))
         return self.weight * sum(terms) / max(len(terms), 1)
 
 
@@ -105,6 +135,8 @@ class L2SP:
     method (like for like); at lr 1e-4 it moves a weight by 5e-6 of itself per step, next to nothing."""
 
     name = "loss_l2sp"
+    domains: tuple[str, ...] = ()  # it reads weights, no forward pass
+    needs_source = True
 
     def __init__(self, *, alpha: float, beta: float):
         self.alpha, self.beta = alpha, beta
@@ -113,7 +145,8 @@ class L2SP:
     def set_source(self, model: nn.Module) -> None:
         self._source = {n: p.detach() for n, p in model.named_parameters()}
 
-    def loss(self, model: nn.Module, method: nn.Module) -> Tensor:
+    def loss(self, step: StepPasses) -> Tensor:
+        model, method = step.model, step.method
         if not self._source:
             raise RuntimeError("l2sp: set_teacher() was not called (the runner loads the source model)")
         zero = next(model.parameters()).new_zeros(())  # a tensor even where nothing is trained
@@ -122,3 +155,16 @@ class L2SP:
         )
         new = sum(((p**2).sum() for p in method.parameters() if p.requires_grad), zero)
         return 0.5 * self.alpha * anchored + 0.5 * self.beta * new
+
+
+# ------------------------------------------------------------------------------------- builders: the config readers
+
+
+def build_preserve(cfg) -> PreserveKL:
+    p = cfg.adapt.preserve
+    domains = ("source", "target") if p.images == "both" else (p.images,)
+    return PreserveKL(weight=p.weight, domains=domains, weighting=p.weighting)
+
+
+def build_l2sp(cfg) -> L2SP:
+    return L2SP(alpha=cfg.adapt.l2sp.alpha, beta=cfg.adapt.l2sp.beta)

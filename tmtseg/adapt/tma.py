@@ -1,9 +1,10 @@
-"""TMA, Transferable Masked Attention (method.md §5): a per-head, per-key term for the decoder's
+"""TMA, Transferable Masked Attention (docs/method.md §5): a per-head, per-key term for the decoder's
 masked cross-attention that favours regions of low transferability and high semantic uncertainty."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,30 @@ from torch import Tensor, nn
 
 from tmtseg.errors import ConfigError
 from tmtseg.modeling.inference import semantic_probs
+from tmtseg.settings import setting
+
+
+@dataclass
+class TMASettings:
+    """`adapt.tma`: TMA (docs/method.md §5)."""
+
+    alpha: float = setting(0.5, low=0, high=1)  # W = alpha * (1 - T) + (1 - alpha) * U
+    combine: str = setting("mix", choices=("mix", "product"))
+    uncertainty: bool = True  # U on; False = W from transferability alone
+    form: str = setting("additive", choices=("additive", "multiplicative"))  # log bias before softmax | scale probs
+    learn_lambda: bool = True  # lambda_h learnable per head
+    lambda_init: float = setting(0.0)  # 0: training starts exactly as vanilla Mask2Former
+    # lambda's lr = train.lr * this: Adam moves a parameter by ~lr per step, so a lambda starting at 0 would stay
+    # within 0.01 of vanilla over a 100-step adaptation at the segmenter's 1e-4, i.e. TMA would never act
+    lambda_lr_mult: float = setting(100.0, low=0)
+    eps: float = setting(1e-6, low=0, positive=True)
+    at_inference: bool = True  # run ACTE + TMA on target images at test time
+    # beta: the mask losses weight each point by 1 + beta * W (an extension; 0 = the paper's TMA, attention only)
+    loss_weight: float = setting(0.0, low=0)
+    # how W enters an additive bias: "log", lambda * log(eps + W) (the paper's reading); "zscore", lambda times W
+    # standardised over each image's keys (an extension: W varies little within an image, so the log bias barely
+    # moves attention; standardised, lambda = 1 shifts a key by one spread of W)
+    normalize: str = setting("log", choices=("log", "zscore"))
 
 
 def resize_map(x: Tensor, hw: tuple[int, int]) -> Tensor:

@@ -1,15 +1,30 @@
-"""Which weights an adaptation trains (method.md §6, parameter-efficient baselines): LoRA on the ViT's linear layers, or
-the ViT frozen. Each piece `attach`es to a built segmenter before the optimizer and DDP see it."""
+"""Which weights an adaptation trains (docs/method.md §6, parameter-efficient baselines; the Tuning contract of
+tmtseg/adapt/base.py): LoRA on the ViT's linear layers, or the ViT frozen. Each piece `attach`es to a built segmenter
+before the optimizer and DDP see it."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tmtseg.settings import setting
+
 _LORA_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+@dataclass
+class LoRASettings:
+    """`adapt.lora`: parameter-efficient tuning (method `lora`): the ViT frozen, a low-rank update B @ A (scaled by
+    alpha / rank) learnt beside each targeted linear layer of its blocks; the pixel and mask decoders are trained."""
+
+    rank: int = setting(8, low=1)  # Hu et al.: r = 4-8 on the attention matches full fine-tuning
+    alpha: float = setting(8.0, low=0)  # scale alpha / rank = 1: the update's size does not change with the rank
+    targets: list[str] = setting(factory=lambda: ["qkv"], choices=tuple(_LORA_TARGETS))  # qkv, proj (attn), fc1, fc2
+    methods: list[str] = setting(factory=list)  # other methods that get LoRA too (lora has it always)
 
 
 class LoRA(nn.Module):
@@ -25,7 +40,7 @@ class LoRA(nn.Module):
     into the checkpoint's segmenter weights (what `tmtseg eval`/`predict` or any plain Segmenter load) and the exact
     frozen W beside it (`method.lora.base.*`), which `unmerge_state` puts back on load: a resume is bitwise exact. The
     frozen weights have requires_grad=False, which DDP skips; every LoRA factor is used in every forward. As fresh
-    modules of the method, the factors train at adapt.head_lr_mult x train.lr (runner.lr_mult): B starts at zero."""
+    modules of the method, the factors train at adapt.head_lr_mult x train.lr (engine.optim.lr_mult): B starts at 0."""
 
     def __init__(self, *, rank: int, alpha: float, targets: list[str]):
         super().__init__()
@@ -66,6 +81,14 @@ class LoRA(nn.Module):
             state[f"{prefix}method.lora.base.{key}"] = w
             state[f"{prefix}model.{layer}.weight"] = w + self.delta(key).detach().to(w.dtype)
 
+    def state_hooks(self) -> tuple:
+        """The model-with-loss's state dict holds the segmenter with the update merged in (what a plain Segmenter
+        loads), the frozen weights beside it; loading puts the frozen ones back."""
+        return (
+            lambda module, state, prefix, meta: self.merged_state(state, prefix),  # noqa: ARG005
+            lambda module, state, prefix, *_: self.unmerge_state(state, prefix),  # noqa: ARG005
+        )
+
     def unmerge_state(self, state: dict, prefix: str) -> None:
         """Before loading a trainer's state dict: the frozen weights back in place of the merged ones."""
         for key, layer in self._layers.items():
@@ -79,3 +102,17 @@ class FrozenBackbone(nn.Module):
 
     def attach(self, model: nn.Module) -> None:
         model.backbone.vit.requires_grad_(False)
+
+    def state_hooks(self) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------- builders: the config readers
+
+
+def build_lora(cfg) -> LoRA:
+    return LoRA(rank=cfg.adapt.lora.rank, alpha=cfg.adapt.lora.alpha, targets=cfg.adapt.lora.targets)
+
+
+def build_frozen(cfg) -> FrozenBackbone:  # noqa: ARG001
+    return FrozenBackbone()

@@ -1,4 +1,4 @@
-"""The segmentation dataset: decode a record, then the training or evaluation transform (method.md §3)."""
+"""The segmentation dataset: decode a record, then the training or evaluation transform (docs/method.md §3)."""
 
 from __future__ import annotations
 

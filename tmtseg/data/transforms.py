@@ -1,4 +1,4 @@
-"""Training and evaluation transforms on uint8 images and int64 labels (method.md §3 training recipe).
+"""Training and evaluation transforms on uint8 images and int64 labels (docs/method.md §3 training recipe).
 
 All randomness comes from torch (the global RNG, or a given ``torch.Generator``) so that the
 engine's ``torch.manual_seed`` and the DataLoader's per-worker seeds make runs reproducible.

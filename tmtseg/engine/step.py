@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from tmtseg import dist
-from tmtseg.metrics import SegMetrics
-from tmtseg.modeling.inference import predict_logits
 
 
 # ---------------------------------------------------------------------------------------------------------------- data
@@ -212,71 +207,3 @@ def train_step(
             return {k: float(v.detach()) for k, v in losses.items()}, False
         optimizer.step()
     return {k: float(v.detach()) for k, v in losses.items()}, True
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    dataset,
-    *,
-    mode: str,
-    crop: tuple[int, int],
-    stride: tuple[int, int],
-    device: torch.device,
-    binary: bool,
-    hooks_fn: Callable[[], object] | None = None,
-    progress: bool = False,
-    amp: str = "none",
-) -> dict:
-    """Score a labelled dataset at label resolution, under bf16 autocast if amp is "bf16"; shards over processes and
-    all-reduces the confusion matrix. `model` is put in eval mode for the call; the modules behind `hooks_fn` (a
-    method's pieces) are the caller's to put there (runner._evaluate does)."""
-    was_training = model.training
-    model.eval()
-    metrics = SegMetrics(
-        num_classes=dataset.num_classes,
-        ignore_index=dataset.ignore_index,
-        class_names=dataset.class_names,
-        binary=binary,
-    )
-    world = dist.world_size()
-    indices = range(dist.rank(), len(dataset), world)
-    for i in tqdm(indices, desc="eval", disable=not (progress and dist.is_main()), leave=False):
-        item = dataset[i]
-        label = item["label"]
-        with amp_context(amp, device):
-            logits = predict_logits(
-                model,
-                item["image"].to(device),
-                out_size=tuple(label.shape[-2:]),
-                mode=mode,
-                crop=crop,
-                stride=stride,
-                hooks=hooks_fn() if hooks_fn else None,
-            )  # [1, K, H, W]
-        metrics.update(logits.argmax(1)[0].cpu(), label)
-    if dist.is_distributed():
-        metrics.confusion = dist.all_reduce_sum(metrics.confusion)
-        # rank r scored images r, r + W, ...: interleave the per-image scores back into dataset order
-        shards = dist.all_gather_lists(metrics.image_dice)
-        metrics.image_dice = [shards[i % world][i // world] for i in range(sum(len(x) for x in shards))]
-    model.train(was_training)
-    return metrics.compute()
-
-
-def log_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def read_jsonl(path: Path, *, upto_step: int) -> list[str]:
-    """The log's lines up to `upto_step`; a line cut short by a kill is dropped."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= upto_step:
-            kept.append(line)
-    return kept

@@ -1,4 +1,4 @@
-"""The set criterion (method.md §3, Mask2Former): Hungarian matching, class cross-entropy with a down-weighted
+"""The set criterion (docs/method.md §3, Mask2Former): Hungarian matching, class cross-entropy with a down-weighted
 no-object class, mask BCE and Dice on importance-sampled points, deep supervision; ignore pixels carry no weight."""
 
 from __future__ import annotations
@@ -76,6 +76,17 @@ def uncertain_point_coords(
     coords = candidates.view(-1, 2).index_select(0, flat).view(M, num_uncertain, 2).add_(1.0).mul_(0.5)  # [0, 1]
     extra = uniform_coords(M, num_points - num_uncertain, 2, device=logits.device)
     return torch.cat([coords, extra], dim=1)  # [M, P, 2]
+
+
+def aux_suffix(layer: int) -> str:
+    """The key suffix of an earlier decoder layer's term under deep supervision: loss_ce_0, loss_mask_3, ..."""
+    return f"_{layer}"
+
+
+def is_aux_loss(key: str) -> bool:
+    """Whether a loss key is an earlier decoder layer's term (logged only in the total, not one by one)."""
+    head, _, tail = key.rpartition("_")
+    return key.startswith("loss_") and head != "loss" and tail.isdigit()
 
 
 class SetCriterion(nn.Module):
@@ -198,7 +209,7 @@ class SetCriterion(nn.Module):
     def _losses(self, outputs: dict, targets: list[dict], num_masks: float | None) -> dict[str, Tensor]:
         n = max(self.num_masks(targets) if num_masks is None else float(num_masks), 1.0)
         layers = [*outputs.get("aux_outputs", []), outputs] if self.deep_supervision else [outputs]
-        suffixes = [f"_{i}" for i in range(len(layers) - 1)] + [""]
+        suffixes = [aux_suffix(i) for i in range(len(layers) - 1)] + [""]
         with record_function("tmtseg.matcher"):
             indices = self.matcher.match_layers(layers, targets)  # one batched matching for all layers
         raw = {"loss_ce": self.loss_labels([o["pred_logits"] for o in layers], targets, indices)}  # [L] each

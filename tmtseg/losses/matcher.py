@@ -1,5 +1,5 @@
-"""Hungarian matching of predicted masks to ground-truth masks (method.md §3, Mask2Former's matcher): class + sigmoid
-BCE + Dice costs on the same random points for predictions and targets, in float32 without gradients."""
+"""Hungarian matching of predicted masks to ground-truth masks (docs/method.md §3, Mask2Former's matcher): class +
+sigmoid BCE + Dice costs on the same random points for predictions and targets, in float32 without gradients."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Semantic inference of the mask transformer (method.md §3): per-class scores from query classes and masks, on the
+"""Semantic inference of the mask transformer (docs/method.md §3): per-class scores from query classes and masks, on the
 whole image or by overlapping sliding windows."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared building blocks of the segmenter (method.md §3): MLP, multi-head attention with an additive bias and a
+"""Shared building blocks of the segmenter (docs/method.md §3): MLP, multi-head attention with an additive bias and a
 post-softmax scale, the transformer FFN, sine position encoding, LayerNorm2d, stochastic depth, and a linear layer
 that casts its frozen weight for autocast once."""
 

@@ -1,5 +1,5 @@
-"""Mask2Former's masked-attention transformer decoder (method.md §3): learnable queries that cross-attend, round-robin
-over the 1/32, 1/16, 1/8 memory, only inside the previous layer's predicted masks; class and mask heads."""
+"""Mask2Former's masked-attention transformer decoder (docs/method.md §3): learnable queries that cross-attend,
+round-robin over the 1/32, 1/16, 1/8 memory, only inside the previous layer's predicted masks; class and mask heads."""
 
 from __future__ import annotations
 

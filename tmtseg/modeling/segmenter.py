@@ -1,9 +1,11 @@
-"""The segmenter (method.md §3): backbone -> pixel decoder -> masked-attention decoder, composed by injection, with
+"""The segmenter (docs/method.md §3): backbone -> pixel decoder -> masked-attention decoder, composed by injection, with
 the hook points where the adaptation methods (DANN, TVT-style, TMT) plug in."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,14 @@ def _part(name: str):
     return nullcontext() if torch.compiler.is_compiling() else record_function(name)
 
 
+class SegmenterHooks(Protocol):
+    """Where an adaptation method plugs into a forward (tmtseg/adapt/method.py's Hooks); None = not used."""
+
+    backbone_attn: Callable[[Tensor, tuple[int, int]], tuple[Tensor | None, dict]] | None
+    pixel_features: Callable[[dict], dict] | None
+    decoder_attn: Callable[[int, dict, tuple[int, int], dict], tuple[Tensor | None, Tensor | None]] | None
+
+
 class Segmenter(nn.Module):
     """Mask2Former-style segmenter on a ViT.
 
@@ -44,13 +54,13 @@ class Segmenter(nn.Module):
     Images are padded (bottom/right) to a multiple of 32, at least 64; the backbone, pixel-decoder maps and everything
     the hooks see live on that padded grid, while pred_masks and mask_features are cropped back to the image.
 
-    hooks (any method may be absent; the adaptation method's pieces, methods.py): backbone_attn(tokens, hw) -> (bias
-    [B, 1 or h, N] | None, outputs dict), the bias added to the keys of the last ViT block; pixel_features(features) ->
-    outputs dict, after the pixel decoder; decoder_attn(layer, prev, hw, adapt) -> (bias [B, h, h*w] | None, scale [B,
-    h, h*w] | None) for the masked cross-attention of decoder layer `layer`, where prev holds the (detached) previous
-    prediction on the padded grid and adapt what the other two hooks returned. What the hooks return comes back as
-    `adapt` (a dict; empty without hooks) in the output and in `features`: the methods' discriminator logits and
-    transferability maps, never a side channel.
+    hooks (a SegmenterHooks, tmtseg/adapt/method.py's Hooks; each hook may be None): backbone_attn(tokens, hw) ->
+    (bias [B, 1 or h, N] | None, outputs dict), the bias added to the keys of the last ViT block; pixel_features(
+    features) -> outputs dict, after the pixel decoder; decoder_attn(layer, prev, hw, adapt) -> (bias [B, h, h*w] |
+    None, scale [B, h, h*w] | None) for the masked cross-attention of decoder layer `layer`, where prev holds the
+    (detached) previous prediction on the padded grid and adapt what the other two hooks returned. What the hooks
+    return comes back as `adapt` (a dict; empty without hooks) in the output and in `features`: the methods'
+    discriminator logits and transferability maps, never a side channel.
     """
 
     def __init__(
@@ -70,14 +80,16 @@ class Segmenter(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1), False)
 
-    def encode(self, images: Tensor, *, hooks=None, vit_tokens: tuple[Tensor, tuple] | None = None) -> dict:
+    def encode(
+        self, images: Tensor, *, hooks: SegmenterHooks | None = None, vit_tokens: tuple[Tensor, tuple] | None = None
+    ) -> dict:
         """Backbone + pixel decoder only: the `features` dict of `forward` (what the domain discriminators need)."""
         H, W = images.shape[-2:]
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         # zero after normalisation = the mean colour, as detectron2 pads its batches
         x = F.pad(x, (0, _padded(W) - W, 0, _padded(H) - H))  # [B, 3, H', W']
         adapt: dict = {}
-        backbone_hook = getattr(hooks, "backbone_attn", None)
+        backbone_hook = hooks.backbone_attn if hooks is not None else None
         biased = False
 
         def attn_hook(tokens: Tensor, hw: tuple[int, int]) -> Tensor | None:
@@ -102,20 +114,25 @@ class Segmenter(nn.Module):
             "backbone": bb["pyramid"],
             "adapt": adapt,
         }
-        pixel_hook = getattr(hooks, "pixel_features", None)
+        pixel_hook = hooks.pixel_features if hooks is not None else None
         if pixel_hook is not None:
             adapt.update(pixel_hook(features))
         return features
 
     def forward(
-        self, images: Tensor, *, hooks=None, return_attn: bool = False, vit_tokens: tuple[Tensor, tuple] | None = None
+        self,
+        images: Tensor,
+        *,
+        hooks: SegmenterHooks | None = None,
+        return_attn: bool = False,
+        vit_tokens: tuple[Tensor, tuple] | None = None,
     ) -> dict:
         """images: uint8 or float [B, 3, H, W] in 0-255, any H and W (see the class docstring for the output dict);
         vit_tokens: the ViT's output (tokens, hw) on these images, computed elsewhere, instead of running the ViT."""
         H, W = images.shape[-2:]
         h4, w4 = -(-H // 4), -(-W // 4)
         features = self.encode(images, hooks=hooks, vit_tokens=vit_tokens)
-        decoder_hook = getattr(hooks, "decoder_attn", None)
+        decoder_hook = hooks.decoder_attn if hooks is not None else None
         adapt = features["adapt"]
         with _part("tmtseg.decoder"):
             dec = self.decoder(

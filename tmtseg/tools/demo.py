@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmtseg.tools.bench.run import BenchConfig, load_bench, plan, run_bench
+from tmtseg.tools.bench import BenchConfig, load_bench, plan, run_bench
 
 
 def run_demo(out: Path, *, overrides: list[str] = (), progress: bool = True) -> tuple[Path, list[Path]]:
@@ -45,7 +45,7 @@ def write_pictures(runs: dict[str, str], out: Path, *, eval_split, count: int = 
     import matplotlib.pyplot as plt
 
     from tmtseg.data import build_dataset
-    from tmtseg.engine.loop import model_with_loss_from_checkpoint
+    from tmtseg.engine.restore import model_with_loss_from_checkpoint
     from tmtseg.tools.predict import colorize, predict_array
 
     out.mkdir(parents=True, exist_ok=True)

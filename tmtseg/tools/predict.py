@@ -10,18 +10,10 @@ from PIL import Image
 
 from tmtseg.data.decode import open_image, rgb_array
 from tmtseg.errors import DataError
+from tmtseg.io.pictures import colorize, default_palette, overlay  # noqa: F401 (re-exported)
 from tmtseg.modeling.inference import image_scores, window_scores
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
-
-
-def default_palette(num_classes: int) -> np.ndarray:
-    """A distinct colour per class (the tab20 colours, then a fixed random draw)."""
-    import matplotlib
-
-    base = (np.array([matplotlib.colormaps["tab20"](i)[:3] for i in range(20)]) * 255).astype(np.uint8)
-    extra = np.random.default_rng(0).integers(0, 256, size=(max(0, num_classes - 20), 3), dtype=np.uint8)
-    return np.concatenate([base, extra])[:num_classes]
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -39,18 +31,6 @@ def list_images(path: Path) -> list[Path]:
             raise DataError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return files
     raise DataError(f"{path}: no such file or folder")
-
-
-def colorize(pred: np.ndarray, palette: np.ndarray, *, ignore_index: int | None = None) -> np.ndarray:
-    """[H, W] class ids -> [H, W, 3] colours (ignore pixels black)."""
-    out = palette[np.clip(pred, 0, len(palette) - 1)]
-    if ignore_index is not None:
-        out[pred == ignore_index] = 0
-    return out
-
-
-def overlay(image: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    return (image * (1 - alpha) + colours * alpha).astype(np.uint8)
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from tmtseg.adapt.acte import soft_cluster
+from tmtseg.io.pictures import colorize
 from tmtseg.modeling.inference import semantic_probs
-from tmtseg.tools.predict import colorize
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The backbone (method.md §3): a plain ViT with timm's parameter names (LayerScale and register tokens as DINOv2
+"""The backbone (docs/method.md §3): a plain ViT with timm's parameter names (LayerScale and register tokens as DINOv2
 has them) and ViTDet's simple feature pyramid to the true strides 4/8/16/32 for any patch size."""
 
 from __future__ import annotations
@@ -234,6 +234,8 @@ class ViTBackbone(nn.Module):
     "resize_tokens" runs the ViT on the image as it is (padded to the patch) and resamples the token map to that grid.
     `vit` holds the timm-named weights that `load_pretrained` fills.
     """
+
+    kind = "vit"  # a plain ViT: one token map, the pyramid built from it (tmtseg/modeling/build.py: BACKBONES)
 
     def __init__(self, *, vit: VisionTransformer, pyramid: SimpleFeaturePyramid, token_stride: int, fit: str) -> None:
         super().__init__()

@@ -1,5 +1,6 @@
-"""Pretrained ViT weights into the backbone (method.md §3): the checkpoint layouts a user brings (timm, HF ViTModel,
-HF Dinov2Model with or without registers, DINOv2's own `dinov2_vits14_pretrain.pth`) renamed to timm's names."""
+"""Pretrained ViT weights into the backbone (docs/method.md §3): the checkpoint layouts a user brings (timm, HF
+ViTModel, HF Dinov2Model with or without registers, DINOv2's own `dinov2_vits14_pretrain.pth`) renamed to timm's
+names."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Pixel decoders (method.md §3): fuse the backbone pyramid into the decoder's multi-scale memory (strides 32, 16, 8)
-and the stride-4 mask features. `fpn` is a light FPN; `msdeform` is Mask2Former's deformable-attention encoder."""
+"""Pixel decoders (docs/method.md §3): fuse the backbone pyramid into the decoder's multi-scale memory (strides 32, 16,
+8) and the stride-4 mask features. `fpn` is a light FPN; `msdeform` is Mask2Former's deformable-attention encoder."""
 
 from __future__ import annotations
 

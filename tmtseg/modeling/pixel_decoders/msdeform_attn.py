@@ -1,5 +1,5 @@
 """Multi-scale deformable attention (Deformable DETR) in pure PyTorch with `grid_sample`, and the encoder layer of
-Mask2Former's MSDeformAttn pixel decoder (method.md §3)."""
+Mask2Former's MSDeformAttn pixel decoder (docs/method.md §3)."""
 
 from __future__ import annotations
 

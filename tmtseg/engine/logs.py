@@ -3,13 +3,13 @@ train.log_to=[jsonl, tensorboard] the same scalars plus prediction overlays and 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tmtseg.engine.step import log_jsonl
 from tmtseg.errors import ConfigError, MissingExtra
 
 LOG_TO = ("jsonl", "tensorboard")
@@ -72,8 +72,8 @@ class TrainLog:
         `count` images of `dataset`, as the model infers at this step."""
         if self.writer is None:
             return
+        from tmtseg.io.pictures import colorize, overlay
         from tmtseg.modeling.inference import input_scores
-        from tmtseg.tools.predict import colorize, overlay
 
         was_training = trainer.training
         trainer.eval()
@@ -95,3 +95,21 @@ class TrainLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def log_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path, *, upto_step: int) -> list[str]:
+    """The log's lines up to `upto_step`; a line cut short by a kill is dropped."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= upto_step:
+            kept.append(line)
+    return kept

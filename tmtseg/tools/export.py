@@ -150,7 +150,7 @@ def export_checkpoint(
 ) -> dict:
     """Export a checkpoint to `out` (.onnx) and `out`.json; parity-check it first (raises ExportError past the
     tolerances, leaving nothing written). Returns the JSON's content."""
-    from tmtseg.engine.loop import model_with_loss_from_checkpoint
+    from tmtseg.engine.restore import model_with_loss_from_checkpoint
     from tmtseg.tools.predict import read_image
 
     require("onnx", "onnxscript", "onnxruntime")
@@ -246,8 +246,8 @@ def check_parity(checks: list[dict]) -> None:
 
 def describe(cfg, meta: dict, *, file: Path, opset: int, with_masks: bool, checks: list[dict], seconds: float) -> dict:
     """The JSON written beside the model: what a deployment needs to feed it and read its output."""
+    from tmtseg.io.pictures import default_palette
     from tmtseg.modeling.segmenter import SIZE_DIVISOR
-    from tmtseg.tools.predict import default_palette
 
     names = meta.get("class_names") or [str(i) for i in range(cfg.data.num_classes)]
     palette = meta.get("palette") or default_palette(cfg.data.num_classes).tolist()

@@ -1,0 +1,120 @@
+"""Evaluation: a model scored on a labelled dataset as the config infers (whole image or sliding windows, the
+method's inference hooks, the config's precision), and a checkpoint scored on its config's data.val."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tmtseg import dist
+from tmtseg.adapt.build import ModelWithLoss
+from tmtseg.config import Config
+from tmtseg.data import build_dataset, check_config
+from tmtseg.engine.compiled import compile_model
+from tmtseg.engine.restore import model_with_loss_from_checkpoint
+from tmtseg.engine.step import amp_context
+from tmtseg.errors import DataError
+from tmtseg.metrics import SegMetrics
+from tmtseg.modeling.feature_cache import FeatureCache
+from tmtseg.modeling.inference import predict_logits
+
+
+def check_data(cfg: Config, splits: tuple[str, ...]) -> None:
+    """Refuse to start on bad data: the first problem of `tmtseg data check`, naming the file."""
+    problems = check_config(cfg, splits=splits)
+    if problems:
+        more = f" (and {len(problems) - 1} more; run `tmtseg data check`)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset,
+    *,
+    mode: str,
+    crop: tuple[int, int],
+    stride: tuple[int, int],
+    device: torch.device,
+    binary: bool,
+    hooks_fn: Callable[[], object] | None = None,
+    progress: bool = False,
+    amp: str = "none",
+) -> dict:
+    """Score a labelled dataset at label resolution, under bf16 autocast if amp is "bf16"; shards over processes and
+    all-reduces the confusion matrix. `model` is put in eval mode for the call; the modules behind `hooks_fn` (a
+    method's pieces) are the caller's to put there (`evaluate_model_with_loss` does)."""
+    was_training = model.training
+    model.eval()
+    metrics = SegMetrics(
+        num_classes=dataset.num_classes,
+        ignore_index=dataset.ignore_index,
+        class_names=dataset.class_names,
+        binary=binary,
+    )
+    world = dist.world_size()
+    indices = range(dist.rank(), len(dataset), world)
+    for i in tqdm(indices, desc="eval", disable=not (progress and dist.is_main()), leave=False):
+        item = dataset[i]
+        label = item["label"]
+        with amp_context(amp, device):
+            logits = predict_logits(
+                model,
+                item["image"].to(device),
+                out_size=tuple(label.shape[-2:]),
+                mode=mode,
+                crop=crop,
+                stride=stride,
+                hooks=hooks_fn() if hooks_fn else None,
+            )  # [1, K, H, W]
+        metrics.update(logits.argmax(1)[0].cpu(), label)
+    if dist.is_distributed():
+        metrics.confusion = dist.all_reduce_sum(metrics.confusion)
+        # rank r scored images r, r + W, ...: interleave the per-image scores back into dataset order
+        shards = dist.all_gather_lists(metrics.image_dice)
+        metrics.image_dice = [shards[i % world][i // world] for i in range(sum(len(x) for x in shards))]
+    model.train(was_training)
+    return metrics.compute()
+
+
+def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progress: bool = True) -> tuple[dict, Config]:
+    """Score a checkpoint on its config's data.val (overrides may point it at another split or data root)."""
+    model_with_loss, cfg, _ = model_with_loss_from_checkpoint(path, overrides)
+    check_data(cfg, ("val",))
+    device = dist.local_device(cfg.train.device)
+    model_with_loss.to(device)
+    if cfg.train.compile:
+        compile_model(model_with_loss.model, backend=cfg.train.compile_backend)
+    val_ds = build_dataset(cfg.data.val, cfg.data, train=False)
+    return evaluate_model_with_loss(model_with_loss, cfg, val_ds, device, progress=progress), cfg
+
+
+def evaluate_model_with_loss(model_with_loss: ModelWithLoss, cfg: Config, dataset, device, *, progress: bool) -> dict:
+    """Score the segmenter on `dataset` as `cfg` infers (mode, crop, stride; the method's inference hooks; the ViT's
+    outputs from infer.feature_cache if set). Every module takes part in eval mode (a method's discriminators whose T
+    biases attention would otherwise add dropout noise), whatever mode the caller left them in; their modes are put
+    back afterwards."""
+    backbone = model_with_loss.model.backbone
+    if cfg.infer.feature_cache and getattr(backbone, "feature_cache", False) is None:
+        backbone.feature_cache = FeatureCache(cfg.infer.feature_cache)
+    modes = [(m, m.training) for m in model_with_loss.modules()]
+    model_with_loss.eval()
+    try:
+        return evaluate(
+            model_with_loss.model,
+            dataset,
+            mode=cfg.infer.mode,
+            crop=tuple(cfg.data.crop_size),
+            stride=tuple(cfg.infer.stride),
+            device=device,
+            binary=cfg.data.binary,
+            hooks_fn=model_with_loss.method.inference_hooks,
+            progress=progress,
+            amp=cfg.train.amp,
+        )
+    finally:
+        for module, training in modes:
+            module.training = training

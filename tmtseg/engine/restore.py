@@ -1,0 +1,106 @@
+"""Runs from checkpoints: what a checkpoint records, rebuilding its model, starting from a source model, the frozen
+teacher of the regularisers, and resuming a run exactly where it stopped."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from tmtseg import config as config_mod
+from tmtseg import dist
+from tmtseg.adapt.build import ModelWithLoss, build_model_with_loss
+from tmtseg.adapt.registry import REGULARISERS
+from tmtseg.config import Config
+from tmtseg.engine.step import LoopState
+from tmtseg.errors import CheckpointError, ConfigError
+from tmtseg.io.checkpoint import latest_valid, load_checkpoint, load_train_state, load_weights
+from tmtseg.modeling.build import build_model
+
+# config keys a resume may change: those that do not change what a run computes (config.RUN_NEUTRAL), what a
+# non-finite loss does, how often it is evaluated; and train.iters, to extend a run (with a warning: the lr and GRL
+# schedules follow it)
+_RESUMABLE_CHANGES = config_mod.RUN_NEUTRAL | {"train.iters", "train.eval_every", "train.nonfinite"}
+
+
+def checkpoint_meta(cfg: Config, dataset, **extra) -> dict:
+    return {
+        "config": config_mod.to_dict(cfg),
+        "class_names": dataset.class_names,
+        "palette": dataset.palette.tolist(),
+        **extra,
+    }
+
+
+def model_with_loss_from_checkpoint(
+    path: str | Path, overrides: list[str] | None = None
+) -> tuple[ModelWithLoss, Config, dict]:
+    """Rebuild the trainer a checkpoint was saved from (its own config, plus overrides) and load its weights."""
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt.meta:
+        raise CheckpointError(f"{path}: no config in the checkpoint's metadata")
+    cfg = config_mod.config_from_dict(ckpt.meta["config"])
+    if overrides:
+        cfg = config_mod.load_config_over(cfg, overrides)
+    trainer = build_model_with_loss(cfg, pretrained=False)
+    load_weights(trainer, ckpt.weights, source=str(path))
+    return trainer, cfg, ckpt.meta
+
+
+def init_from_source(trainer: ModelWithLoss, path: str) -> None:
+    """Load a source model's segmenter weights; the method's own modules start fresh."""
+    load_segmenter(trainer.model, path)
+
+
+def load_segmenter(model: torch.nn.Module, path: str) -> None:
+    """Load the segmenter weights (model.*) of a checkpoint into a segmenter."""
+    ckpt = load_checkpoint(path)
+    seg = {k[len("model.") :]: v for k, v in ckpt.weights.items() if k.startswith("model.")}
+    if not seg:
+        raise CheckpointError(f"{path}: holds no segmenter weights (model.*)")
+    load_weights(model, seg, source=str(path))
+
+
+def attach_teacher(cfg: Config, trainer: ModelWithLoss, device: torch.device) -> None:
+    """The frozen source model that the regularisers (e.g. adapt.preserve, adapt.l2sp) compare against: loaded from
+    adapt.source_checkpoint on a fresh start and on a resume alike, never saved with the run."""
+    if not trainer.method.wants_teacher:
+        return
+    if not cfg.adapt.source_checkpoint:
+        acting = [REGULARISERS[k].needs_key for k, r in trainer.method.regularisers.items() if r.needs_source]
+        raise ConfigError(
+            f"config key {acting[0]}: {cfg.adapt.method} with {' and '.join(acting)} needs the source model"
+            " (adapt.source_checkpoint)"
+        )
+    teacher = build_model(cfg, pretrained=False)
+    load_segmenter(teacher, cfg.adapt.source_checkpoint)
+    trainer.method.set_teacher(teacher.to(device))
+
+
+def resume_run(
+    cfg: Config, run_dir: Path, trainer: ModelWithLoss, optimizer: torch.optim.Optimizer
+) -> tuple[LoopState, Path]:
+    """Load the newest readable checkpoint of the run folder into trainer and optimizer; refuse a changed config."""
+    with warnings.catch_warnings():
+        if not dist.is_main():  # one warning per run, not per process
+            warnings.simplefilter("ignore")
+        ckpt = latest_valid(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: --resume given but no readable checkpoint there")
+    saved = load_checkpoint(ckpt)
+    if "config" not in saved.meta:
+        raise CheckpointError(f"{ckpt}: no config in the checkpoint's metadata")
+    try:
+        old = config_mod.config_from_dict(saved.meta["config"])
+    except ConfigError as err:
+        raise ConfigError(f"{ckpt}: the saved config does not load: {err}") from None
+    changes = config_mod.diff(old, cfg)
+    refused = [d for d in changes if d.split(":")[0] not in _RESUMABLE_CHANGES]
+    if refused:
+        raise ConfigError(f"{ckpt}: the config differs from the run being resumed: {'; '.join(refused)}")
+    if any(d.startswith("train.iters:") for d in changes) and dist.is_main():
+        warnings.warn(f"{ckpt}: train.iters changed; the lr and GRL schedules follow the new length", stacklevel=2)
+    load_weights(trainer, saved.weights, source=str(ckpt))
+    train_state = load_train_state(ckpt, optimizer)
+    return LoopState(step=train_state["step"], best=train_state["best"], history=train_state["history"]), ckpt

@@ -1,0 +1,157 @@
+"""A bench's plan: one source model per (task, source domain, seed), then per (pair, method, seed) an adaptation, a
+source-only evaluation or a target-only training, each in a folder named by its config hash."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmtseg import config as config_mod
+from tmtseg.config import Config, SplitConfig
+from tmtseg.errors import ConfigError
+from tmtseg.tools.bench.identity import config_hash
+from tmtseg.tools.bench.spec import BenchConfig, DomainSplits, TaskSpec, Variant, task_files
+
+
+@dataclass
+class Run:
+    """One unit of work. kind: train (source, adapt, target-only: `tmtseg.engine.loop.fit`) or eval (source-only)."""
+
+    key: str  # e.g. "camvid/day->dusk/tmt/seed0"
+    kind: str
+    task: str
+    pair: str  # "a->b"; the domain for a source model or a target-only run
+    method: str  # "source" for a source model
+    seed: int
+    cfg: Config
+    out: Path = Path()
+    init: str = ""  # train: the checkpoint to start from; eval: the checkpoint to score (both: of the run `after`)
+    after: str = ""  # the key of the run this one needs first
+
+    @property
+    def iters(self) -> int:
+        return 0 if self.kind == "eval" else self.cfg.train.iters
+
+
+def _pairs(task: TaskSpec, which: str, name: str) -> list[tuple[str, str]]:
+    if which == "all":
+        return [(a, b) for a in task.domains for b in task.domains if a != b]
+    if which != "core":
+        raise ConfigError(f"bench key profiles.*.pairs={which!r}: core or all")
+    out = []
+    for p in task.core_pairs:
+        a, _, b = p.partition("->")
+        a, b = a.strip(), b.strip()
+        for d in (a, b):
+            if d not in task.domains:
+                raise ConfigError(f"bench key tasks.{name}.core_pairs: {p!r} names an unknown domain {d!r}")
+        out.append((a, b))
+    return out
+
+
+def _needed_split(task_name: str, dom_name: str, splits: DomainSplits, which: str) -> SplitConfig:
+    split = getattr(splits, which)
+    if split is None:
+        raise ConfigError(f"bench key tasks.{task_name}.domains.{dom_name}.{which}: needed by a pair, not set")
+    return split
+
+
+def source_checkpoint(run_dir: Path) -> Path:
+    """A source model's selected checkpoint: `best` on its val split (source runs always evaluate at least once)."""
+    return run_dir / "checkpoints" / "best"
+
+
+@dataclass
+class Plan:
+    runs: list[Run]  # unique units of work, each after the run it needs
+    cells: list[tuple[str, str, str, int, str]]  # (task, pair, method, seed, run key): what the report shows
+
+
+def plan(bench: BenchConfig, base: Path) -> Plan:
+    """Every run of the bench's profile, sources first, and the (pair, method, seed) cells they fill."""
+    profile = bench.profiles[bench.profile]
+    out_dir = Path(bench.output_dir)
+    src_dir = Path(bench.source_dir) if bench.source_dir else out_dir / "sources"
+    runs: dict[str, Run] = {}
+    cells = []
+    for tname, task in bench.tasks.items():
+        base_files = task_files(task, base)
+        common = [f"data.root={json.dumps(bench.data_root)}", *profile.overrides, *task.overrides]
+        if bench.feature_cache:
+            common.append(f"infer.feature_cache={json.dumps(str(out_dir / 'cache'))}")
+
+        def make(train, val, extra, *, seed, source=None, _files=base_files, _common=common) -> Config:
+            overrides = [*_common, *extra, f"train.seed={seed}"]
+            return _run_config(_files, overrides, train=train, val=val, source=source)
+
+        for seed in profile.seeds:
+            for a, b in _pairs(task, profile.pairs, tname):
+                if bench.only and tname not in bench.only and f"{tname}/{a}->{b}" not in bench.only:
+                    continue
+                sa, sb = task.domains[a], task.domains[b]
+                pair = f"{a}->{b}"
+                src_key = f"{tname}/{a}/source/seed{seed}"
+                if src_key not in runs:
+                    train = _needed_split(tname, a, sa, "train")
+                    cfg = make(train, sa.val or train, [*task.source, *profile.source], seed=seed)
+                    runs[src_key] = _named(Run(src_key, "train", tname, a, "source", seed, cfg), src_dir)
+                src = runs[src_key]
+                src_ckpt = str(source_checkpoint(src.out))
+                adapt, evaluate = _needed_split(tname, b, sb, "adapt"), _needed_split(tname, b, sb, "eval")
+                for method in bench.methods:
+                    key = f"{tname}/{pair}/{method}/seed{seed}"
+                    if method == "source-only":
+                        cfg = make(src.cfg.data.train, evaluate, [*task.source, *profile.source], seed=seed)
+                        run = Run(key, "eval", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)
+                    elif method == "target-only":  # from scratch: the source schedule; one run per target domain
+                        key = f"{tname}/{b}/target-only/seed{seed}"
+                        extra = [*task.source, *profile.source, *task.target_only, *profile.target_only]
+                        cfg = make(adapt, evaluate, extra, seed=seed)
+                        run = Run(key, "train", tname, b, method, seed, cfg)
+                    else:
+                        v = bench.variants.get(method, Variant(method=method))
+                        extra = [*task.adapt, *profile.adapt, f"adapt.method={v.method}", *v.overrides,
+                                 f"adapt.source_checkpoint={src_ckpt}"]  # fmt: skip
+                        cfg = make(adapt, evaluate, extra, seed=seed, source=src.cfg.data.train)
+                        run = Run(key, "train", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)
+                    if key not in runs:
+                        runs[key] = _named(run, out_dir / "runs")
+                    cells.append((tname, pair, method, seed, key))
+    return Plan(runs=list(runs.values()), cells=cells)
+
+
+def _run_config(files: list[str], overrides: list[str], *, train, val, source) -> Config:
+    cfg = config_mod.load_config(files, overrides)
+    cfg.data.train, cfg.data.val = train, val
+    if source is not None:
+        cfg.data.source = source
+    if not cfg.train.eval_every:  # every trained model is scored once at its end (and so has a `best`)
+        cfg.train.eval_every = cfg.train.iters
+    return config_mod.validate(cfg)
+
+
+def _named(run: Run, root: Path) -> Run:
+    """Place the run in a folder named by its key and config hash (+ the scored checkpoint for an evaluation)."""
+    h = config_hash(run.cfg)
+    if run.kind == "eval":
+        h += "-" + hashlib.sha1(run.init.encode()).hexdigest()[:6]
+    run.out = root / run.key.replace("->", "-to-") / h
+    run.cfg = config_mod.load_config_over(run.cfg, [f"output_dir={run.out}", f"name={run.key}"])
+    return run
+
+
+def data_splits(bench: BenchConfig, base: Path) -> list[Config]:
+    """Every split the bench names (train, val, adapt, eval of every domain), each as data.train of its task's config:
+    what ``tmtseg data check BENCH.yaml`` decodes."""
+    out = []
+    for task in bench.tasks.values():
+        files = task_files(task, base)
+        cfg = config_mod.load_config(files, [f"data.root={json.dumps(bench.data_root)}", *task.overrides])
+        for splits in task.domains.values():
+            for which in ("train", "val", "adapt", "eval"):
+                if (split := getattr(splits, which)) is not None:
+                    out.append(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train=split)))
+    return out

@@ -1,0 +1,154 @@
+"""A bench config (benchmark.md): the YAML that names the data root, each task's base config and its domains with their
+splits, the pairs, the methods (and named variants for ablations), the seeds and a profile; read over the defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from tmtseg.adapt.registry import METHODS
+from tmtseg.config import SplitConfig
+from tmtseg.errors import ConfigError
+
+PACKAGED = Path(__file__).resolve().parents[2] / "configs"  # tmtseg/configs
+ADAPT_METHODS = tuple(METHODS)
+REFERENCE_METHODS = ("source-only", "target-only")
+
+
+@dataclass
+class DomainSplits:
+    """A domain's splits: `train` / `val` when it is a source (training, model selection); `adapt` / `eval` when it is
+    a target (the labelled target split, the scored split). A split a pair needs and the domain lacks is an error."""
+
+    train: SplitConfig | None = None
+    val: SplitConfig | None = None
+    adapt: SplitConfig | None = None
+    eval: SplitConfig | None = None
+
+
+@dataclass
+class TaskSpec:
+    config: str = ""  # the task's base config (model, data sizes): a path, or a name in the packaged configs/
+    overrides: list[str] = field(default_factory=list)  # every run of the task
+    source: list[str] = field(default_factory=list)  # source training: its schedule
+    adapt: list[str] = field(default_factory=list)  # every adaptation method: one shared schedule
+    target_only: list[str] = field(default_factory=list)  # training from scratch on the target split
+    domains: dict[str, DomainSplits] = field(default_factory=dict)
+    core_pairs: list[str] = field(default_factory=list)  # "source->target"
+
+
+@dataclass
+class Variant:
+    """A named method for ablations: an adaptation method plus config overrides."""
+
+    method: str = "tmt"
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Profile:
+    seeds: list[int] = field(default_factory=lambda: [0])
+    pairs: str = "core"  # core | all (every ordered pair of domains within a task)
+    overrides: list[str] = field(default_factory=list)  # every run of the profile
+    # schedule overrides after each task's own (a quick profile runs shorter), written out as config keys
+    source: list[str] = field(default_factory=list)
+    adapt: list[str] = field(default_factory=list)
+    target_only: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchConfig:
+    name: str = "bench"
+    output_dir: str = "runs/bench"  # results, report, plots, and the runs' folders
+    source_dir: str = ""  # where source models live ("" = <output_dir>/sources): share them between bench configs
+    reuse: list[str] = field(default_factory=list)  # other benches' output_dirs: their finished runs count as done
+    data_root: str = ""  # "" = ../shared/data
+    profile: str = "quick"
+    profiles: dict[str, Profile] = field(
+        default_factory=lambda: {"quick": Profile(seeds=[0]), "full": Profile(seeds=[0, 1, 2])}
+    )
+    methods: list[str] = field(default_factory=lambda: [*REFERENCE_METHODS[:1], *ADAPT_METHODS, "target-only"])
+    baseline: str = "finetune"  # the method every delta is taken against
+    variants: dict[str, Variant] = field(default_factory=dict)
+    only: list[str] = field(default_factory=list)  # restrict to tasks or pairs: "camvid", "polyp/kvasir->colondb"
+    jobs: int = 1  # runs in parallel (each in its own process)
+    threads: int = 0  # torch threads per run; 0 = cores / jobs
+    # the frozen ViT's outputs on the scored images, kept in <output_dir>/cache between runs (infer.feature_cache):
+    # every method whose ViT stays frozen, and every seed, scores the same windows through the same ViT
+    feature_cache: bool = True
+    # what a recorded run keeps on disk: "best" (its selected model, ~100 MB with DINOv2-S: pictures, export) or
+    # "sources" (only the source models, which later runs start from; the others keep their scores and logs). The
+    # full driving bench keeps 20 GB with "best", 1 GB with "sources"
+    keep: str = "best"
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+
+
+def _resolve_file(name: str, *dirs: Path) -> Path:
+    """A config file: the path itself, or `name` (with or without .yaml) in one of `dirs`."""
+    for candidate in (Path(name), *(d / n for d in dirs for n in (name, f"{name}.yaml"))):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{name}: config file not found (looked in {', '.join(str(d) for d in dirs)})")
+
+
+def _read_layers(file: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The YAML of `file` after that of the bench it `extends` (a path beside it or a packaged name), if any."""
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: a bench config must hold a mapping of keys")
+    base = data.pop("extends", None)
+    if base is None:
+        return [data]
+    parent = _resolve_file(str(base), file.parent, PACKAGED / "bench")
+    if parent.resolve() in seen:
+        raise ConfigError(f"{file}: bench key extends={base!r}: a cycle")
+    return [*_read_layers(parent, (*seen, file.resolve())), data]
+
+
+def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]:
+    """Read a bench YAML (a path or a packaged name such as ``core``) over the defaults; unknown keys are errors."""
+    file = _resolve_file(path, Path.cwd(), PACKAGED / "bench")
+    layers = _read_layers(file)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(BenchConfig), *layers)
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r}: expected key=value")
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {item!r}: not a valid value ({str(err).splitlines()[0]})") from None
+        bench: BenchConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{file}: bench key {key}: {str(err).splitlines()[0]}") from None
+    if bench.profile not in bench.profiles:
+        raise ConfigError(f"{file}: bench key profile={bench.profile!r}: not one of {', '.join(bench.profiles)}")
+    known = {*ADAPT_METHODS, *REFERENCE_METHODS, *bench.variants}
+    for m in bench.methods:
+        if m not in known:
+            raise ConfigError(f"{file}: bench key methods: {m!r} is not a method or a variant ({', '.join(known)})")
+    for name, v in bench.variants.items():
+        if v.method not in ADAPT_METHODS:
+            raise ConfigError(f"{file}: bench key variants.{name}.method={v.method!r}: one of {ADAPT_METHODS}")
+    if bench.baseline not in bench.methods:
+        raise ConfigError(f"{file}: bench key baseline={bench.baseline!r}: not among the methods")
+    if bench.jobs < 1:
+        raise ConfigError(f"{file}: bench key jobs={bench.jobs}: must be >= 1")
+    if bench.keep not in ("best", "sources"):
+        raise ConfigError(f"{file}: bench key keep={bench.keep!r}: best or sources")
+    return bench, file.parent
+
+
+def task_files(task: TaskSpec, base: Path) -> list[str]:
+    """A task's run config: a path, a file beside the bench (in `base`), or a packaged run config; never a file beside
+    a packaged bench (configs/bench/ holds benches, not run configs)."""
+    beside = [base] if base.resolve() != (PACKAGED / "bench").resolve() else []
+    return [str(_resolve_file(task.config, *beside, PACKAGED))] if task.config else []
