@@ -21,7 +21,8 @@ def check_split(split: SplitConfig, data: DataConfig, *, key: str = "split") -> 
         try:
             source.decoder(record)
         except DataError as err:
-            problems.append(str(err))
+            if str(err) not in problems:  # a dataset-wide problem (named by dataset.yaml) is one line
+                problems.append(str(err))
     return problems
 
 
