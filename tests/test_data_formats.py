@@ -1,5 +1,6 @@
-"""Users' own masks as they really come (issue 32): 0/255 binary PNGs, JPEG masks, colour (RGB) masks. Every file is
-generated in tmp_path."""
+"""Users' own masks as they really come (issue 32): 0/255 binary PNGs, JPEG masks, colour (RGB) masks, and the class
+table with its checks (a class missing from the training masks, a large void share). Every file is generated in
+tmp_path."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import io
 import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,10 @@ from tmtseg.cli import main
 from tmtseg.config import DataConfig, SplitConfig
 from tmtseg.data import build_dataset, check_split
 from tmtseg.errors import ConfigError, DataError
+
+from .tiny import TINY
+
+QUICK = [*TINY, "train.iters=2", "train.warmup_iters=1", "train.log_every=1", "train.save_every=2"]
 
 # the colour masks' classes (Cityscapes colours) and a void colour
 COLOURS = {"road": [128, 64, 128], "car": [0, 0, 142], "sky": [70, 130, 180]}
@@ -229,3 +235,102 @@ def test_dataset_yaml_format_keys_are_checked_naming_the_file(tmp_path, meta, ma
     root = write_folder(tmp_path / "ds", meta, {"a": np.zeros((8, 8), np.uint8)})
     with pytest.raises(ConfigError, match=re.escape(str(root / "dataset.yaml")) + ".*" + match):
         check_split(folder(root), DataConfig(num_classes=len(meta["classes"])))
+
+
+# ------------------------------------------------------------------------------ 4. what the model will learn from
+def three_class_split(tmp_path: Path) -> tuple[Path, Path]:
+    """train: classes a and b only; val: a, b and c. Indexed PNGs, 255 = void on the top row."""
+    train, val = {}, {}
+    for i in range(2):
+        m = np.zeros((10, 10), dtype=np.uint8)
+        m[5:, :] = 1
+        m[0, :] = 255
+        train[f"t{i}"] = m
+        v = m.copy()
+        v[5:, 5:] = 2
+        val[f"v{i}"] = v
+    meta = {"classes": ["a", "b", "c"]}
+    return write_folder(tmp_path / "train", meta, train), write_folder(tmp_path / "val", meta, val)
+
+
+def split_args(train: Path, val: Path) -> list[str]:
+    return ["data.train.kind=folder", f"data.train.path={train}", "data.val.kind=folder", f"data.val.path={val}",
+            "data.num_classes=3"]  # fmt: skip
+
+
+def write_config(tmp_path: Path, train: Path, val: Path) -> Path:
+    config = tmp_path / "task.yaml"
+    split = lambda p: {"kind": "folder", "path": str(p)}  # noqa: E731
+    config.write_text(yaml.safe_dump({"data": {"num_classes": 3, "train": split(train), "val": split(val)}}))
+    return config
+
+
+def test_data_check_prints_the_class_table_and_a_class_missing_from_training_is_an_error(tmp_path):
+    train, val = three_class_split(tmp_path)
+    config = write_config(tmp_path, train, val)
+    result = run("data", "check", str(config))
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == [
+        f"data.train: class 'c' is in none of the 2 masks of {train}, so the model cannot learn it; check the masks"
+        " and their decoding (dataset.yaml), or set data.allow_missing_classes=true"
+    ]
+    table = result.stderr.splitlines()
+    assert table[0] == "class shares per split: % of mask pixels, masks holding the class"
+    assert table[1].split() == ["class", "data.train", "(2", "images)", "data.val", "(2", "images)"]
+    # 100 pixels a mask: a 40, b 50, void 10; val: b 25 of them c
+    assert [row.split() for row in table[2:6]] == [
+        ["a", "40.0%", "2", "40.0%", "2"],
+        ["b", "50.0%", "2", "25.0%", "2"],
+        ["c", "0%", "0", "25.0%", "2"],
+        ["ignore", "10.0%", "2", "10.0%", "2"],
+    ]
+    assert table[-1] == f"1 problem(s) in 1 split group(s) of {config}"
+    allowed = run("data", "check", str(config), "data.allow_missing_classes=true")
+    assert allowed.returncode == 0 and allowed.stdout == ""
+
+
+def test_a_training_command_prints_the_table_and_stops_on_a_class_missing_from_training(tmp_path):
+    train, val = three_class_split(tmp_path)
+    out = tmp_path / "run"
+    result = run("train", *QUICK, *split_args(train, val), f"output_dir={out}")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"tmtseg: error: data.train: class 'c' is in none of the 2 masks of {train}, so the model cannot learn it;"
+        " check the masks and their decoding (dataset.yaml), or set data.allow_missing_classes=true"
+    ]
+    assert result.stdout.splitlines()[0] == "class shares per split: % of mask pixels, masks holding the class"
+    assert result.stdout.splitlines()[4].split() == ["c", "0%", "0", "25.0%", "2"]
+    assert not (out / "checkpoints").exists()
+
+
+def test_an_ignore_value_covering_much_of_a_split_is_a_warning_naming_it(tmp_path):
+    masks = {}
+    for i in range(2):
+        m = np.zeros((10, 10), dtype=np.uint8)
+        m[4:, :] = 1
+        m[:3, :] = 7  # 30% of the pixels
+        masks[f"m{i}"] = m
+    root = write_folder(tmp_path / "ds", {"classes": ["a", "b"], "ignore_index": 7}, masks)
+    with pytest.warns(UserWarning) as caught:  # the command prints each as one line `tmtseg: warning: ...`
+        result = run("data", "check", str(root))
+    assert result.returncode == 0 and result.stdout == ""
+    assert [str(w.message) for w in caught] == [
+        f"data.train: mask value 7 (dataset.yaml ignore_index) is ignored on 30.0% of the mask pixels of {root}"
+        " (above data.max_ignore_share=0.2); make sure it means don't-care"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none now
+        assert run("data", "check", str(root), "data.max_ignore_share=0.5").returncode == 0
+
+
+def test_an_explicit_ignore_index_255_keeps_255_as_dont_care_and_the_class_check_catches_it(tmp_path):
+    """`ignore_index: 255` says 255 really is void: decoded so, and then the training split holds no polyp pixel."""
+    root = write_folder(tmp_path / "k", {"classes": ["background", "polyp"], "ignore_index": 255}, binary_masks())
+    assert check_split(folder(root), DataConfig(num_classes=2)) == []
+    assert {int(v) for lb in labels(root, 2) for v in np.unique(lb)} == {0, 255}
+    result = run("data", "check", str(root))
+    assert result.returncode == 2
+    assert result.stdout.splitlines() == [
+        f"data.train: class 'polyp' is in none of the 3 masks of {root}, so the model cannot learn it; check the masks"
+        " and their decoding (dataset.yaml), or set data.allow_missing_classes=true"
+    ]

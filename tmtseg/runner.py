@@ -24,7 +24,7 @@ from .checkpoint import (
 )
 from .compiled import compile_model
 from .config import Config
-from .data import build_dataset, check_config, collate
+from .data import build_dataset, collate, data_report
 from .engine import (
     LoopState,
     StopRequested,
@@ -158,7 +158,15 @@ def attach_teacher(cfg: Config, trainer: Trainer, device: torch.device) -> None:
 
 
 def _check_data(cfg: Config, splits: tuple[str, ...]) -> None:
-    problems = check_config(cfg, splits=splits)
+    import multiprocessing
+
+    report = data_report(cfg, splits=splits)
+    if dist.is_main():  # what the model will learn from: each class's share per split, and any void warning
+        if multiprocessing.parent_process() is None:  # not in a bench's worker: its output is the bench's progress
+            print(report.table(), flush=True)
+        for line in report.warnings:
+            warnings.warn(line, stacklevel=2)
+    problems = report.problems
     if problems:
         more = f" (and {len(problems) - 1} more; run `tmtseg data check`)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
