@@ -1,6 +1,6 @@
 """Users' own masks as they really come (issue 32): 0/255 binary PNGs, JPEG masks, colour (RGB) masks, and the class
 table with its checks (a class missing from the training masks, a large void share). Every file is generated in
-tmp_path."""
+tmp_path; the README's own-data `dataset.yaml` examples are run here too."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from tmtseg.errors import ConfigError, DataError
 
 from .tiny import TINY
 
+REPO = Path(__file__).resolve().parents[1]
 QUICK = [*TINY, "train.iters=2", "train.warmup_iters=1", "train.log_every=1", "train.save_every=2"]
 
 # the colour masks' classes (Cityscapes colours) and a void colour
@@ -334,3 +335,38 @@ def test_an_explicit_ignore_index_255_keeps_255_as_dont_care_and_the_class_check
         f"data.train: class 'polyp' is in none of the 3 masks of {root}, so the model cannot learn it; check the masks"
         " and their decoding (dataset.yaml), or set data.allow_missing_classes=true"
     ]
+
+
+# ------------------------------------------------------------------------------------------ 5. the README's recipes
+def readme_dataset_yamls() -> list[dict]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Your own data, no code", 1)[1].split("\n## ", 1)[0]
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.+?)\n```", section, flags=re.S)]
+    return [b for b in blocks if isinstance(b, dict) and "classes" in b]
+
+
+def test_the_readme_shows_the_three_mask_formats_and_each_dataset_yaml_works(tmp_path):
+    metas = readme_dataset_yamls()
+    kinds = ["colors" if "colors" in m else "threshold" if "threshold" in m else "indexed" for m in metas]
+    assert sorted(kinds) == ["colors", "indexed", "threshold"]
+    for meta, kind in zip(metas, kinds):
+        classes = meta["classes"]
+        ids = np.arange(100).reshape(10, 10) % len(classes)  # every class
+        ids = np.kron(ids, np.ones((4, 4), dtype=np.int64))  # [40, 40]: 4x4 blocks, so JPEG keeps them apart
+        if kind == "indexed":
+            raw_of = {c: r for r, c in meta.get("id_map", {}).items()} or {c: c for c in range(len(classes))}
+            mask, suffix = np.vectorize(raw_of.get)(ids).astype(np.uint8), ".png"
+            mask[0, 0] = meta.get("ignore_index", 255)
+        elif kind == "threshold":
+            mask, suffix = (ids * 255).astype(np.uint8), ".jpg"
+        else:
+            first = [v if isinstance(v[0], int) else v[0] for v in (meta["colors"][c] for c in classes)]
+            mask, suffix = np.array(first, dtype=np.uint8)[ids], ".png"
+        root = write_folder(tmp_path / kind, meta, {"a": mask}, suffix=suffix, quality=95)
+        result = run("data", "check", str(root))
+        assert result.returncode == 0, (kind, result.stdout, result.stderr)
+        label = labels(root, len(classes))[0]
+        if kind == "indexed":
+            assert label[0, 0] == 255
+            label[0, 0] = ids[0, 0]
+        np.testing.assert_array_equal(label, ids, err_msg=kind)
