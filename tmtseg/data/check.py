@@ -83,7 +83,7 @@ class DataReport:
             cells = []
             for s in self.scans:
                 j = len(s.class_names) if k == len(self.class_names) else k  # void is each scan's last entry
-                if j >= len(s.pixels):
+                if j >= len(s.pixels) or not s.decoded:  # no such class, or nothing read
                     cells.append("-")
                     continue
                 cells.append(f"{_share(s.pixels[j], s.pixels.sum()):>6} {s.holding[j]:>6}")
