@@ -5,6 +5,7 @@ Imports of torch and of the library's heavy parts stay inside the functions: `tm
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -200,7 +201,7 @@ def _check_targets(target: Path, overrides: list[str]):
 
 
 def _cmd_data(args) -> int:
-    from tmtseg.data import check_config
+    from tmtseg.data import data_report
 
     target = Path(args.target)
     if not target.exists():
@@ -210,7 +211,11 @@ def _cmd_data(args) -> int:
     problems: list[str] = []
     checked = 0
     for cfg, splits in _check_targets(target, args.overrides):
-        problems += [line for line in check_config(cfg, splits=splits) if line not in problems]
+        report = data_report(cfg, splits=splits)
+        print(report.table(), file=sys.stderr)  # stdout keeps one line per problem
+        for line in report.warnings:
+            warnings.warn(line, stacklevel=1)
+        problems += [line for line in report.problems if line not in problems]
         checked += 1
     for line in problems:
         print(line)

@@ -39,6 +39,8 @@ class DataConfig:
     label_map: dict[str, dict[str, str]] = field(default_factory=dict)
     ignore_index: int = 255  # every label format is decoded to this for void / outside the field of view
     binary: bool = False  # a foreground-vs-background task: also report foreground Dice and IoU
+    allow_missing_classes: bool = False  # else a class in no training mask is an error: a model never learns it
+    max_ignore_share: float = 0.2  # data checks warn above this void share: a class misread as void trains nothing
     train: SplitConfig = field(default_factory=SplitConfig)
     val: SplitConfig = field(default_factory=lambda: SplitConfig(seed=1, num_images=16))
     # adapt only: unlabelled images of the other domain, seen by the domain discriminators
@@ -197,6 +199,9 @@ RUN_NEUTRAL = frozenset(
         "train.save_every",
         "train.keep_last",
         "infer.feature_cache",
+        # what a data check allows or warns about before a run, not what the run computes
+        "data.allow_missing_classes",
+        "data.max_ignore_share",
         # whether the segmenter runs compiled: the same computation (compiled kernels round differently, as another
         # CPU does, so a resume that switches it is not bitwise the uninterrupted run)
         "train.compile",

@@ -35,6 +35,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "data.batch_size": (1, None),
     "data.num_workers": (0, None),
     "data.color_jitter": (0, 1),
+    "data.max_ignore_share": (0, 1),
     "model.backbone.embed_dim": (1, None),
     "model.backbone.depth": (1, None),
     "model.backbone.num_heads": (1, None),

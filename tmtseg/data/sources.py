@@ -18,16 +18,18 @@ import yaml
 from tmtseg.config import DataConfig, SplitConfig
 from tmtseg.data import synthetic
 from tmtseg.data.decode import (
+    ColourDecoder,
     Pair,
     PolypDecoder,
     Record,
     RetinaDecoder,
+    ThresholdDecoder,
     camvid_decoder,
     cityscapes_decoder,
     folder_decoder,
     id_decoder,
 )
-from tmtseg.data.label_map import MappedDecoder, build_lut, dataset_name
+from tmtseg.data.label_map import IGNORE, MappedDecoder, build_lut, dataset_name
 from tmtseg.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
@@ -41,6 +43,9 @@ class Source:
     class_names: list[str]
     palette: np.ndarray  # [K, 3] uint8
     where: str  # what the split reads, for messages
+    # what decodes to ignore_index, named by the data checks' warning when it covers much of a split ("" = nothing);
+    # None: void by design (the retina sets' outside of the field of view), never warned about
+    void: str | None = ""
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,7 @@ class ManifestSet:
     palette: list[list[int]]
     decoder: Callable[..., Callable[[Record], Pair]]  # (ignore_index=...) -> decoder
     group_of: Callable[[dict], str] | None = None  # manifest row -> group id; None = no groups
+    void: str | None = ""  # what its labels mark as void (Source.void)
 
 
 CITYSCAPES_CLASSES = [
@@ -82,6 +88,7 @@ MANIFEST_SETS = {
                  [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192]],
         decoder=camvid_decoder,
         group_of=lambda row: row["sequence"],
+        void="label value 11 (void)",
     ),
     "polyp-multicenter": ManifestSet(
         class_names=["background", "polyp"], palette=BINARY_PALETTE.tolist(), decoder=lambda **_: PolypDecoder()
@@ -89,15 +96,17 @@ MANIFEST_SETS = {
     "retina-vessels": ManifestSet(
         class_names=["background", "vessel"], palette=BINARY_PALETTE.tolist(), decoder=RetinaDecoder,
         group_of=lambda row: _chase_child(row) if row["domain"] == "chase_db1" else "",
+        void=None,  # outside the field of view
     ),
     "idd-lite": ManifestSet(  # level-1 ids 0-6, 255 = void; a sequence folder is one drive
         class_names=IDD_LEVEL1_CLASSES, palette=IDD_LEVEL1_PALETTE,
         decoder=lambda *, ignore_index: id_decoder(num_classes=7, raw_ignore=255, ignore_index=ignore_index),
-        group_of=lambda row: row["sequence"],
+        group_of=lambda row: row["sequence"], void="label value 255 (void)",
     ),
     "bdd100k-sample": ManifestSet(  # palette PNG whose index is the Cityscapes trainId, 255 = void
         class_names=CITYSCAPES_CLASSES, palette=CITYSCAPES_PALETTE,
         decoder=lambda *, ignore_index: id_decoder(num_classes=19, raw_ignore=255, ignore_index=ignore_index),
+        void="label value 255 (void)",
     ),
 }  # fmt: skip
 
@@ -191,6 +200,7 @@ def _manifest(split: SplitConfig, data: DataConfig, key: str) -> Source:
         class_names=list(spec.class_names),
         palette=np.array(spec.palette, dtype=np.uint8),
         where=f"{folder} (domain={split.domain}, roles={split.roles or 'all'})",
+        void=spec.void,
     )
 
 
@@ -219,7 +229,63 @@ def read_manifest(manifest: Path) -> list[dict]:
     return rows
 
 
-FOLDER_KEYS = {"classes", "ignore_index", "id_map", "palette"}
+FOLDER_KEYS = {"classes", "ignore_index", "id_map", "palette", "threshold", "colors", "color_tolerance"}
+COLOR_TOLERANCE = 48  # JPEG noise on a flat colour stays within ~16 per channel; seams are handled apart (decode.py)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _rgb_list(value: object) -> list[list[int]] | None:
+    """One [r, g, b] or a list of them -> a list of colours; None if it is neither."""
+    if isinstance(value, list) and value and not isinstance(value[0], list):
+        value = [value]
+    ok = isinstance(value, list) and all(
+        isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                                    for v in c) for c in value)  # fmt: skip
+    return value if ok and value else None
+
+
+def _check_folder_formats(path: Path, meta: dict, classes: list[str]) -> None:
+    """The keys that say how masks are decoded: indexed (ignore_index, id_map), threshold, colors; one format each."""
+    given = [k for k in ("threshold", "colors") if k in meta]
+    if len(given) > 1:
+        raise ConfigError(f"{path}: keys 'threshold' and 'colors' exclude each other (binary or colour masks)")
+    for k in given:
+        for indexed in ("id_map", "ignore_index"):
+            if indexed in meta:
+                why = "every value is a class" if k == "threshold" else "void is the colour listed under ignore"
+                raise ConfigError(f"{path}: key {indexed!r} does not apply with {k!r} ({why}); remove it")
+    if "threshold" in meta:
+        if len(classes) != 2:
+            raise ConfigError(f"{path}: key 'threshold' is for 2 classes (background, foreground), not {len(classes)}")
+        if not _number(meta["threshold"]) or meta["threshold"] <= 0:
+            raise ConfigError(f"{path}: key 'threshold' must be a number > 0 (mask values >= it are {classes[1]!r})")
+    if "color_tolerance" in meta:
+        tol = meta["color_tolerance"]
+        if "colors" not in meta:
+            raise ConfigError(f"{path}: key 'color_tolerance' applies to colour masks only (key 'colors')")
+        if not isinstance(tol, int) or isinstance(tol, bool) or not 0 <= tol <= 255:
+            raise ConfigError(f"{path}: key 'color_tolerance' must be an integer in [0, 255]")
+    if "colors" in meta:
+        colors = meta["colors"]
+        if not isinstance(colors, dict) or not colors:
+            raise ConfigError(f"{path}: key 'colors' must map each class name to [r, g, b] (or a list of them)")
+        seen: dict[tuple[int, ...], str] = {}
+        for name, value in colors.items():
+            if name not in classes and name != IGNORE:
+                raise ConfigError(f"{path}: colors.{name}: not a class ({', '.join(classes)}) nor {IGNORE!r}")
+            rgbs = _rgb_list(value)
+            if rgbs is None:
+                raise ConfigError(f"{path}: colors.{name} must be [r, g, b] (0-255) or a list of them")
+            for c in rgbs:
+                if tuple(c) in seen:
+                    raise ConfigError(f"{path}: colors.{name}: {c} is listed for {seen[tuple(c)]!r} too")
+                seen[tuple(c)] = name
+        missing = [c for c in classes if c not in colors]
+        if missing:
+            raise ConfigError(f"{path}: key 'colors' gives no colour for class(es) {', '.join(map(repr, missing))}")
 
 
 def _read_folder_yaml(path: Path) -> dict:
@@ -245,12 +311,47 @@ def _read_folder_yaml(path: Path) -> dict:
     )
     if not ok:
         raise ConfigError(f"{path}: key 'id_map' must map raw values >= 0 to class ids in [0, {len(classes)})")
+    if "ignore_index" in meta and meta["ignore_index"] in id_map:
+        v = meta["ignore_index"]
+        raise ConfigError(f"{path}: value {v} is both the ignore_index and in id_map (-> {id_map[v]}); keep one")
     palette = meta.get("palette")
     if palette is not None:
         arr = np.asarray(palette)
         if arr.shape != (len(classes), 3) or arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() > 255:
             raise ConfigError(f"{path}: key 'palette' must be one [r, g, b] (0-255) per class")
+    _check_folder_formats(path, meta, classes)
     return meta
+
+
+def _folder_decoder(path: Path, meta: dict, data: DataConfig) -> tuple[Callable[[Record], Pair], str]:
+    """The decoder dataset.yaml asks for, and what it decodes to void (Source.void)."""
+    classes = list(meta["classes"])
+    if "threshold" in meta:
+        return ThresholdDecoder(threshold=meta["threshold"]), ""
+    if "colors" in meta:
+        colours, ids, names = [], [], []
+        for name, value in meta["colors"].items():
+            for c in _rgb_list(value) or []:
+                colours.append(c)
+                ids.append(data.ignore_index if name == IGNORE and IGNORE not in classes else classes.index(name))
+                names.append(name)
+        void = [c for c, n in zip(colours, names) if n == IGNORE and IGNORE not in classes]
+        decoder = ColourDecoder(colours=np.array(colours), ids=np.array(ids), names=names,
+                                tolerance=meta.get("color_tolerance", COLOR_TOLERANCE))  # fmt: skip
+        return decoder, f"colour {', '.join(map(str, void))} (colors: ignore)" if void else ""
+    id_map = dict(meta.get("id_map") or {})
+    # the default ignore value 255 gives way to a class id_map gives it ({0: 0, 255: 1} for 0/255 masks)
+    raw_ignore = None if "ignore_index" not in meta and 255 in id_map else int(meta.get("ignore_index", 255))
+    guard = ""
+    if len(classes) == 2 and not meta.get("id_map") and "ignore_index" not in meta:
+        guard = (
+            f"{path}: masks holding only 0 and 255, where 255 is the default ignore value: every {classes[1]!r} pixel"
+            " would be don't-care; add 'threshold: 128' (or 'id_map: {0: 0, 255: 1}') to it, or 'ignore_index: 255'"
+            " if 255 really means don't-care"
+        )
+    decoder = folder_decoder(num_classes=len(classes), ignore_index=data.ignore_index, raw_ignore=raw_ignore,
+                             id_map=id_map, binary_guard=guard)  # fmt: skip
+    return decoder, "" if raw_ignore is None else f"mask value {raw_ignore} (dataset.yaml ignore_index)"
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -269,18 +370,17 @@ def _folder(split: SplitConfig, data: DataConfig, key: str) -> Source:
         masks.setdefault(m.stem, m)
     records = [Record(name=p.stem, image=p, label=masks.get(p.stem)) for p in _images_in(root / "images")]
     records.sort(key=lambda r: (r.image.name, str(r.image)))
+    decoder, void = _folder_decoder(root / "dataset.yaml", meta, data)
     palette = meta.get("palette")
+    if palette is None and "colors" in meta:  # shown in the colours the masks use
+        palette = [(_rgb_list(meta["colors"][c]) or [[0, 0, 0]])[0] for c in classes]
     return Source(
         records=_slice(split, records, key),
-        decoder=folder_decoder(
-            num_classes=len(classes),
-            ignore_index=data.ignore_index,
-            raw_ignore=int(meta.get("ignore_index", 255)),
-            id_map=dict(meta.get("id_map") or {}),
-        ),
+        decoder=decoder,
         class_names=classes,
         palette=np.array(palette, dtype=np.uint8) if palette is not None else default_palette(len(classes)),
         where=str(root),
+        void=void,
     )
 
 
@@ -307,6 +407,7 @@ def _cityscapes(split: SplitConfig, data: DataConfig, key: str) -> Source:
         class_names=list(CITYSCAPES_CLASSES),
         palette=np.array(CITYSCAPES_PALETTE, dtype=np.uint8),
         where=str(images_dir),
+        void="label ids outside the 19 train ids",
     )
 
 
@@ -348,6 +449,10 @@ def list_source(split: SplitConfig, data: DataConfig, *, key: str = "split", che
         lut = build_lut(data.label_map[name], source_classes=source.class_names, task_classes=list(data.class_names),
                         ignore_index=data.ignore_index, key=f"data.label_map.{name}")  # fmt: skip
         source.decoder = MappedDecoder(source.decoder, lut)
+        dropped = [c for c in source.class_names if data.label_map[name][c] == IGNORE]
+        if dropped and source.void is not None:
+            mapped = f"class(es) {', '.join(map(repr, dropped))} (data.label_map.{name}: ignore)"
+            source.void = f"{source.void} and {mapped}" if source.void else mapped
         source.class_names = list(data.class_names)
         source.palette = default_palette(len(source.class_names))  # one palette for every dataset mapped to the task
     num_classes = len(source.class_names)

@@ -3,6 +3,8 @@ method's inference hooks, the config's precision), and a checkpoint scored on it
 
 from __future__ import annotations
 
+import multiprocessing
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -12,7 +14,7 @@ from tqdm import tqdm
 from tmtseg import dist
 from tmtseg.adapt.build import ModelWithLoss
 from tmtseg.config import Config
-from tmtseg.data import build_dataset, check_config
+from tmtseg.data import build_dataset, data_report
 from tmtseg.engine.compiled import compile_model
 from tmtseg.engine.restore import model_with_loss_from_checkpoint
 from tmtseg.engine.step import amp_context
@@ -23,8 +25,15 @@ from tmtseg.modeling.inference import predict_logits
 
 
 def check_data(cfg: Config, splits: tuple[str, ...]) -> None:
-    """Refuse to start on bad data: the first problem of `tmtseg data check`, naming the file."""
-    problems = check_config(cfg, splits=splits)
+    """Print what the model will learn from (each class's share per split, any void warning) and refuse to start on
+    bad data: the first problem of `tmtseg data check`, naming the file."""
+    report = data_report(cfg, splits=splits)
+    if dist.is_main():
+        if multiprocessing.parent_process() is None:  # not in a bench's worker: its output is the bench's progress
+            print(report.table(), flush=True)
+        for line in report.warnings:
+            warnings.warn(line, stacklevel=2)
+    problems = report.problems
     if problems:
         more = f" (and {len(problems) - 1} more; run `tmtseg data check`)" if len(problems) > 1 else ""
         raise DataError(problems[0] + more)
