@@ -12,7 +12,8 @@ from PIL import Image
 from tmtseg.config import Config, DataConfig, SplitConfig, load_config_over
 from tmtseg.data import build_dataset, check_split
 from tmtseg.data.label_map import MappedDecoder, build_lut, class_shares
-from tmtseg.data.sources import default_palette, list_source
+from tmtseg.data.listing import default_palette
+from tmtseg.data.sources import list_source
 from tmtseg.errors import ConfigError
 
 SOURCE = ["sky", "road", "building", "tree", "car"]  # the synthetic scenes' classes

@@ -191,7 +191,7 @@ def _check_targets(target: Path, overrides: list[str]):
             cfg.data.train = SplitConfig(kind="cityscapes", path=str(target), domain=sub)
             out.append((cfg, ("train",)))
     else:
-        from tmtseg.data.sources import _read_folder_yaml
+        from tmtseg.data.folders import read_folder_yaml as _read_folder_yaml
 
         classes = _read_folder_yaml(target / "dataset.yaml")["classes"]
         cfg = load_config_over(base, [f"data.num_classes={len(classes)}"])

@@ -98,13 +98,13 @@ def _start(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: 
     torch.manual_seed(cfg.train.seed)
     model_with_loss = build_model_with_loss(cfg, pretrained=not (init_from or resume))  # a checkpoint replaces them
     freeze(cfg, model_with_loss)
+    if init_from:  # a checkpoint that does not fit is refused before the data are scanned
+        init_from_source(model_with_loss, init_from)
     needs_source = model_with_loss.method.needs_unlabelled or cfg.adapt.unsupervised
     check_data(cfg, ("train", "val", "source") if needs_source else ("train", "val"))
     train_ds = build_dataset(cfg.data.train, cfg.data, train=True)
     val_ds = build_dataset(cfg.data.val, cfg.data, train=False)
     source_ds = build_dataset(cfg.data.source, cfg.data, train=True) if needs_source else None
-    if init_from:
-        init_from_source(model_with_loss, init_from)
     model_with_loss.to(device)
     attach_teacher(cfg, model_with_loss, device)
     if cfg.train.compile:
