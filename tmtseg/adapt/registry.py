@@ -113,6 +113,26 @@ SECTIONS: Registry[type] = Registry(
 )
 
 
+@dataclass(frozen=True)
+class Alias:
+    """A method name that stands for a measured recipe: a method of METHODS plus config overrides."""
+
+    method: str
+    overrides: tuple[str, ...]
+    why: str  # the line printed when the alias resolves: what it is and the measurement behind it
+
+
+# resolved by the config loader before validation, so runs, checkpoints and the bench only ever see the recipe
+METHOD_ALIASES: dict[str, Alias] = {
+    "recommended": Alias(
+        "lora",
+        ("adapt.preserve.methods=[lora]",),
+        "lora + kl: best on the core pairs (ablations bench, 3 seeds), +11.17 mIoU over fine-tuning,"
+        " docs/results.md §0.2",
+    ),
+}
+
+
 def regularisers_of(adapt) -> list[str]:
     """The regularisers that act in a run of `adapt` (the config's adapt section): the method's own, and those whose
     adapt.<kind>.methods lists it, if their settings let them act."""

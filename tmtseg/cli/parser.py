@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 
 from tmtseg import __version__
-from tmtseg.adapt.registry import METHODS
+from tmtseg.adapt.registry import METHOD_ALIASES, METHODS
 
 DESCRIPTION = (
     "Adapt a segmentation transformer trained on one domain (e.g. daytime street scenes) to another (e.g. dusk):"
     " train a source model, adapt it to the target domain with TMT or a baseline (`tmtseg adapt --help` lists the"
     " methods), evaluate it, predict label maps for images and export it to ONNX.\n\n"
-    "  example: tmtseg adapt -c CONFIG --method tmt --source-checkpoint SRC"
+    "  example: tmtseg adapt -c CONFIG --method recommended --source-checkpoint SRC"
 )
 EPILOG = (
     "Exit codes: 0 ok, 1 unexpected error, 2 bad config, data or arguments, 3 bad checkpoint, 4 training failed"
@@ -92,7 +92,11 @@ def _add_finetune(sub) -> None:
 def _add_adapt(sub) -> None:
     p = sub.add_parser("adapt", help="adapt a source model to the target split with a method")
     _add_config_args(p)
-    p.add_argument("--method", choices=tuple(METHODS), help="overrides adapt.method")
+    p.add_argument(
+        "--method",
+        choices=(*METHODS, *METHOD_ALIASES),
+        help="overrides adapt.method; recommended = the measured best (today lora + the KL)",
+    )
     p.add_argument("--source-checkpoint", help="the source model (overrides adapt.source_checkpoint)")
     p.add_argument("--unsupervised", action="store_true", help="target labels unused; source labels used")
     _add_launch_args(p)

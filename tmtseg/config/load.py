@@ -10,6 +10,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tmtseg import dist
+from tmtseg.adapt.registry import METHOD_ALIASES
 from tmtseg.config.schema import Config
 from tmtseg.config.validate import validate
 from tmtseg.errors import ConfigError
@@ -67,7 +69,21 @@ def load_config_over(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Con
             raise ConfigError(f"override {item!r}: {_omega_message(err)}") from None
         except yaml.YAMLError as err:  # a YAML tag (!!python/...) in the value: never constructed
             raise ConfigError(f"override {item!r}: not a plain value ({str(err).splitlines()[0]})") from None
-    return validate(cfg if overrides else _as_config(merged))  # always a new object, as callers may edit it
+    cfg = cfg if overrides else _as_config(merged)  # always a new object, as callers may edit it
+    if cfg.adapt.method in METHOD_ALIASES:
+        cfg = _resolve_alias(cfg)
+    return validate(cfg)
+
+
+def _resolve_alias(cfg: Config) -> Config:
+    """`adapt.method=recommended` (an alias of METHOD_ALIASES) -> its method and overrides, said in one line."""
+    alias = METHOD_ALIASES[cfg.adapt.method]
+    if dist.is_main():
+        print(f"{cfg.adapt.method} = {alias.why}", flush=True)
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), OmegaConf.from_dotlist([f"adapt.method={alias.method}"]))
+    for item in alias.overrides:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+    return _as_config(merged)
 
 
 def config_from_dict(data: dict) -> Config:

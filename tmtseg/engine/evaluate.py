@@ -92,13 +92,19 @@ def evaluate(
 def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progress: bool = True) -> tuple[dict, Config]:
     """Score a checkpoint on its config's data.val (overrides may point it at another split or data root)."""
     model_with_loss, cfg, _ = model_with_loss_from_checkpoint(path, overrides)
+    return evaluate_on_val(model_with_loss, cfg, progress=progress), cfg
+
+
+def evaluate_on_val(model_with_loss: ModelWithLoss, cfg: Config, *, device=None, progress: bool = True) -> dict:
+    """Score a loaded model on `cfg`'s data.val as `tmtseg eval` does: the data checked first, on `device` (default:
+    train.device), compiled if train.compile."""
     check_data(cfg, ("val",))
-    device = dist.local_device(cfg.train.device)
+    device = device or dist.local_device(cfg.train.device)
     model_with_loss.to(device)
     if cfg.train.compile:
         compile_model(model_with_loss.model, backend=cfg.train.compile_backend)
     val_ds = build_dataset(cfg.data.val, cfg.data, train=False)
-    return evaluate_model_with_loss(model_with_loss, cfg, val_ds, device, progress=progress), cfg
+    return evaluate_model_with_loss(model_with_loss, cfg, val_ds, device, progress=progress)
 
 
 def evaluate_model_with_loss(model_with_loss: ModelWithLoss, cfg: Config, dataset, device, *, progress: bool) -> dict:

@@ -17,6 +17,7 @@ from tmtseg import dist
 from tmtseg.adapt.build import ModelWithLoss, build_model_with_loss
 from tmtseg.config import Config
 from tmtseg.data import build_dataset, collate
+from tmtseg.engine.card import write_model_card
 from tmtseg.engine.compiled import compile_model
 from tmtseg.engine.evaluate import check_data, evaluate_model_with_loss
 from tmtseg.engine.logs import TrainLog, read_jsonl
@@ -56,6 +57,7 @@ class Run:
     last_good: Path | None = None
     tic: float = field(default_factory=time.perf_counter)  # throughput since the last logged step
     seen: int = 0
+    started: float = field(default_factory=time.perf_counter)  # the card's wall time (of this process, if resumed)
 
 
 def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: bool = True) -> dict:
@@ -129,7 +131,7 @@ def _start(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: 
         batches=batches,
         val_ds=val_ds,
         log=log,
-        meta=checkpoint_meta(cfg, train_ds, method=cfg.adapt.method),
+        meta=checkpoint_meta(cfg, train_ds, method=cfg.adapt.method, num_labelled=len(train_ds)),
         state=state,
         last_good=last_good,
     )
@@ -199,6 +201,13 @@ def _train(run: Run, *, progress: bool) -> dict:
     final = _evaluate(run)
     if dist.is_main():
         (run.run_dir / "eval.json").write_text(json.dumps({"step": run.state.step, "split": "val", **final}, indent=1))
+        # the model card of the run: what `tmtseg eval` and tmtseg.load take is the run's best (or last) checkpoint
+        best = run.run_dir / "checkpoints" / "best"
+        ckpt = best if best.exists() else run.last_good
+        seconds = time.perf_counter() - run.started
+        meta = {**run.meta, "step": run.state.step}
+        write_model_card(run.run_dir, cfg, meta, metrics=final, load_path=str(run.run_dir), checkpoint=str(ckpt),
+                         seconds=seconds)  # fmt: skip
     return final
 
 

@@ -169,6 +169,23 @@ def save_checkpoint(
     return final
 
 
+def save_model_file(folder: Path, *, model: nn.Module, meta: dict) -> Path:
+    """Write ``<folder>/model.safetensors`` (weights, `meta` as its metadata) through a temporary file and a rename,
+    as a checkpoint's: a folder a model is saved to (``save_pretrained``) never holds a half-written one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = model.state_dict()
+    _check_finite(weights, f"{folder / MODEL_FILE}")
+    tmp = folder / f".tmp_{MODEL_FILE}_{os.getpid()}"
+    try:
+        _save(weights, tmp, meta)
+        os.replace(tmp, folder / MODEL_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(folder)
+    return folder / MODEL_FILE
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """iter_* folders, oldest first (temporary and half-written folders are never listed)."""
     root = Path(run_dir) / "checkpoints"

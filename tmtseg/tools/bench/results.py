@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 
+from tmtseg.engine.card import git_commit
 from tmtseg.tools.bench.plan import Plan, plan
 from tmtseg.tools.bench.spec import BenchConfig
 from tmtseg.tools.bench.tables import write_report
@@ -33,16 +33,7 @@ def provenance() -> dict:
     """The commit and machine a bench ran on."""
     import torch
 
-    repo = Path(__file__).resolve().parents[3]  # the checkout holding tmtseg/
-    commit = ""
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit = git_commit()
     return {"commit": commit, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             "python": platform.python_version(), "torch": torch.__version__}  # fmt: skip
 

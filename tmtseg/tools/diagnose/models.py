@@ -22,10 +22,14 @@ class Model:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder or file as `eval` takes it, or a run folder (then its checkpoints/best)."""
+    """A checkpoint folder or file as `eval` takes it, or a run folder (then its checkpoints/best, else its newest
+    iter_*)."""
     p = Path(path)
-    if p.is_dir() and not (p / MODEL_FILE).exists() and (p / "checkpoints" / "best").exists():
-        return p / "checkpoints" / "best"
+    if p.is_dir() and not (p / MODEL_FILE).exists():
+        if (p / "checkpoints" / "best").exists():
+            return p / "checkpoints" / "best"
+        if list_checkpoints(p):
+            return list_checkpoints(p)[-1]
     return p
 
 
