@@ -15,8 +15,8 @@ from PIL import Image
 import tmtseg
 from tmtseg.config import load_config
 from tmtseg.engine.evaluate import evaluate_checkpoint
-from tmtseg.errors import DataError
 from tmtseg.engine.restore import model_with_loss_from_checkpoint
+from tmtseg.errors import DataError
 from tmtseg.tools.predict import predict_array
 
 from .test_resume import RUN, cli

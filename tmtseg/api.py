@@ -237,7 +237,7 @@ def adapt_model(
     _, src_cfg, _ = model_with_loss_from_checkpoint(ckpt)
     if Path(target).is_dir():
         if labelled is None:
-            raise ConfigError(f"{target}: a folder target needs labelled=N (the first N images train, the rest validate)")
+            raise ConfigError(f"{target}: a folder target needs labelled=N (the first N images train, the rest score)")
         data = dataclasses.replace(
             src_cfg.data,
             train=SplitConfig(kind="folder", path=str(target), stop=labelled),
