@@ -150,7 +150,9 @@ def test_predict_and_viz_into_the_input_folder_never_replace_an_input(checkpoint
     for name in ("street.png", "street_pred.png"):  # the second looks like an earlier output but is an input
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / name)
     before = snapshot(folder)
-    one_error(inproc("predict", str(checkpoint), str(folder), "--out", str(folder)), 2, folder / "street_pred.png")
+    one_error(inproc("predict", str(checkpoint), str(folder), "--out", str(folder)), 2, folder / "street.png")
+    colour = inproc("predict", str(checkpoint), str(folder), "--out", str(folder), "--format", "color")
+    one_error(colour, 2, folder / "street_pred.png")
     one_error(inproc("viz", str(checkpoint), str(folder), "--out", str(folder)), 2, folder / "street.png")
     assert snapshot(folder) == before
 
@@ -164,10 +166,10 @@ def test_predict_writes_distinct_results_for_the_same_stem(checkpoint, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "wrote 4 files" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == [
+        "a_jpg.png",
         "a_jpg_overlay.png",
-        "a_jpg_pred.png",
+        "a_png.png",
         "a_png_overlay.png",
-        "a_png_pred.png",
     ]
 
 
@@ -309,7 +311,7 @@ def test_images_of_32_px_or_less_work_everywhere(tmp_path):
     Image.fromarray(np.zeros((7, 5, 3), dtype=np.uint8)).save(tiny / "speck.png")
     result = inproc("predict", str(ckpt), str(tiny), "--out", str(tmp_path / "pred"))
     assert result.returncode == 0, result.stderr
-    assert Image.open(tmp_path / "pred" / "speck_pred.png").size == (5, 7)
+    assert Image.open(tmp_path / "pred" / "speck.png").size == (5, 7)
     result = inproc("viz", str(ckpt), str(tiny), "--out", str(tmp_path / "viz"))
     assert result.returncode == 0, result.stderr
 
@@ -324,7 +326,7 @@ def test_large_images_slide_with_a_progress_line_and_too_large_ones_are_refused_
     result = cli("predict", str(checkpoint), str(big), "--out", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert f"{big / 'wide.png'}: {1030 * 1030} pixels, above {WHOLE_MAX_PIXELS}: predicted by sliding" in result.stdout
-    assert Image.open(tmp_path / "out" / "wide_pred.png").size == (1030, 1030)
+    assert Image.open(tmp_path / "out" / "wide.png").size == (1030, 1030)
     side = int(MAX_PIXELS**0.5) + 1
     Image.new("L", (side, side)).save(huge / "vast.png")
     Image.new("L", (8, 8)).save(huge / "small.png")

@@ -44,7 +44,7 @@ def test_train_eval_predict_viz_resume_adapt(tmp_path, capsys):
     ds = build_dataset(cfg.data.val, cfg.data, train=False)
     Image.fromarray(ds[0]["image"].permute(1, 2, 0).numpy()).save(images / "a.png")
     assert main([*common, "predict", str(ckpt), str(images), "--out", str(tmp_path / "pred")]) == 0
-    pred = Image.open(tmp_path / "pred" / "a_pred.png")
+    pred = Image.open(tmp_path / "pred" / "a.png")
     assert pred.size == Image.open(images / "a.png").size
 
     assert main(["viz", str(ckpt), "--out", str(tmp_path / "viz"), "--count", "1"]) == 0

@@ -91,8 +91,20 @@ def _cmd_eval(args) -> int:
     if out.suffix != ".json" or out.is_dir():
         raise DataError(f"--out {out}: the metrics are written as JSON; give a file name ending in .json")
     refuse_overwrite([out], [ckpt, ckpt / MODEL_FILE], option="--out")
-    metrics, cfg = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.no_progress)
-    print(format_table(metrics, title=f"{args.checkpoint} on data.val"))
+    if args.predictions:  # another tool's ids (or predict's) scored with our metric on the checkpoint's data.val
+        from tmtseg.engine.evaluate import evaluate_predictions
+        from tmtseg.engine.restore import model_with_loss_from_checkpoint
+
+        cfg = model_with_loss_from_checkpoint(args.checkpoint, args.overrides)[1]  # its config, checked as eval does
+        metrics = evaluate_predictions(cfg, Path(args.predictions))
+        title = f"{args.predictions} on {args.checkpoint}'s data.val"
+    else:
+        from tmtseg.engine.step import precision_line
+
+        metrics, cfg = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.no_progress)
+        print(precision_line(cfg.train.amp))
+        title = f"{args.checkpoint} on data.val"
+    print(format_table(metrics, title=title))
     make_out_dir(out.parent, option="--out")
     try:
         out.write_text(json.dumps({"checkpoint": str(ckpt), "val": _split_dict(cfg), **metrics}, indent=1))

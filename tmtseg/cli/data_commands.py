@@ -12,18 +12,25 @@ from pathlib import Path
 def _cmd_predict(args) -> int:
     from tqdm import tqdm
 
+    from tmtseg.tools.predict import parse_formats
+
     progress = None if args.no_progress else tqdm
+    formats = parse_formats(args.format)
     if args.onnx:
         from tmtseg.errors import ConfigError
         from tmtseg.tools.export import predict_onnx
 
         if args.input is not None or args.overrides:
             raise ConfigError("predict --onnx MODEL takes one IMAGE_OR_FOLDER, no checkpoint and no overrides")
-        written = predict_onnx(args.onnx, Path(args.checkpoint), Path(args.out), progress=progress)
+        print("inference precision: float32 (the ONNX graph's)")
+        written = predict_onnx(
+            args.onnx, Path(args.checkpoint), Path(args.out), formats=formats, jsonl=args.jsonl, progress=progress
+        )
         print(f"wrote {len(written)} files to {args.out}")
         return 0
     from tmtseg.engine.restore import model_with_loss_from_checkpoint
-    from tmtseg.tools.predict import predict_folder
+    from tmtseg.engine.step import precision_line
+    from tmtseg.tools.predict import outputs_of, predict_folder
 
     if args.input is None:
         from tmtseg.errors import ConfigError
@@ -31,12 +38,14 @@ def _cmd_predict(args) -> int:
         raise ConfigError("predict needs CHECKPOINT IMAGE_OR_FOLDER (or --onnx MODEL IMAGE_OR_FOLDER)")
     trainer, cfg, meta = model_with_loss_from_checkpoint(args.checkpoint, args.overrides)
     ckpt = Path(args.checkpoint)
+    print(precision_line(cfg.train.amp))
     written = predict_folder(
         trainer,
         cfg,
         meta,
         Path(args.input),
         Path(args.out),
+        outputs=outputs_of(cfg, meta, formats=formats, jsonl=args.jsonl),
         progress=progress,
         protected=[ckpt, ckpt / "model.safetensors"],
         note=print,

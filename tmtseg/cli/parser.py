@@ -107,13 +107,25 @@ def _add_eval(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
     p.add_argument("--out", help="JSON file for the metrics (default: <checkpoint>/eval.json)")
+    p.add_argument(
+        "--predictions",
+        metavar="DIR",
+        help="score this folder of id PNGs (one <label stem>.png per data.val label, as predict names them) instead",
+    )
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="image or folder -> colour label PNGs and overlays")
+    p = sub.add_parser("predict", help="image or folder -> class id PNGs (palette) and overlays")
     p.add_argument("checkpoint", help="a checkpoint (with --onnx: the image or folder)")
     p.add_argument("input", nargs="?", help="an image or a folder of images")
     p.add_argument("--out", default="predictions", help="output folder")
+    p.add_argument(
+        "--format",
+        default="palette",
+        help="comma-separated: palette (<name>.png, ids with a colour palette; the default), ids16 (16-bit ids),"
+        " color (<name>_pred.png, RGB), npy (<name>.npy class probabilities [K, H, W]); an overlay is always written",
+    )
+    p.add_argument("--jsonl", action="store_true", help="also predictions.jsonl: class areas, confidence per image")
     p.add_argument("--onnx", help="predict with this exported model on onnxruntime instead of a checkpoint")
     p.add_argument("overrides", nargs="*")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -133,3 +134,50 @@ def evaluate_model_with_loss(model_with_loss: ModelWithLoss, cfg: Config, datase
     finally:
         for module, training in modes:
             module.training = training
+
+
+# files `tmtseg predict` writes beside the ids: not predictions to score, not extra files either
+_BESIDE = ("_overlay.png", "_pred.png")
+
+
+def evaluate_predictions(cfg: Config, folder: Path) -> dict:
+    """Score a folder of id PNGs (palette, 8- or 16-bit; another tool's or `tmtseg predict`'s) against cfg.data.val's
+    labels with the metric `eval` uses. Each label's prediction is `<image name>.png` as predict names it (or the
+    label's stem); a missing, extra, colour, wrongly sized or out-of-range file is refused by name."""
+    from tmtseg.io.pictures import output_names, read_ids
+
+    if not folder.is_dir():
+        raise DataError(f"--predictions {folder}: no such folder")
+    ds = build_dataset(cfg.data.val, cfg.data, train=False)
+    names = output_names([r.image for r in ds.records])
+    pngs = {p.name: p for p in folder.iterdir() if p.suffix == ".png" and not p.name.endswith(_BESIDE)}
+    metrics = SegMetrics(
+        num_classes=ds.num_classes, ignore_index=ds.ignore_index, class_names=ds.class_names, binary=cfg.data.binary
+    )
+    used = set()
+    for index, record in enumerate(ds.records):
+        wanted = [f"{names[record.image]}.png", f"{Path(record.label).stem}.png" if record.label else ""]
+        found = next((pngs[w] for w in wanted if w in pngs), None)
+        if found is None:
+            raise DataError(f"{folder / wanted[0]}: missing, the prediction for {record.label or record.image}")
+        used.add(found.name)
+        label = ds.load(index)[1]
+        metrics.update(torch.from_numpy(_prediction_ids(found, read_ids, label.shape, ds.num_classes, cfg)), label)
+    extra = sorted(set(pngs) - used)
+    if extra:
+        raise DataError(f"{folder / extra[0]}: no label in data.val matches it (and {len(extra) - 1} more extra files)")
+    return metrics.compute()
+
+
+def _prediction_ids(path: Path, read_ids, shape, num_classes: int, cfg: Config):
+    """One prediction file -> [H, W] ids, checked against its label's size and the class count."""
+    ids = read_ids(path)
+    if ids is None:
+        raise DataError(f"{path}: a colour picture, not class ids; write it with predict --format palette or ids16")
+    if tuple(ids.shape) != tuple(shape):
+        raise DataError(f"{path}: {ids.shape[1]}x{ids.shape[0]} px, its label is {shape[1]}x{shape[0]}")
+    if cfg.data.binary:  # 0/255 masks (and 0/1 ids): foreground is any non-zero value
+        return (ids > 0).astype("int64")
+    if ids.size and int(ids.max()) >= num_classes:
+        raise DataError(f"{path}: holds id {int(ids.max())}; the classes are 0..{num_classes - 1}")
+    return ids

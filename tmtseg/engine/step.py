@@ -171,6 +171,12 @@ def amp_context(amp: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
+def precision_line(amp: str) -> str:
+    """The one line predict and eval print: which precision the checkpoint infers at, and why it is that one."""
+    name = "bfloat16 autocast" if amp == "bf16" else "float32"
+    return f"inference precision: {name} (the checkpoint's train.amp={amp}, as in its training's evaluation)"
+
+
 def train_step(
     trainer: nn.Module,
     optimizer: torch.optim.Optimizer,

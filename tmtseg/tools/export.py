@@ -331,16 +331,20 @@ class OnnxSegmenter:
         return predict_array_with(self.scores, image, scale=s["scale"], mode=s["mode"], crop=crop, stride=stride)
 
 
-def predict_onnx(path: str | Path, inputs: Path, out_dir: Path, *, progress=None) -> list[Path]:
-    """`tmtseg predict --onnx`: the same pictures as `predict_folder`, from the exported model."""
-    from tmtseg.tools.predict import write_predictions
+def predict_onnx(
+    path: str | Path, inputs: Path, out_dir: Path, *, formats=("palette",), jsonl=False, progress=None
+) -> list[Path]:
+    """`tmtseg predict --onnx`: the same files as `predict_folder`, from the exported model (a float32 graph)."""
+    from tmtseg.tools.predict import Outputs, write_predictions
 
     model = OnnxSegmenter(path)
     palette = np.asarray(model.info["palette"], dtype=np.uint8)
+    names = list(model.info.get("classes") or [str(i) for i in range(len(palette))])
+    outputs = Outputs(palette, names, tuple(formats), binary=bool(model.info.get("binary")), jsonl=jsonl)
     s = model.info["input_size"]
     return write_predictions(
         model.scores,
-        palette,
+        outputs,
         inputs,
         out_dir,
         scale=s["scale"],

@@ -1,7 +1,10 @@
-"""Prediction to pictures: colour label PNGs and overlays for an image or a folder of images."""
+"""Prediction to files for an image or a folder of images: id PNGs (palette or 16-bit), colour PNGs, overlays, class
+probabilities (.npy) and a JSON line of class areas per image, at the checkpoint's own precision."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +12,18 @@ import torch
 from PIL import Image
 
 from tmtseg.data.decode import open_image, rgb_array
-from tmtseg.errors import DataError
-from tmtseg.io.pictures import colorize, default_palette, overlay  # noqa: F401 (re-exported)
+from tmtseg.engine.step import amp_context
+from tmtseg.errors import ConfigError, DataError
+from tmtseg.io.pictures import (  # noqa: F401 (re-exported)
+    VOID,
+    binary_png,
+    colorize,
+    default_palette,
+    ids16_png,
+    output_names,
+    overlay,
+    palette_png,
+)
 from tmtseg.modeling.inference import image_scores, window_scores
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
@@ -34,18 +47,36 @@ def list_images(path: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def predict_array(model, image: np.ndarray, *, scale: float, mode: str, crop, stride, hooks=None) -> np.ndarray:
-    """[H, W, 3] uint8 -> [H, W] class ids at the image's own resolution (the model sees it resized by `scale`)."""
+def predict_array(
+    model, image: np.ndarray, *, scale: float, mode: str, crop, stride, hooks=None, amp: str = "none"
+) -> np.ndarray:
+    """[H, W, 3] uint8 -> [H, W] class ids at the image's own resolution (the model sees it resized by `scale`), under
+    the checkpoint's precision `amp` (its train.amp: what `eval` and the in-training evaluation use)."""
     device = next(model.parameters()).device
-    score_fn = lambda x: image_scores(model, x.to(device), hooks).cpu()  # noqa: E731
-    return predict_array_with(score_fn, image, scale=scale, mode=mode, crop=crop, stride=stride)
+    score_fn = lambda x: image_scores(model, x, hooks)  # noqa: E731
+    with amp_context(amp, device):
+        scores = predict_scores_with(score_fn, image, scale=scale, mode=mode, crop=crop, stride=stride, device=device)
+    return ids_of(scores)
 
 
 def predict_array_with(score_fn, image: np.ndarray, *, scale: float, mode: str, crop, stride) -> np.ndarray:
     """`predict_array` for any `score_fn` (uint8 [B, 3, h, w] -> scores [B, K, h, w]): a segmenter, its ONNX export."""
-    x = rescale(torch.from_numpy(np.array(image)).permute(2, 0, 1), scale)  # [3, h, w] (a writable copy)
-    logits = window_scores(score_fn, x[None], out_size=image.shape[:2], mode=mode, crop=crop, stride=stride)
-    return logits.argmax(1)[0].cpu().numpy().astype(np.uint8)
+    return ids_of(predict_scores_with(score_fn, image, scale=scale, mode=mode, crop=crop, stride=stride))
+
+
+def predict_scores_with(
+    score_fn, image: np.ndarray, *, scale: float, mode: str, crop, stride, device=None
+) -> torch.Tensor:
+    """Class scores [K, H, W] at the image's own resolution on `device`, in the dtype `score_fn` computes them in
+    (the windows are summed where eval sums them, so that an autocast around this call is eval's to the pixel)."""
+    x = rescale(torch.from_numpy(np.array(image)).permute(2, 0, 1), scale).to(device or "cpu")  # [3, h, w]
+    return window_scores(score_fn, x[None], out_size=image.shape[:2], mode=mode, crop=crop, stride=stride)[0]
+
+
+def ids_of(scores: torch.Tensor) -> np.ndarray:
+    """[K, H, W] scores -> [H, W] ids (uint8 up to 256 classes, uint16 above): the argmax `eval` scores."""
+    ids = scores.argmax(0).cpu().numpy()
+    return ids.astype(np.uint8 if scores.shape[0] <= 256 else np.uint16)
 
 
 def rescale(image: torch.Tensor, scale: float) -> torch.Tensor:
@@ -66,20 +97,6 @@ MAX_PIXELS = 4096 * 4096
 SLIDE_WINDOW, SLIDE_STRIDE = (512, 512), (384, 384)
 
 
-def output_names(files: list[Path]) -> dict[Path, str]:
-    """A distinct output name per input: its stem, or its whole file name where stems clash (a.png and a.jpg)."""
-    stems: dict[str, int] = {}
-    for p in files:
-        stems[p.stem] = stems.get(p.stem, 0) + 1
-    names = {p: p.stem if stems[p.stem] == 1 else p.name.replace(".", "_") for p in files}
-    seen: dict[str, Path] = {}
-    for p, name in names.items():
-        if name in seen:  # e.g. "a_png.jpg" beside "a.png" and "a.jpg": no guess, say so
-            raise DataError(f"{p}: its output name {name!r} clashes with that of {seen[name]}; rename one of them")
-        seen[name] = p
-    return names
-
-
 def refuse_overwrite(targets: list[Path], protected: list[Path], *, option: str) -> None:
     """An output that would replace an input file or a checkpoint is refused before anything is written."""
     inputs = {p.resolve(): p for p in protected}
@@ -98,9 +115,10 @@ def make_out_dir(out_dir: Path, *, option: str) -> None:
         raise DataError(f"{option} {out_dir}: cannot create the output folder ({err.strerror})") from None
 
 
-def save_png(arr: np.ndarray, target: Path, *, option: str) -> None:
+def save_png(arr, target: Path, *, option: str = "--out") -> None:
+    """An array or a PIL image -> a PNG at `target`; a failure is a DataError naming it."""
     try:
-        Image.fromarray(arr).save(target)
+        (arr if isinstance(arr, Image.Image) else Image.fromarray(arr)).save(target)
     except OSError as err:
         raise DataError(f"{option} {target}: cannot write ({err.strerror or err})") from None
 
@@ -115,9 +133,75 @@ def image_pixels(path: Path, scale: float) -> int:
     return round(h * scale) * round(w * scale)
 
 
+FORMATS = ("palette", "ids16", "color", "npy")
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """`--format palette,npy` -> the formats, in order; unknown names, or both id PNGs at once, are refused."""
+    formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    if not formats or any(f not in FORMATS for f in formats):
+        raise ConfigError(f"--format {text}: choose from {', '.join(FORMATS)} (several comma-separated)")
+    if {"palette", "ids16"} <= set(formats):
+        raise ConfigError(f"--format {text}: palette and ids16 both write <name>.png; choose one")
+    return formats
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What predict writes for each image: `formats` (see FORMATS), the overlay, and with `jsonl` one line of class
+    areas and mean confidence per image in predictions.jsonl; the class table they need."""
+
+    palette: np.ndarray
+    class_names: list[str]
+    formats: tuple[str, ...] = ("palette",)
+    binary: bool = False
+    jsonl: bool = False
+
+    def files(self, out_dir: Path, name: str) -> dict[str, Path]:
+        suffix = {"palette": ".png", "ids16": ".png", "color": "_pred.png", "npy": ".npy"}
+        return {**{f: out_dir / f"{name}{suffix[f]}" for f in self.formats}, "overlay": out_dir / f"{name}_overlay.png"}
+
+    def check(self) -> None:
+        if "palette" in self.formats and not self.binary and len(self.class_names) > VOID:
+            raise ConfigError(f"--format palette: {len(self.class_names)} classes do not fit 8 bits; use ids16")
+
+
+def _write_one(outputs: Outputs, files: dict[str, Path], image: np.ndarray, scores: torch.Tensor) -> np.ndarray:
+    """Write one image's files (scores [K, H, W]) and return its ids."""
+    ids = ids_of(scores)
+    colours = colorize(ids, outputs.palette)
+    for kind, target in files.items():
+        if kind == "npy":  # the scores normalised to sum 1 per pixel: the argmax is the ids written beside them
+            probs = scores.float() / scores.float().sum(0, keepdim=True).clamp(min=1e-12)
+            try:
+                np.save(target, probs.numpy())
+            except OSError as err:
+                raise DataError(f"--out {target}: cannot write ({err.strerror or err})") from None
+            continue
+        if kind == "overlay":
+            picture = overlay(image, colours)
+        elif kind == "color":
+            picture = colours
+        elif outputs.binary:  # palette and ids16 alike: a 0/255 mask that any image viewer shows
+            picture = binary_png(ids)
+        else:
+            picture = palette_png(ids, outputs.palette) if kind == "palette" else ids16_png(ids)
+        save_png(picture, target)
+    return ids
+
+
+def _stats_line(path: Path, name: str, ids: np.ndarray, scores: torch.Tensor, names: list[str]) -> str:
+    """One image's JSON line: each predicted class's share of the pixels and the mean top-class confidence."""
+    counts = np.bincount(ids.reshape(-1), minlength=len(names))
+    probs = scores.float().max(0).values / scores.float().sum(0).clamp(min=1e-12)
+    areas = {names[k]: round(float(c) / ids.size, 6) for k, c in enumerate(counts) if c}
+    record = {"image": str(path), "name": name, "size": list(ids.shape), "areas": areas}
+    return json.dumps({**record, "mean_confidence": round(float(probs.mean()), 6)})
+
+
 def write_predictions(
     score_fn,
-    palette: np.ndarray,
+    outputs: Outputs,
     inputs: Path,
     out_dir: Path,
     *,
@@ -125,21 +209,26 @@ def write_predictions(
     mode: str,
     crop: tuple[int, int],
     stride: tuple[int, int],
+    amp: str = "none",
+    device=None,
     progress=None,
     protected=(),
     note=None,
 ) -> list[Path]:
-    """Write `<stem>_pred.png` (colour labels) and `<stem>_overlay.png` for each image, scored by `score_fn` (uint8
-    [B, 3, h, w] -> [B, K, h, w]: a segmenter or its ONNX export) as `predict_array_with` does; return the paths.
+    """Write `outputs`' files for each image, scored by `score_fn` (uint8 [B, 3, h, w] -> [B, K, h, w]: a segmenter
+    or its ONNX export) as `predict_array_with` does, on `device` under `amp` autocast; return the paths.
 
     Checked before anything is written: output names are distinct, none replaces an input (or a `protected` file such
     as the checkpoint), no image is above MAX_PIXELS. Images above WHOLE_MAX_PIXELS are predicted by sliding windows,
     each announced through `note(line)`.
     """
+    outputs.check()
     files = list_images(inputs)
     names = output_names(files)
-    targets = {p: [out_dir / f"{names[p]}_{suffix}.png" for suffix in ("pred", "overlay")] for p in files}
-    refuse_overwrite([t for ts in targets.values() for t in ts], [*files, *map(Path, protected)], option="--out")
+    targets = {p: outputs.files(out_dir, names[p]) for p in files}
+    stats = out_dir / "predictions.jsonl"
+    every = [t for ts in targets.values() for t in ts.values()] + ([stats] if outputs.jsonl else [])
+    refuse_overwrite(every, [*files, *map(Path, protected)], option="--out")
     pixels = {p: image_pixels(p, scale) for p in files}
     for p, n in pixels.items():
         if n > MAX_PIXELS:
@@ -148,7 +237,7 @@ def write_predictions(
                 " set data.scale lower or cut the image into tiles"
             )
     make_out_dir(out_dir, option="--out")
-    written = []
+    written, lines = [], []
     for path in progress(files) if progress else files:
         image = read_image(path)
         how = (mode, crop, stride)
@@ -159,36 +248,65 @@ def write_predictions(
                     f"{path}: {pixels[path]} pixels, above {WHOLE_MAX_PIXELS}: predicted by sliding"
                     f" {SLIDE_WINDOW[0]}x{SLIDE_WINDOW[1]} windows"
                 )
-        pred = predict_array_with(score_fn, image, scale=scale, mode=how[0], crop=how[1], stride=how[2])
-        colours = colorize(pred, palette)
-        for target, arr in zip(targets[path], (colours, overlay(image, colours)), strict=True):
-            save_png(arr, target, option="--out")
-            written.append(target)
+        device = torch.device(device or "cpu")
+        with amp_context(amp, device):
+            scores = predict_scores_with(
+                score_fn, image, scale=scale, mode=how[0], crop=how[1], stride=how[2], device=device
+            ).cpu()
+        ids = _write_one(outputs, targets[path], image, scores)
+        written.extend(targets[path].values())
+        if outputs.jsonl:
+            lines.append(_stats_line(path, names[path], ids, scores, outputs.class_names))
+    if outputs.jsonl:
+        _write_text(stats, "".join(line + "\n" for line in lines))
+        written.append(stats)
     return written
+
+
+def _write_text(target: Path, text: str) -> None:
+    try:
+        target.write_text(text)
+    except OSError as err:
+        raise DataError(f"--out {target}: cannot write ({err.strerror or err})") from None
+
+
+def outputs_of(cfg, meta: dict, *, formats=("palette",), jsonl: bool = False) -> Outputs:
+    """A checkpoint's class table (its dataset's names and palette) for `write_predictions`."""
+    k = cfg.data.num_classes
+    palette = np.asarray(meta.get("palette") or default_palette(k), dtype=np.uint8)
+    names = list(meta.get("class_names") or [str(i) for i in range(k)])
+    return Outputs(palette, names, tuple(formats), binary=cfg.data.binary, jsonl=jsonl)
 
 
 @torch.no_grad()
 def predict_folder(
-    trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, progress=None, protected=(), note=None
+    trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, outputs=None, progress=None, protected=(), note=None
 ) -> list[Path]:
-    """`write_predictions` with a checkpoint's trainer, as its config infers (scale, mode, crop, stride, hooks)."""
-    palette = np.asarray(meta.get("palette") or default_palette(cfg.data.num_classes), dtype=np.uint8)
+    """`write_predictions` with a checkpoint's trainer, as its config infers (scale, mode, crop, stride, hooks) and
+    at its precision (train.amp, as `eval` and the in-training evaluation: the same ids to the pixel)."""
+    modes = [(m, m.training) for m in trainer.modules()]
     trainer.eval()
     device = next(trainer.model.parameters()).device
 
     def score_fn(x: torch.Tensor) -> torch.Tensor:
-        return image_scores(trainer.model, x.to(device), trainer.method.inference_hooks()).cpu()
+        return image_scores(trainer.model, x, trainer.method.inference_hooks())
 
-    return write_predictions(
-        score_fn,
-        palette,
-        inputs,
-        out_dir,
-        scale=cfg.data.scale,
-        mode=cfg.infer.mode,
-        crop=tuple(cfg.data.crop_size),
-        stride=tuple(cfg.infer.stride),
-        progress=progress,
-        protected=protected,
-        note=note,
-    )
+    try:
+        return write_predictions(
+            score_fn,
+            outputs or outputs_of(cfg, meta),
+            inputs,
+            out_dir,
+            scale=cfg.data.scale,
+            mode=cfg.infer.mode,
+            crop=tuple(cfg.data.crop_size),
+            stride=tuple(cfg.infer.stride),
+            amp=cfg.train.amp,
+            device=device,
+            progress=progress,
+            protected=protected,
+            note=note,
+        )
+    finally:
+        for module, training in modes:
+            module.training = training
