@@ -87,8 +87,9 @@ def model_card(
         "",
         f"- labelled (data.train): {_split(d.train)}, {labelled if labelled is not None else 'an unrecorded number of'}"
         " images",
-        f"- source model: `{a.source_checkpoint}`" if adapted else "- source model: none (trained from its initial"
-        " weights)",
+        f"- source model: `{a.source_checkpoint}`"
+        if adapted
+        else "- source model: none (trained from its initial weights)",
         f"- unlabelled source images (data.source): {_split(d.source)}" if adapted else None,
         f"- validation (data.val): {_split(d.val)}",
         "",
