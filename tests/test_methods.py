@@ -370,6 +370,7 @@ def test_lwf_is_the_uniform_kl_and_zero_at_the_source_model():
 
 def test_the_method_table_is_what_cli_config_and_bench_accept():
     from tmtseg import cli
+    from tmtseg.adapt.registry import METHOD_ALIASES
     from tmtseg.adapt.registry import METHODS as TABLE
     from tmtseg.errors import ConfigError
     from tmtseg.tools import bench
@@ -377,7 +378,7 @@ def test_the_method_table_is_what_cli_config_and_bench_accept():
     assert TABLE is METHODS and bench.ADAPT_METHODS == tuple(METHODS)
     adapt = next(a for a in cli._parser()._subparsers._group_actions[0].choices["adapt"]._actions
                  if "--method" in a.option_strings)  # fmt: skip
-    assert tuple(adapt.choices) == tuple(METHODS)
+    assert tuple(adapt.choices) == (*METHODS, *METHOD_ALIASES)  # the table's names, then its aliases (recommended)
     for name in METHODS:
         assert load_config([], [f"adapt.method={name}", f"adapt.preserve.methods=[{name}]"]).adapt.method == name
     for bad in ("adapt.method=coral", "adapt.preserve.methods=[coral]", "adapt.l2sp.methods=[coral]",
