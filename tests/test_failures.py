@@ -143,7 +143,9 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_
 
 def test_non_finite_steps_are_skipped_on_request_and_never_saved(tmp_path):
     run_dir = tmp_path / "run"
-    train(run_dir, "train.lr=1e30", "train.nonfinite=skip", "train.iters=4", "train.save_every=2")
+    # 3 of 4 steps skipped: above the default train.max_skipped_frac, which test_skipped_steps.py checks
+    train(run_dir, "train.lr=1e30", "train.nonfinite=skip", "train.iters=4", "train.save_every=2",
+          "train.max_skipped_frac=1")  # fmt: skip
     log = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "skipped" in r] == [2, 3, 4]
     assert [p.name for p in list_checkpoints(run_dir)] == ["iter_0000002", "iter_0000004"]

@@ -140,6 +140,7 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2  # checkpoints kept besides the best
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    max_skipped_frac: float = 0.1  # nonfinite=skip: a run that skipped more than this share of its steps fails
 
 
 @dataclass
@@ -206,5 +207,7 @@ RUN_NEUTRAL = frozenset(
         # CPU does, so a resume that switches it is not bitwise the uninterrupted run)
         "train.compile",
         "train.compile_backend",
+        # whether a run that skipped non-finite steps fails at its end, not what it computes
+        "train.max_skipped_frac",
     }
 )

@@ -75,6 +75,7 @@ _RANGES: dict[str, tuple[float | None, float | None]] = {
     "train.eval_every": (0, None),
     "train.save_every": (1, None),
     "train.keep_last": (0, None),
+    "train.max_skipped_frac": (0, 1),
     "adapt.adv_weight": (0, None),
     "adapt.head_lr_mult": (0, None),
     "adapt.grl_max_iter": (0, None),

@@ -166,8 +166,8 @@ def _manifest(split: SplitConfig, data: DataConfig, key: str) -> Source:
 
 
 def read_manifest(manifest: Path) -> list[dict]:
-    """The rows of a manifest.csv; a missing column, a row with too few or too many fields, or a file that is not CSV
-    text is a DataError naming the file (and the line)."""
+    """The rows of a manifest.csv; a missing column, a row with too few or too many fields, a file path that leads
+    outside the manifest's folder, or a file that is not CSV text is a DataError naming the file (and the line)."""
     try:
         with manifest.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
@@ -187,7 +187,19 @@ def read_manifest(manifest: Path) -> list[dict]:
         if None in row or None in row.values():  # DictReader's marks of a long and of a short row
             fields = len(header) + len(row.get(None) or []) - sum(v is None for v in row.values())
             raise DataError(f"{manifest}: line {line} has {fields} fields, the header has {len(header)}")
+    root = manifest.parent.resolve()
+    for line, row in enumerate(rows, start=2):
+        _refuse_outside(manifest, root, line, row)
     return rows
+
+
+def _refuse_outside(manifest: Path, root: Path, line: int, row: dict) -> None:
+    """A row's files must resolve inside the manifest's folder: a shared manifest must not make a run read (and a
+    prediction or an error message show) files elsewhere on the machine, by `..`, an absolute path or a symlink."""
+    for column in ("image", "label", "mask", "fov"):
+        value = row.get(column) or ""
+        if value and root not in (manifest.parent / value).resolve().parents:
+            raise DataError(f"{manifest}: line {line}: {column} {value} leads outside the manifest's folder {root}")
 
 
 def _cityscapes(split: SplitConfig, data: DataConfig, key: str) -> Source:

@@ -198,9 +198,12 @@ def _train(run: Run, *, progress: bool) -> dict:
                 raise Preempted(f"SIGTERM at step {run.state.step}: saved {run.last_good}; continue with --resume")
     bar.close()
     run.log.close()
+    _refuse_too_many_skipped(run)
     final = _evaluate(run)
+    skipped = {"skipped_steps": run.state.skipped} if run.state.skipped else {}
     if dist.is_main():
-        (run.run_dir / "eval.json").write_text(json.dumps({"step": run.state.step, "split": "val", **final}, indent=1))
+        summary = {"step": run.state.step, "split": "val", **skipped, **final}
+        (run.run_dir / "eval.json").write_text(json.dumps(summary, indent=1))
         # the model card of the run: what `tmtseg eval` and tmtseg.load take is the run's best (or last) checkpoint
         best = run.run_dir / "checkpoints" / "best"
         ckpt = best if best.exists() else run.last_good
@@ -237,8 +240,9 @@ def _log_step(run: Run, losses: dict, ok: bool, bar: tqdm) -> None:
                 f"non-finite loss or gradient at step {step} ({what}); the step was not applied and nothing was"
                 f" saved; last good checkpoint: {run.last_good or 'none'} (train.nonfinite=skip skips such steps)"
             )
+        run.state.skipped += 1
         if dist.is_main():
-            run.log.write({"step": step, "skipped": f"non-finite ({what})"})
+            run.log.write({"step": step, "skipped": f"non-finite ({what})", "skipped_steps": run.state.skipped})
         return
     if step % cfg.train.log_every and step != cfg.train.iters:
         return
@@ -247,8 +251,20 @@ def _log_step(run: Run, losses: dict, ok: bool, bar: tqdm) -> None:
     shown = _mean_over_ranks({k: v for k, v in losses.items() if not is_aux_loss(k)})
     bar.set_postfix(loss=f"{shown['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
     if dist.is_main():
-        run.log.write({"step": step, "lr": lr, "imgs_per_s": rate, **shown})
+        skipped = {"skipped_steps": run.state.skipped} if run.state.skipped else {}
+        run.log.write({"step": step, "lr": lr, "imgs_per_s": rate, **shown, **skipped})
     run.tic, run.seen = time.perf_counter(), 0
+
+
+def _refuse_too_many_skipped(run: Run) -> None:
+    """A run that skipped more than train.max_skipped_frac of its steps fails; its last checkpoint (just saved) stays,
+    so a resume with a higher limit accepts it without training again."""
+    skipped, steps, limit = run.state.skipped, run.state.step, run.cfg.train.max_skipped_frac
+    if steps and skipped / steps > limit:
+        raise TrainingError(
+            f"{skipped} of {steps} steps were skipped as non-finite, more than train.max_skipped_frac={limit};"
+            f" last good checkpoint: {run.last_good or 'none'}"
+        )
 
 
 def _evaluate(run: Run) -> dict:
@@ -282,7 +298,7 @@ def _save(run: Run, step: int, name: str | None = None, metrics: dict | None = N
             model=run.model_with_loss,
             meta={**run.meta, "metrics": metrics or {}},
             optimizer=run.optimizer,
-            train_state={"best": run.state.best, "history": run.state.history},
+            train_state={"best": run.state.best, "history": run.state.history, "skipped": run.state.skipped},
             name=name,
             keep_last=run.cfg.train.keep_last if name is None else 0,
         )

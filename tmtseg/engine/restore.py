@@ -103,4 +103,7 @@ def resume_run(
         warnings.warn(f"{ckpt}: train.iters changed; the lr and GRL schedules follow the new length", stacklevel=2)
     load_weights(trainer, saved.weights, source=str(ckpt))
     train_state = load_train_state(ckpt, optimizer)
-    return LoopState(step=train_state["step"], best=train_state["best"], history=train_state["history"]), ckpt
+    # a checkpoint written before the skip count was kept has none: it reads as 0
+    state = LoopState(step=train_state["step"], best=train_state["best"], history=train_state["history"],
+                      skipped=int(train_state.get("skipped", 0)))  # fmt: skip
+    return state, ckpt

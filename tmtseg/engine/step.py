@@ -164,6 +164,7 @@ class LoopState:
     step: int = 0
     best: float = -math.inf
     history: list[dict] = field(default_factory=list)  # periodic evaluations
+    skipped: int = 0  # non-finite steps skipped (train.nonfinite=skip), over the whole run and its resumes
 
 
 def amp_context(amp: str, device: torch.device) -> torch.autocast:

@@ -108,6 +108,14 @@ def refuse_overwrite(targets: list[Path], protected: list[Path], *, option: str)
             raise DataError(f"{option} {target}: a checkpoint's place (a .safetensors file or a run's checkpoints/)")
 
 
+def refuse_inside(out_dir: Path, folder: Path, *, option: str) -> None:
+    """An output folder equal to an input folder, or inside it, is refused: the next run over that folder would read
+    the predictions as inputs (and an output name may clash with an input's)."""
+    out, inp = out_dir.resolve(), folder.resolve()
+    if out == inp or inp in out.parents:
+        raise DataError(f"{option} {out_dir}: inside the input folder {folder}; choose an output folder outside it")
+
+
 def make_out_dir(out_dir: Path, *, option: str) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -218,12 +226,14 @@ def write_predictions(
     """Write `outputs`' files for each image, scored by `score_fn` (uint8 [B, 3, h, w] -> [B, K, h, w]: a segmenter
     or its ONNX export) as `predict_array_with` does, on `device` under `amp` autocast; return the paths.
 
-    Checked before anything is written: output names are distinct, none replaces an input (or a `protected` file such
-    as the checkpoint), no image is above MAX_PIXELS. Images above WHOLE_MAX_PIXELS are predicted by sliding windows,
-    each announced through `note(line)`.
+    Checked before anything is written: `out_dir` is not the input folder nor inside it, output names are distinct,
+    none replaces an input (or a `protected` file such as the checkpoint), no image is above MAX_PIXELS. Images above
+    WHOLE_MAX_PIXELS are predicted by sliding windows, each announced through `note(line)`.
     """
     outputs.check()
     files = list_images(inputs)
+    if inputs.is_dir():
+        refuse_inside(out_dir, inputs, option="--out")
     names = output_names(files)
     targets = {p: outputs.files(out_dir, names[p]) for p in files}
     stats = out_dir / "predictions.jsonl"
