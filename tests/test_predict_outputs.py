@@ -111,3 +111,15 @@ def test_eval_predictions_refuses_missing_extra_and_colour_files_by_name(run, tm
     one_error(
         inproc("eval", str(ckpt), "--predictions", str(out), "--out", str(tmp_path / "e.json")), 2, out / "im1.png"
     )
+
+
+def test_predict_resizes_an_image_exactly_as_evaluation_does():
+    """One resize for both paths: predict's `rescale` is eval's transform, pixel for pixel (a float resize rounded back
+    to uint8 differs from torch's uint8 path in ~1 pixel value in 7, enough to move a real checkpoint's mIoU by 0.06)."""
+    from tmtseg.data.transforms import eval_transform
+    from tmtseg.tools.predict import rescale
+
+    image = torch.randint(0, 256, (3, 61, 83), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for scale in (0.5, 0.37, 1.0, 1.6):
+        expected, _ = eval_transform(image, torch.zeros(61, 83, dtype=torch.long), scale=scale)
+        assert torch.equal(rescale(image, scale), expected)

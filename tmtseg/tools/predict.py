@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from tmtseg.data.decode import open_image, rgb_array
+from tmtseg.data.transforms import resize_image, scaled_size
 from tmtseg.engine.step import amp_context
 from tmtseg.errors import ConfigError, DataError
 from tmtseg.io.pictures import (  # noqa: F401 (re-exported)
@@ -80,13 +81,9 @@ def ids_of(scores: torch.Tensor) -> np.ndarray:
 
 
 def rescale(image: torch.Tensor, scale: float) -> torch.Tensor:
-    """uint8 [3, H, W] resized by `scale` as the model sees it (bilinear with antialias, rounded back to uint8)."""
-    if scale == 1.0:
-        return image
-    h, w = image.shape[-2:]
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    x = torch.nn.functional.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True)[0]
-    return x.round().clamp(0, 255).to(torch.uint8)
+    """uint8 [3, H, W] resized by `scale` exactly as evaluation's transform resizes it (one function for both paths,
+    so that predict and eval see the same pixels: a float resize rounded back differs from torch's uint8 path by 1)."""
+    return resize_image(image, scaled_size(*image.shape[-2:], scale))
 
 
 # Large inputs (pixels after data.scale): above WHOLE_MAX_PIXELS an image is predicted by sliding SLIDE_WINDOW windows
