@@ -114,8 +114,8 @@ def test_eval_predictions_refuses_missing_extra_and_colour_files_by_name(run, tm
 
 
 def test_predict_resizes_an_image_exactly_as_evaluation_does():
-    """One resize for both paths: predict's `rescale` is eval's transform, pixel for pixel (a float resize rounded back
-    to uint8 differs from torch's uint8 path in ~1 pixel value in 7, enough to move a real checkpoint's mIoU by 0.06)."""
+    """One resize for both paths: predict's `rescale` is eval's transform, pixel for pixel (a float resize rounded
+    back to uint8 differs from torch's uint8 path in ~1 pixel value in 7: a real checkpoint's mIoU moved by 0.06)."""
     from tmtseg.data.transforms import eval_transform
     from tmtseg.tools.predict import rescale
 
