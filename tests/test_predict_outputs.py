@@ -123,3 +123,20 @@ def test_predict_resizes_an_image_exactly_as_evaluation_does():
     for scale in (0.5, 0.37, 1.0, 1.6):
         expected, _ = eval_transform(image, torch.zeros(61, 83, dtype=torch.long), scale=scale)
         assert torch.equal(rescale(image, scale), expected)
+
+
+def test_a_binary_task_writes_0_255_masks_that_read_back_as_its_ids(tmp_path):
+    from PIL import Image
+
+    from tmtseg.io.pictures import default_palette, read_ids
+    from tmtseg.tools.predict import Outputs, _write_one
+
+    scores = torch.zeros(2, 6, 8)  # [K, H, W]: foreground (class 1) in the right half
+    scores[0, :, :4], scores[1, :, 4:] = 1.0, 1.0
+    outputs = Outputs(default_palette(2), ["background", "polyp"], formats=("palette",), binary=True)
+    files = outputs.files(tmp_path, "a")
+    ids = _write_one(outputs, files, np.zeros((6, 8, 3), np.uint8), scores)
+    with Image.open(files["palette"]) as mask:
+        assert mask.mode == "L" and set(np.unique(np.asarray(mask))) == {0, 255}
+    assert np.array_equal(np.asarray(Image.open(files["palette"])) == 255, ids == 1)
+    assert np.array_equal(read_ids(files["palette"]) > 0, ids == 1)  # what eval --predictions counts as foreground
