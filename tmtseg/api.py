@@ -30,9 +30,8 @@ from tmtseg.modeling.inference import image_scores, window_scores
 from tmtseg.tools.diagnose.models import resolve_checkpoint
 from tmtseg.tools.predict import (
     MAX_PIXELS,
-    SLIDE_STRIDE,
-    SLIDE_WINDOW,
-    WHOLE_MAX_PIXELS,
+    class_probabilities,
+    inference_window,
     list_images,
     read_image,
     rescale,
@@ -133,9 +132,7 @@ class SegmentationModel:
         pixels = x.shape[-2] * x.shape[-1]
         if pixels > MAX_PIXELS:
             raise DataError(f"image of {pixels} pixels after data.scale={cfg.data.scale}: above {MAX_PIXELS}")
-        how = (cfg.infer.mode, tuple(cfg.data.crop_size), tuple(cfg.infer.stride))
-        if how[0] == "whole" and pixels > WHOLE_MAX_PIXELS:
-            how = ("slide", SLIDE_WINDOW, SLIDE_STRIDE)
+        how = inference_window(cfg.infer.mode, cfg.data.crop_size, cfg.infer.stride, pixels)
         hooks = self.trainer.method.inference_hooks()
 
         def score_fn(batch: torch.Tensor) -> torch.Tensor:
@@ -143,8 +140,7 @@ class SegmentationModel:
                 return image_scores(self.trainer.model, batch.to(device), hooks).float()
 
         scores = window_scores(score_fn, x, out_size=arrays[0].shape[:2], mode=how[0], crop=how[1], stride=how[2])
-        probs = scores / scores.sum(1, keepdim=True).clamp_min(1e-12)  # [B, K, H, W]
-        return list(probs.cpu().numpy().astype(np.float32))
+        return list(class_probabilities(scores).cpu().numpy())  # [B, K, H, W] float32
 
     def evaluate(self, config: str | Path | None = None, *, overrides: list[str] = (), progress: bool = False) -> dict:
         """Score the model on data.val, the numbers `tmtseg eval` prints (mIoU, aAcc, per-class IoU, in percent):

@@ -22,7 +22,7 @@ from tmtseg.engine.step import amp_context
 from tmtseg.errors import DataError
 from tmtseg.metrics import SegMetrics
 from tmtseg.modeling.feature_cache import FeatureCache
-from tmtseg.modeling.inference import predict_logits
+from tmtseg.modeling.inference import eval_mode, predict_logits
 
 
 def check_data(cfg: Config, splits: tuple[str, ...]) -> None:
@@ -116,9 +116,7 @@ def evaluate_model_with_loss(model_with_loss: ModelWithLoss, cfg: Config, datase
     backbone = model_with_loss.model.backbone
     if cfg.infer.feature_cache and getattr(backbone, "feature_cache", False) is None:
         backbone.feature_cache = FeatureCache(cfg.infer.feature_cache)
-    modes = [(m, m.training) for m in model_with_loss.modules()]
-    model_with_loss.eval()
-    try:
+    with eval_mode(model_with_loss):
         return evaluate(
             model_with_loss.model,
             dataset,
@@ -131,9 +129,6 @@ def evaluate_model_with_loss(model_with_loss: ModelWithLoss, cfg: Config, datase
             progress=progress,
             amp=cfg.train.amp,
         )
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 # files `tmtseg predict` writes beside the ids: not predictions to score, not extra files either

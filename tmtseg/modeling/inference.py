@@ -4,7 +4,8 @@ whole image or by overlapping sliding windows."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -96,3 +97,16 @@ def window_scores(
     if tuple(scores.shape[-2:]) != tuple(out_size):
         scores = F.interpolate(scores, size=tuple(out_size), mode="bilinear", align_corners=False)  # [B, K, H, W]
     return scores
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the block (no dropout anywhere that takes part in inference: the segmenter,
+    a method's discriminators), each put back in the mode the caller left it in afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

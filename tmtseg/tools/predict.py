@@ -25,7 +25,7 @@ from tmtseg.io.pictures import (  # noqa: F401 (re-exported)
     overlay,
     palette_png,
 )
-from tmtseg.modeling.inference import image_scores, window_scores
+from tmtseg.modeling.inference import eval_mode, image_scores, window_scores
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 
@@ -92,6 +92,20 @@ def rescale(image: torch.Tensor, scale: float) -> torch.Tensor:
 WHOLE_MAX_PIXELS = 1024 * 1024
 MAX_PIXELS = 4096 * 4096
 SLIDE_WINDOW, SLIDE_STRIDE = (512, 512), (384, 384)
+
+
+def inference_window(mode: str, crop, stride, pixels: int) -> tuple[str, tuple, tuple]:
+    """(mode, crop, stride) an image of `pixels` (after data.scale) is predicted with: the config's, except sliding
+    SLIDE_WINDOW windows for a whole-image mode above WHOLE_MAX_PIXELS."""
+    if mode == "whole" and pixels > WHOLE_MAX_PIXELS:
+        return "slide", SLIDE_WINDOW, SLIDE_STRIDE
+    return mode, tuple(crop), tuple(stride)
+
+
+def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """Class scores [..., K, H, W] normalised to sum 1 over the classes (dim -3): their argmax is the prediction."""
+    scores = scores.float()
+    return scores / scores.sum(-3, keepdim=True).clamp(min=1e-12)
 
 
 def refuse_overwrite(targets: list[Path], protected: list[Path], *, option: str) -> None:
@@ -177,7 +191,7 @@ def _write_one(outputs: Outputs, files: dict[str, Path], image: np.ndarray, scor
     colours = colorize(ids, outputs.palette)
     for kind, target in files.items():
         if kind == "npy":  # the scores normalised to sum 1 per pixel: the argmax is the ids written beside them
-            probs = scores.float() / scores.float().sum(0, keepdim=True).clamp(min=1e-12)
+            probs = class_probabilities(scores)
             try:
                 np.save(target, probs.numpy())
             except OSError as err:
@@ -198,7 +212,7 @@ def _write_one(outputs: Outputs, files: dict[str, Path], image: np.ndarray, scor
 def _stats_line(path: Path, name: str, ids: np.ndarray, scores: torch.Tensor, names: list[str]) -> str:
     """One image's JSON line: each predicted class's share of the pixels and the mean top-class confidence."""
     counts = np.bincount(ids.reshape(-1), minlength=len(names))
-    probs = scores.float().max(0).values / scores.float().sum(0).clamp(min=1e-12)
+    probs = class_probabilities(scores).max(0).values
     areas = {names[k]: round(float(c) / ids.size, 6) for k, c in enumerate(counts) if c}
     record = {"image": str(path), "name": name, "size": list(ids.shape), "areas": areas}
     return json.dumps({**record, "mean_confidence": round(float(probs.mean()), 6)})
@@ -244,18 +258,16 @@ def write_predictions(
                 " set data.scale lower or cut the image into tiles"
             )
     make_out_dir(out_dir, option="--out")
+    device = torch.device(device or "cpu")
     written, lines = [], []
     for path in progress(files) if progress else files:
         image = read_image(path)
-        how = (mode, crop, stride)
-        if mode == "whole" and pixels[path] > WHOLE_MAX_PIXELS:
-            how = ("slide", SLIDE_WINDOW, SLIDE_STRIDE)
-            if note is not None:
-                note(
-                    f"{path}: {pixels[path]} pixels, above {WHOLE_MAX_PIXELS}: predicted by sliding"
-                    f" {SLIDE_WINDOW[0]}x{SLIDE_WINDOW[1]} windows"
-                )
-        device = torch.device(device or "cpu")
+        how = inference_window(mode, crop, stride, pixels[path])
+        if how[0] != mode and note is not None:
+            note(
+                f"{path}: {pixels[path]} pixels, above {WHOLE_MAX_PIXELS}: predicted by sliding"
+                f" {SLIDE_WINDOW[0]}x{SLIDE_WINDOW[1]} windows"
+            )
         with amp_context(amp, device):
             scores = predict_scores_with(
                 score_fn, image, scale=scale, mode=how[0], crop=how[1], stride=how[2], device=device
@@ -291,14 +303,12 @@ def predict_folder(
 ) -> list[Path]:
     """`write_predictions` with a checkpoint's trainer, as its config infers (scale, mode, crop, stride, hooks) and
     at its precision (train.amp, as `eval` and the in-training evaluation: the same ids to the pixel)."""
-    modes = [(m, m.training) for m in trainer.modules()]
-    trainer.eval()
     device = next(trainer.model.parameters()).device
 
     def score_fn(x: torch.Tensor) -> torch.Tensor:
         return image_scores(trainer.model, x, trainer.method.inference_hooks())
 
-    try:
+    with eval_mode(trainer):
         return write_predictions(
             score_fn,
             outputs or outputs_of(cfg, meta),
@@ -314,6 +324,3 @@ def predict_folder(
             protected=protected,
             note=note,
         )
-    finally:
-        for module, training in modes:
-            module.training = training
