@@ -27,6 +27,8 @@ class ACTESettings:
     # "decoder": the pixel decoder's map at feature_stride (the paper's reading: the adversarial loss then shapes those
     # features); "vit": the frozen ViT's token map at stride 16 (an extension: docs/results.md §7)
     features: str = setting("decoder", choices=("decoder", "vit"))
+    # TMA in the ViT (adapt.tma.where=vit|both): the ViT block whose input ACTE reads; -1 = the first biased block
+    vit_block: int = setting(-1, low=-1)
 
 
 # The 3x3 cell neighbourhood, row-major: channel k of an assignment is the region at cell offset OFFSETS[k].

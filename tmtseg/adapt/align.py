@@ -10,6 +10,7 @@ from torch import Tensor
 
 from tmtseg.adapt.acte import ACTE
 from tmtseg.adapt.domain import Discriminator, domain_bce, grad_reverse
+from tmtseg.errors import ConfigError
 
 
 def _two_domain_bce(key: str, labelled: dict, unlabelled: dict, labelled_is_source: bool) -> Tensor:
@@ -41,7 +42,7 @@ class PatchAlignment(Discriminator):
     key = "patch_logits"
     site = "vit_tokens"
 
-    def read(self, tokens: Tensor, *, grl: Tensor | None) -> dict:
+    def read(self, tokens: Tensor, *, grl: Tensor | None, hw: tuple[int, int] | None = None) -> dict:  # noqa: ARG002
         x = tokens if grl is None else grad_reverse(tokens, grl)
         return {self.key: self(x)}  # [B, N, C] -> [B, N]
 
@@ -92,6 +93,24 @@ class RegionAlignment(ACTE):
         return self.image_map(adapt, hw) if self.key in adapt else None
 
 
+class TokenRegionAlignment(RegionAlignment):
+    """ACTE inside the ViT (TMT as the paper's latest abstract places it, docs/method.md §5): the regions and their
+    transferability from the tokens entering ViT block `read` (before the blocks TMA biases, so that T comes from
+    features the bias does not yet change), on the token grid. The tokens are layer-normalised (no affine) first: the
+    ViT's residual stream has a few channels of very large norm, which would decide the clustering alone."""
+
+    site = "vit_tokens"
+
+    def __init__(self, *, vit_at: tuple[int, int], **acte):
+        super().__init__(feature_stride=16, features="vit", **acte)
+        self.vit_at = vit_at
+
+    def read(self, tokens: Tensor, *, grl: Tensor | None, hw: tuple[int, int] | None = None) -> dict:
+        x = F.layer_norm(tokens, tokens.shape[-1:])  # [B, N, C]
+        grid = x.transpose(1, 2).reshape(x.shape[0], -1, *hw)  # [B, C, h, w]
+        return {self.key: self(grid, grl_coeff=grl)}
+
+
 # ------------------------------------------------------------------------------------- builders: the config readers
 
 
@@ -113,6 +132,33 @@ def build_region(cfg) -> RegionAlignment:
         in_dim=cfg.model.backbone.embed_dim if a.acte.features == "vit" else cfg.model.conv_dim,
         feature_stride=a.acte.feature_stride,
         features=a.acte.features,
+        cell=a.acte.cell,
+        iters=a.acte.iters,
+        kappa=a.acte.kappa,
+        disc_hidden=a.disc.hidden,
+        disc_dropout=a.disc.dropout,
+    )
+
+
+def vit_blocks(cfg) -> tuple[int, int]:
+    """(read, start) of TMA in the ViT: the first of the last adapt.tma.vit_blocks blocks (0 = all) takes the bias;
+    ACTE reads the input of block adapt.acte.vit_block (-1 = that first biased block)."""
+    depth, k = cfg.model.backbone.depth, cfg.adapt.tma.vit_blocks
+    start = depth - k if 0 < k <= depth else 0
+    read = start if cfg.adapt.acte.vit_block < 0 else cfg.adapt.acte.vit_block
+    if read > start:
+        raise ConfigError(
+            f"config key adapt.acte.vit_block={read}: must be -1 or at most the first biased block ({start}): T must"
+            " come from tokens the bias does not change"
+        )
+    return read, start
+
+
+def build_token_region(cfg) -> TokenRegionAlignment:
+    a = cfg.adapt
+    return TokenRegionAlignment(
+        vit_at=vit_blocks(cfg),
+        in_dim=cfg.model.backbone.embed_dim,
         cell=a.acte.cell,
         iters=a.acte.iters,
         kappa=a.acte.kappa,

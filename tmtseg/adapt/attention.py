@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tmtseg.adapt.align import PatchAlignment, RegionAlignment
+from tmtseg.adapt.align import PatchAlignment, RegionAlignment, vit_blocks
 from tmtseg.adapt.base import DecoderQuery
 from tmtseg.adapt.domain import binary_entropy_bits
 from tmtseg.adapt.tma import TMA, resize_map
+from tmtseg.errors import ConfigError
 from tmtseg.settings import setting
 
 
@@ -66,6 +67,33 @@ class TMAAttention(TMA):
         return 1.0 + self.loss_weight * self.importance(tmap, prev, hw)
 
 
+class ViTTMAAttention(TMA):
+    """TMA inside the ViT's self-attention (the paper's latest abstract, docs/method.md §5): in each of the last
+    adapt.tma.vit_blocks blocks, every head's logits get lambda_h * f(W) over the keys, W from the map of ACTE on the
+    tokens entering those blocks (TokenRegionAlignment) and, with `uncertainty`, U from the model's own prediction on
+    the same image without the bias (Segmenter.prior: at lambda = 0 that is the source model's prediction; later the
+    adapted model's, so U keeps pointing where the model is still unsure, at training and test time alike, with no
+    second model to ship). An additive float mask keeps SDPA's fused path at inference; lambda = 0 is the source model
+    exactly."""
+
+    site = "vit"
+    reads = RegionAlignment.key
+
+    def __init__(self, *, vit_at: tuple[int, int], at_inference: bool, **tma):
+        super().__init__(**tma)
+        self.vit_at, self.at_inference, self.loss_weight = vit_at, at_inference, 0.0
+        self.needs_prior = self.use_uncertainty
+
+    def bias(self, adapt: dict, query: DecoderQuery | None) -> tuple[Tensor | None, None]:
+        if self.use_uncertainty and query.prev is None:
+            raise RuntimeError("TMA in the ViT with uncertainty needs the model's prior prediction (Segmenter.prior)")
+        tmap = adapt[RegionAlignment.key]["tmap"]  # [B, 1, h, w] on the token grid
+        return self.attn_terms(tmap, query.prev or {}, query.hw)[0], None  # [B, h, N]
+
+    def point_weight(self, tmap: Tensor, outputs: dict) -> Tensor:  # noqa: ARG002
+        raise NotImplementedError("TMA in the ViT does not weight the mask losses")
+
+
 # ------------------------------------------------------------------------------------- builders: the config readers
 
 
@@ -87,4 +115,23 @@ def build_tma(cfg) -> TMAAttention:
         normalize=t.normalize,
         at_inference=t.at_inference,
         loss_weight=t.loss_weight,
+    )
+
+
+def build_vit_tma(cfg) -> ViTTMAAttention:
+    t = cfg.adapt.tma
+    if t.form != "additive":
+        raise ConfigError("config key adapt.tma.form: TMA in the ViT takes the additive form (a bias on SDPA's logits)")
+    return ViTTMAAttention(
+        vit_at=vit_blocks(cfg),
+        num_heads=cfg.model.backbone.num_heads,
+        alpha=t.alpha,
+        combine=t.combine,
+        uncertainty=t.uncertainty,
+        form=t.form,
+        learn_lambda=t.learn_lambda,
+        lambda_init=t.lambda_init,
+        eps=t.eps,
+        normalize=t.normalize,
+        at_inference=t.at_inference,
     )

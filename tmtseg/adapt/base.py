@@ -49,8 +49,9 @@ class Aligner(Protocol):
 class AttentionBias(Protocol):
     """A per-key term for attention logits (TVT's patch re-weighting in the ViT, TMA in the decoder) computed from the
     outputs of the aligner whose key it `reads`. `bias` returns (additive bias, multiplicative scale), either None:
-    at site "vit" a bias [B, 1, N] for the last block's keys (query None); at site "decoder" [B, h, h*w] terms of the
-    masked cross-attention (query: the DecoderQuery). `loss_weight` > 0: the mask losses weight each point by
+    at site "vit" a bias [B, 1 or h, N] for the keys of the ViT blocks it acts on (query: layer -1, prev = the model's
+    own unbiased prediction or None, hw = the token grid); at site "decoder" [B, h, h*w] terms of the masked
+    cross-attention (query: the DecoderQuery). `loss_weight` > 0: the mask losses weight each point by
     `point_weight` (1 = uniform)."""
 
     site: BiasSite

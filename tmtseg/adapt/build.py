@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from tmtseg.adapt.method import AdaptationMethod
-from tmtseg.adapt.registry import ALIGNERS, ATTENTION_BIASES, METHODS, REGULARISERS, TUNINGS, regularisers_of, tuning_of
+from tmtseg.adapt.registry import ALIGNERS, ATTENTION_BIASES, REGULARISERS, TUNINGS, recipe_of, regularisers_of, tuning_of
 from tmtseg.losses.criterion import SetCriterion
 from tmtseg.modeling.build import build_criterion, build_model
 
@@ -14,7 +14,7 @@ from tmtseg.modeling.build import build_criterion, build_model
 def build_method(cfg) -> AdaptationMethod:
     """The method of cfg.adapt.method, its pieces built from their config sections."""
     a = cfg.adapt
-    recipe = METHODS.lookup(a.method, key="adapt.method")
+    recipe = recipe_of(a)
     return AdaptationMethod(
         name=a.method,
         num_classes=cfg.data.num_classes,

@@ -25,8 +25,10 @@ class Hooks:
     inference. It holds no state: what the pieces compute comes back in the segmenter's `adapt` output. A hook point
     no piece uses is None, so that the segmenter runs there exactly as without hooks."""
 
-    def __init__(self, *, align: list[Aligner], attention: list[AttentionBias], grl: Tensor | None):
-        self.align, self.attention, self.grl = align, attention, grl
+    def __init__(
+        self, *, align: list[Aligner], attention: list[AttentionBias], grl: Tensor | None, prior: dict | None = None
+    ):
+        self.align, self.attention, self.grl, self.prior = align, attention, grl, prior
         self.token_aligners = [p for p in align if p.site == "vit_tokens"]
         self.pixel_aligners = [p for p in align if p.site == "pixel_features"]
         self.vit_biases = [a for a in attention if a.site == "vit"]
@@ -34,12 +36,21 @@ class Hooks:
         self.backbone_attn = self._backbone_attn if self.token_aligners or self.vit_biases else None
         self.pixel_features = self._pixel_features if self.pixel_aligners else None
         self.decoder_attn = self._decoder_attn if self.decoder_biases else None
+        # the ViT blocks the token pieces read and bias (one reading for all of them: the first that asks for one)
+        at = [p.vit_at for p in (*self.token_aligners, *self.vit_biases) if getattr(p, "vit_at", None)]
+        self.backbone_at = at[0] if at else None
+        self.needs_prior = prior is None and any(getattr(a, "needs_prior", False) for a in self.vit_biases)
 
-    def _backbone_attn(self, tokens: Tensor, hw: tuple[int, int]) -> tuple[Tensor | None, dict]:  # noqa: ARG002
+    def with_prior(self, prior: dict) -> Hooks:
+        """These hooks with the model's own unbiased prediction on the same images (Segmenter.prior)."""
+        return Hooks(align=self.align, attention=self.attention, grl=self.grl, prior=prior)
+
+    def _backbone_attn(self, tokens: Tensor, hw: tuple[int, int]) -> tuple[Tensor | None, dict]:
         out: dict = {}
         for piece in self.token_aligners:
-            out.update(piece.read(tokens, grl=self.grl))
-        biases = [a.bias(out, None)[0] for a in self.vit_biases]
+            out.update(piece.read(tokens, grl=self.grl, hw=hw))
+        query = DecoderQuery(-1, self.prior, hw)  # layer -1: the ViT; prev: the prior prediction (or None)
+        biases = [a.bias(out, query)[0] for a in self.vit_biases]
         return (sum(biases[1:], biases[0]) if biases else None), out  # [B, 1 or h, N]
 
     def _pixel_features(self, features: dict) -> dict:

@@ -5,6 +5,7 @@ is one line in METHODS; a new piece is one file (its class, settings and builder
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,7 @@ ALIGNERS: Registry[Piece] = Registry(
         "image": Piece(align.build_image, ("disc",)),
         "patch": Piece(align.build_patch, ("disc",)),
         "region": Piece(align.build_region, ("acte", "disc")),
+        "region_vit": Piece(align.build_token_region, ("acte", "disc", "tma")),
     },
 )
 ATTENTION_BIASES: Registry[Piece] = Registry(
@@ -76,6 +78,7 @@ ATTENTION_BIASES: Registry[Piece] = Registry(
     {
         "patch": Piece(attention.build_patch_attention, ("tvt",)),
         "tma": Piece(attention.build_tma, ("tma",)),
+        "tma_vit": Piece(attention.build_vit_tma, ("tma", "acte")),
     },
 )
 # in the order their terms are added to the loss
@@ -131,6 +134,22 @@ METHOD_ALIASES: dict[str, Alias] = {
         " docs/results.md §0.2",
     ),
 }
+
+
+def recipe_of(adapt) -> Recipe:
+    """The method's recipe as this config builds it: TMT's ACTE and TMA move into the ViT with adapt.tma.where=vit
+    (the same piece names, so the checkpoint keys stay method.acte.* and method.tma.*), or TMA acts in both places
+    (the ViT's lambdas then under method.tma_vit.*)."""
+    recipe = METHODS.lookup(adapt.method, key="adapt.method")
+    where = adapt.tma.where
+    if where == "decoder" or ("tma", "tma") not in recipe.attention:
+        return recipe
+    align = tuple((n, "region_vit" if k == "region" else k) for n, k in recipe.align)
+    if where == "vit":
+        attention = tuple((n, "tma_vit" if k == "tma" else k) for n, k in recipe.attention)
+    else:
+        attention = (*recipe.attention, ("tma_vit", "tma_vit"))
+    return dataclasses.replace(recipe, align=align, attention=attention)
 
 
 def regularisers_of(adapt) -> list[str]:

@@ -28,6 +28,11 @@ class TMASettings:
     # lambda's lr = train.lr * this: Adam moves a parameter by ~lr per step, so a lambda starting at 0 would stay
     # within 0.01 of vanilla over a 100-step adaptation at the segmenter's 1e-4, i.e. TMA would never act
     lambda_lr_mult: float = setting(100.0, low=0)
+    # where the bias acts: "decoder", the mask decoder's masked cross-attention (ACTE on a pixel-decoder map, as the
+    # paper's first version); "vit", the self-attention of the ViT's last vit_blocks blocks (ACTE on the tokens entering
+    # them, as the paper's latest abstract); "both"
+    where: str = setting("decoder", choices=("decoder", "vit", "both"))
+    vit_blocks: int = setting(4, low=0)  # where=vit|both: the last k blocks take the bias (0 = all)
     eps: float = setting(1e-6, low=0, positive=True)
     at_inference: bool = True  # run ACTE + TMA on target images at test time
     # beta: the mask losses weight each point by 1 + beta * W (an extension; 0 = the paper's TMA, attention only)
@@ -113,7 +118,10 @@ class TMA(nn.Module):
 
     def attn_terms(self, tmap: Tensor, prev: dict, hw: tuple[int, int]) -> tuple[Tensor | None, Tensor | None]:
         """(bias, scale), each [B, h, H*W] or None: what the segmenter's ``decoder_attn`` hook returns."""
-        w = self.importance(tmap, prev, hw).flatten(2)  # [B, 1, H*W]
+        return self.terms_from_w(self.importance(tmap, prev, hw).flatten(2))
+
+    def terms_from_w(self, w: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """(bias, scale) [B, h, N] from W [B, 1, N]."""
         lam = self.lambdas[None, :, None].to(w.dtype)  # [1, h, 1]
         if self.form == "additive" and self.normalize == "zscore":
             z = (w - w.mean(-1, keepdim=True)) / (w.std(-1, keepdim=True) + 1e-6)  # over each image's keys

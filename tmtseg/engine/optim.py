@@ -21,7 +21,7 @@ def lr_mult(cfg: Config, name: str) -> float:
     if name.startswith("model.backbone.vit."):
         level = vit_depth_from_top(cfg.model.backbone.depth, name.removeprefix("model.backbone.vit."))
         return cfg.train.backbone_lr_mult * cfg.train.layer_decay**level
-    if name == "method.tma.lambdas":
+    if name in ("method.tma.lambdas", "method.tma_vit.lambdas"):
         return cfg.adapt.tma.lambda_lr_mult
     if name.startswith("method."):
         return cfg.adapt.head_lr_mult

@@ -33,8 +33,14 @@ class SegmenterHooks(Protocol):
     """Where an adaptation method plugs into a forward (tmtseg/adapt/method.py's Hooks); None = not used."""
 
     backbone_attn: Callable[[Tensor, tuple[int, int]], tuple[Tensor | None, dict]] | None
+    # (read, start): the ViT block whose input backbone_attn reads, the first block its bias acts on; None = the last
+    backbone_at: tuple[int, int] | None
     pixel_features: Callable[[dict], dict] | None
     decoder_attn: Callable[[int, dict, tuple[int, int], dict], tuple[Tensor | None, Tensor | None]] | None
+    # whether backbone_attn needs the model's own prediction on the same images first (with_prior gives it)
+    needs_prior: bool
+
+    def with_prior(self, prior: dict) -> SegmenterHooks: ...
 
 
 class Segmenter(nn.Module):
@@ -85,6 +91,8 @@ class Segmenter(nn.Module):
     ) -> dict:
         """Backbone + pixel decoder only: the `features` dict of `forward` (what the domain discriminators need)."""
         H, W = images.shape[-2:]
+        if hooks is not None and getattr(hooks, "needs_prior", False):
+            hooks = hooks.with_prior(self.prior(images))
         x = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
         # zero after normalisation = the mean colour, as detectron2 pads its batches
         x = F.pad(x, (0, _padded(W) - W, 0, _padded(H) - H))  # [B, 3, H', W']
@@ -101,7 +109,8 @@ class Segmenter(nn.Module):
 
         with _part("tmtseg.backbone"):
             hook = attn_hook if backbone_hook is not None else None
-            bb = self.backbone(x, attn_hook=hook, vit_tokens=vit_tokens)
+            at = getattr(hooks, "backbone_at", None)
+            bb = self.backbone(x, attn_hook=hook, vit_tokens=vit_tokens, **({"hook_at": at} if at else {}))
         with _part("tmtseg.pixel_decoder"):
             pix = self.pixel_decoder(bb["pyramid"])
         features = {
@@ -149,3 +158,20 @@ class Segmenter(nn.Module):
         if return_attn:
             out.update(attn=dec["attn"], attn_masks=dec["attn_masks"], attn_hw=dec["attn_hw"])
         return out
+
+    @torch.no_grad()
+    def prior(self, images: Tensor) -> dict:
+        """The model's own prediction without any hook, on the padded grid (pred_logits [B, Q, K+1], pred_masks
+        [B, Q, H'/4, W'/4], detached): what an attention bias inside the ViT reads its uncertainty U from (TMA in the
+        ViT, tmtseg/adapt/attention.py), since the prediction it would bias does not exist yet."""
+        was_training = self.training
+        self.eval()  # deterministic: no dropout or drop-path in what U is read from
+        try:
+            with _part("tmtseg.prior"):
+                out = self.forward(images)
+        finally:
+            self.train(was_training)
+        H, W = images.shape[-2:]
+        masks = out["pred_masks"]  # [B, Q, ceil(H/4), ceil(W/4)]
+        pad = (0, _padded(W) // 4 - masks.shape[-1], 0, _padded(H) // 4 - masks.shape[-2])
+        return {"pred_logits": out["pred_logits"], "pred_masks": F.pad(masks, pad, mode="replicate")}

@@ -161,13 +161,27 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor, *, attn_hook: BackboneHook | None = None) -> tuple[Tensor, tuple[int, int]]:
-        """x [B, 3, H, W] normalised, H and W multiples of the patch -> (patch tokens after norm [B, N, C], (h, w))."""
-        return self.last(*self.trunk(x), attn_hook=attn_hook)
+    def forward(
+        self, x: Tensor, *, attn_hook: BackboneHook | None = None, hook_at: tuple[int, int] | None = None
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """x [B, 3, H, W] normalised, H and W multiples of the patch -> (patch tokens after norm [B, N, C], (h, w)).
 
-    def trunk(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """Everything before the last block: (its input [B, prefix + N, C], (h, w)). An attention hook acts on the last
-        block only, so this part is the same with and without one (what the feature cache keeps for TVT)."""
+        hook_at (read, start): the hook reads the input of block `read` and its bias acts on every block from `start`
+        on (read <= start); None = (depth - 1, depth - 1), the last block only (TVT's reading)."""
+        read, start = self.hook_blocks(hook_at)
+        return self.last(*self.trunk(x, upto=read), attn_hook=attn_hook, read=read, start=start)
+
+    def hook_blocks(self, hook_at: tuple[int, int] | None) -> tuple[int, int]:
+        depth = len(self.blocks)
+        read, start = hook_at if hook_at is not None else (depth - 1, depth - 1)
+        if not 0 <= read <= start < depth:
+            raise ValueError(f"hook_at={hook_at}: needs 0 <= read <= start < depth={depth}")
+        return read, start
+
+    def trunk(self, x: Tensor, upto: int | None = None) -> tuple[Tensor, tuple[int, int]]:
+        """Everything before block `upto` (default: the last block): (its input [B, prefix + N, C], (h, w)). An attention
+        hook acts from there on, so this part is the same with and without one (what the feature cache keeps for
+        TVT)."""
         x = self.patch_embed(x)  # [B, C, h, w]
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # [B, N, C]
@@ -175,21 +189,35 @@ class VisionTransformer(nn.Module):
         x = x + resize_pos_embed(self.pos_embed, hw, offset=self.pos_offset, antialias=self.pos_antialias)
         if self.reg_token is not None:  # DINOv2: registers join after the position embedding, without one
             x = torch.cat([x[:, :1], self.reg_token.expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)  # [B, 1+R+N, C]
-        for block in self.blocks[:-1]:
+        for block in self.blocks[: len(self.blocks) - 1 if upto is None else upto]:
             x = block(x)
         return x, hw
 
     def last(
-        self, x: Tensor, hw: tuple[int, int], *, attn_hook: BackboneHook | None = None
+        self,
+        x: Tensor,
+        hw: tuple[int, int],
+        *,
+        attn_hook: BackboneHook | None = None,
+        read: int | None = None,
+        start: int | None = None,
     ) -> tuple[Tensor, tuple[int, int]]:
-        """The last block (the hook's bias on its attention) and the norm: trunk output -> (tokens [B, N, C], hw)."""
+        """The blocks from `read` (default: the last) to the end, the hook's bias on the attention of those from `start`
+        on, and the norm: the input of block `read` -> (tokens [B, N, C], hw)."""
+        depth = len(self.blocks)
+        read = depth - 1 if read is None else read
+        start = read if start is None else start
+        tokens = x[:, self.num_prefix :]  # [B, N, C]: what the hook reads
+        for block in self.blocks[read:start]:
+            x = block(x)
         bias = None
         if attn_hook is not None:
-            bias = attn_hook(x[:, self.num_prefix :], hw)  # [B, 1 or h, N]
+            bias = attn_hook(tokens, hw)  # [B, 1 or h, N]
             if bias is not None:
                 # the class and register keys get no bias; one bias row is shared by every query
                 bias = F.pad(bias, (self.num_prefix, 0)).to(x.dtype)[:, :, None, :]  # [B, 1 or h, 1, P+N]
-        x = self.blocks[-1](x, bias)
+        for block in self.blocks[start:]:
+            x = block(x, bias)
         return self.norm(x)[:, self.num_prefix :], hw  # [B, N, C]
 
 
@@ -246,11 +274,17 @@ class ViTBackbone(nn.Module):
         self.feature_cache = None  # a FeatureCache: the ViT's outputs from disk where nothing can differ
 
     def forward(
-        self, x: Tensor, *, attn_hook: BackboneHook | None = None, vit_tokens: tuple[Tensor, tuple] | None = None
+        self,
+        x: Tensor,
+        *,
+        attn_hook: BackboneHook | None = None,
+        vit_tokens: tuple[Tensor, tuple] | None = None,
+        hook_at: tuple[int, int] | None = None,
     ) -> dict:
         """x [B, 3, H, W], H and W multiples of the coarsest stride -> dict(tokens [B, N, C], tokens_hw (h, w),
         pyramid {stride: [B, Cb, H/s, W/s]}). vit_tokens: the ViT's (tokens, hw) for this x, computed elsewhere (the
-        regularisers' frozen source model reuses the adapted model's when both ViTs are the same: regularisers.py)."""
+        regularisers' frozen source model reuses the adapted model's when both ViTs are the same: regularisers.py). hook_at:
+        which blocks the hook reads and biases (VisionTransformer.forward)."""
         p, s = self.vit.patch_size, self.token_stride
         H, W = x.shape[-2:]
         h, w = H // s, W // s  # the token grid the pyramid needs
@@ -260,15 +294,16 @@ class ViTBackbone(nn.Module):
             x = F.pad(x, (0, -W % p, 0, -H % p))  # [B, 3, H'', W''] multiples of the patch
         cache = self.feature_cache
         cached = cache is not None and not self.training and not torch.is_grad_enabled() and not hooked(self.vit)
+        last_only = self.vit.hook_blocks(hook_at) == (len(self.vit.blocks) - 1,) * 2
         if vit_tokens is not None:
             tokens, hw = vit_tokens
         elif cached and attn_hook is None:
             tokens, hw = cache.tokens(self.vit, x, lambda: self.vit(x))
-        elif cached:  # the hook acts on the last block only: the trunk's output is the same as without it
+        elif cached and last_only:  # the hook acts on the last block only: the trunk's output is the same without it
             hidden, hw = cache.tokens(self.vit, x, lambda: self.vit.trunk(x), part="trunk")
             tokens, hw = self.vit.last(hidden, hw, attn_hook=attn_hook)
         else:
-            tokens, hw = self.vit(x, attn_hook=attn_hook)
+            tokens, hw = self.vit(x, attn_hook=attn_hook, hook_at=hook_at)
         grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *hw)  # [B, N, C] -> [B, C, h', w']
         if tuple(hw) != (h, w):
             # token centres sit at (i + 0.5) * p input pixels: sample them at the centres of the stride-s grid

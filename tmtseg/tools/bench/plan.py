@@ -89,7 +89,8 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
 
         for seed in profile.seeds:
             for a, b in _pairs(task, profile.pairs, tname):
-                if bench.only and tname not in bench.only and f"{tname}/{a}->{b}" not in bench.only:
+                only = bench.only or profile.only
+                if only and tname not in only and f"{tname}/{a}->{b}" not in only:
                     continue
                 sa, sb = task.domains[a], task.domains[b]
                 pair = f"{a}->{b}"
@@ -101,6 +102,7 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
                 src = runs[src_key]
                 src_ckpt = str(source_checkpoint(src.out))
                 adapt, evaluate = _needed_split(tname, b, sb, "adapt"), _needed_split(tname, b, sb, "eval")
+                grown = sb.schedule.get(bench.profile, [])  # the target's own schedule (steps that grow with n)
                 for method in bench.methods:
                     key = f"{tname}/{pair}/{method}/seed{seed}"
                     if method == "source-only":
@@ -113,7 +115,7 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
                         run = Run(key, "train", tname, b, method, seed, cfg)
                     else:
                         v = bench.variants.get(method, Variant(method=method))
-                        extra = [*task.adapt, *profile.adapt, f"adapt.method={v.method}", *v.overrides,
+                        extra = [*task.adapt, *profile.adapt, *grown, f"adapt.method={v.method}", *v.overrides,
                                  f"adapt.source_checkpoint={src_ckpt}"]  # fmt: skip
                         cfg = make(adapt, evaluate, extra, seed=seed, source=src.cfg.data.train)
                         run = Run(key, "train", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)

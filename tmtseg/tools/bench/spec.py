@@ -28,6 +28,9 @@ class DomainSplits:
     val: SplitConfig | None = None
     adapt: SplitConfig | None = None
     eval: SplitConfig | None = None
+    # per profile, config overrides of every adaptation run that trains on this domain's `adapt` split,
+    # after the task's and the profile's schedules: a schedule that grows with the labelled split (the budget bench)
+    schedule: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Profile:
     source: list[str] = field(default_factory=list)
     adapt: list[str] = field(default_factory=list)
     target_only: list[str] = field(default_factory=list)
+    only: list[str] = field(default_factory=list)  # as the bench's `only`, for this profile (the bench's wins)
 
 
 @dataclass
