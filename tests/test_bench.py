@@ -337,3 +337,28 @@ def test_keep_sources_drops_every_other_runs_checkpoints(tmp_path):
     tuned = Path(records["finetune"]["dir"])
     assert not (tuned / "checkpoints").exists() and (tuned / "eval.json").is_file()
     assert 0.0 <= records["finetune"]["metrics"]["mIoU"] <= 100.0
+
+
+def test_the_budget_bench_labels_the_first_n_idd_frames_by_order_and_grows_steps_with_n(shared_data):
+    """bench budget: n in {16, 128, 1403} labelled IDD-Lite train frames, the first n of the manifest (never random),
+    scored on all of IDD-Lite val; the adaptation steps grow with n; the quick profile is the day source only."""
+    import csv
+
+    from tmtseg.data.sources import list_source
+
+    rows = [r for r in csv.DictReader(open(shared_data / "idd-lite" / "manifest.csv")) if r["suggested_role"] == "source_train"]
+    for profile, steps in (("full", {16: 60, 128: 150, 1403: 300}), ("quick", {16: 24, 128: 60, 1403: 120})):
+        bench, base = load_bench("budget", [f"data_root={shared_data}", f"profile={profile}"])
+        runs = plan(bench, base).runs
+        for n, iters in steps.items():
+            run = next(r for r in runs if r.key == f"budget/day->idd{n}/lora/seed0")
+            assert run.cfg.train.iters == iters
+            files = [rec.image for rec in list_source(run.cfg.data.train, run.cfg.data).records]
+            assert [str(f).removeprefix(str(shared_data / "idd-lite") + "/") for f in files] == [
+                r["image"] for r in rows[:n]
+            ]
+            val = list_source(run.cfg.data.val, run.cfg.data).records
+            assert len(val) == 204
+        pairs = {r.pair for r in runs if r.method == "lora"}
+        assert pairs == ({"day->idd16", "day->idd128", "day->idd1403"} if profile == "quick" else
+                         {f"{s}->idd{n}" for s in ("day", "dusk") for n in (16, 128, 1403)})  # fmt: skip

@@ -73,6 +73,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "other_split": _save(root, "other_split", "finetune", with_src, "data.train.num_images=3"),
         "no_source": _save(root, "no_source", "tmt"),
         "tmt_vit": _save(root, "tmt_vit", "tmt", with_src, "adapt.acte.features=vit", "adapt.acte.cell=2"),
+        "tmt_in_vit": _save(root, "tmt_in_vit", "tmt", with_src, "adapt.tma.where=vit", "adapt.tma.vit_blocks=1",
+                            "adapt.acte.cell=2", lambdas=(2.0,)),  # fmt: skip (W = 1 - T: BASE has U off)
     }
 
 
@@ -294,3 +296,20 @@ def test_acte_on_the_vit_tokens_is_diagnosed_on_its_own_map(runs, tmp_path):
     for key in ("acte", "acte_grid"):  # regions and the fixed grid both of the ViT's stride-16 token map
         assert d["transferability_vs_source_error"][key]["regions"] > 0
     assert [x["tolerance_px"] for x in d["boundary_recall"]["grid"]] == [2.0, 16.0]
+
+
+def test_tmt_inside_the_vit_is_diagnosed_on_its_tokens_and_its_self_attention(runs, tmp_path):
+    """adapt.tma.where=vit: rho of 1 - T, U and W against the source's region error per image, and the biased block's
+    attention share on low-T keys, which a positive lambda raises over the same block without the bias."""
+    out = tmp_path / "v.json"
+    r = cli("diagnose", "--tmt", str(runs["tmt_in_vit"]), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "TMT in the ViT" in r.stdout
+    d = json.loads(out.read_text())
+    assert d["reading"] == "vit" and d["images"] == 2 and d["lambdas"] == [2.0, 2.0]
+    for k in ("1-T", "U", "W"):
+        rho = d["spearman_per_image_vs_source_error"][k]
+        assert rho["mean"] is None or -1.0 <= rho["mean"] <= 1.0
+    att = d["attention_share_on_low_t"]
+    assert len(att["bias_on"]) == len(att["bias_off"]) == 1  # vit_blocks=1: the last block
+    assert att["bias_on"][0] > att["bias_off"][0]

@@ -141,16 +141,23 @@ def _cmd_diagnose(args) -> int:
     models, cfg = load_models(
         tmt=args.tmt, source=args.source, tvt=args.tvt, finetune=args.finetune, overrides=args.overrides
     )
-    result = diagnose(
-        models,
-        cfg,
-        limit=args.limit or 0,
-        min_valid=args.min_valid,
-        low_t=args.low_t,
-        tolerance=args.tolerance,
-        progress=None if args.no_progress else tqdm,
-    )
-    print(format_report(result))
+    if cfg.adapt.tma.where == "decoder":
+        result = diagnose(
+            models,
+            cfg,
+            limit=args.limit or 0,
+            min_valid=args.min_valid,
+            low_t=args.low_t,
+            tolerance=args.tolerance,
+            progress=None if args.no_progress else tqdm,
+        )
+        print(format_report(result))
+    else:  # TMT inside the ViT: T, U, W against the source's error, and the ViT's attention (tools/diagnose/vit.py)
+        from tmtseg.tools.diagnose.vit import diagnose_vit, format_vit
+
+        progress = None if args.no_progress else tqdm
+        result = diagnose_vit(models, cfg, limit=args.limit or 0, min_valid=args.min_valid, progress=progress)
+        print(format_vit(result))
     make_out_dir(out.parent, option="--out")
     try:
         out.write_text(json.dumps({"argv": args.argv, **provenance(), **result}, indent=1))
