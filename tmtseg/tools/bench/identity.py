@@ -17,7 +17,10 @@ HASH_VERSION = 4
 
 # keys added after runs were hashed, with the value every earlier run had: at that value they are no part of a run's
 # identity, so that finished runs are found again (another value is another computation and counts)
-ADDED_AT = {"model.backbone.name": "vit"}
+ADDED_AT = {
+    "model.backbone.name": "vit",
+    **{f"data.{split}.files": "" for split in ("train", "val", "source")},
+}
 
 
 def config_hash(cfg: Config) -> str:
