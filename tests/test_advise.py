@@ -13,7 +13,6 @@ import yaml
 from PIL import Image
 
 import tmtseg
-
 from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.cli import main
 from tmtseg.config import SplitConfig, load_config
@@ -24,7 +23,6 @@ from tmtseg.io.checkpoint import save_checkpoint
 from tmtseg.tools import advise as advise_mod
 from tmtseg.tools.advise_select import RegionTable, Scores, choose, choose_regions, grid_regions, partial_labels
 
-from .test_resume import cli
 from .tiny import TINY
 
 BASE = [*TINY, "data.train.domain=dusk", "data.train.num_images=4", "data.val.num_images=2"]
@@ -111,87 +109,95 @@ def test_regions_are_taken_by_score_until_the_share_of_pixels_is_reached():
 # ---------------------------------------------------------------------------------------- the command and the API
 
 
-def test_ranking_follows_the_score(models, tmp_path, monkeypatch):
-    data = _dataset(tmp_path / "pool", n=4)
+def _u_is_brightness(monkeypatch) -> None:
+    """Score images as the model does (its features, its T), but with U = the image's mean grey level / 255."""
     real = advise_mod.score_image
 
-    def scored(trainer, image, **kw):  # U = the image's grey level: the brightest image is the most uncertain
+    def scored(trainer, image, **kw):
         s = real(trainer, image, **kw)
         s.u = np.full(image.shape[:2], image.mean() / 255.0, dtype=np.float32)
         return s
 
     monkeypatch.setattr(advise_mod, "score_image", scored)
-    assert main(["--no-progress", "advise", str(models["source"]), str(data), "--budget", "2", "--strategy", "u",
-                 "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+
+
+def _advise(*args: str) -> int:
+    return main(["--no-progress", "advise", *map(str, args)])
+
+
+def test_ranking_follows_the_score(models, tmp_path, monkeypatch):
+    data = _dataset(tmp_path / "pool", n=4)
+    _u_is_brightness(monkeypatch)  # the brightest image is the most uncertain
+    assert _advise(models["source"], data, "--budget", 2, "--strategy", "u", "--out", tmp_path / "out") == 0
     rows = (tmp_path / "out" / "advice.csv").read_text().splitlines()
     assert rows[0] == "file,rank,chosen,u"  # no ACTE: no 1 - T or W column
     ranked = [r.split(",") for r in rows[1:]]
     assert [Path(r[0]).name for r in ranked] == ["img3.png", "img2.png", "img1.png", "img0.png"]
     assert [r[2] for r in ranked] == ["1", "1", "0", "0"]
+    assert [float(r[3]) for r in ranked] == sorted((float(r[3]) for r in ranked), reverse=True)
     assert (tmp_path / "out" / "chosen.txt").read_text().splitlines()[1:] == ["img3", "img2"]
     assert Image.open(tmp_path / "out" / "contact_sheet.png").size[0] > 200
 
 
-def test_u_plus_diversity_does_not_pick_the_same_image_twice(models, tmp_path):
+def test_u_plus_diversity_does_not_pick_the_same_image_twice(models, tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     (tmp_path / "frames").mkdir()
-    same = rng.integers(0, 255, (36, 44, 3), dtype=np.uint8)
+    same = rng.integers(128, 255, (36, 44, 3), dtype=np.uint8)  # bright: the most uncertain, twice
     for name in ("a.png", "b.png"):
         Image.fromarray(same).save(tmp_path / "frames" / name)
-    Image.fromarray(255 - same[::-1]).save(tmp_path / "frames" / "c.png")
+    Image.fromarray(rng.integers(0, 100, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "frames" / "c.png")
+    _u_is_brightness(monkeypatch)
     model = tmtseg.load(models["tmt"])
+    advice = model.advise(tmp_path / "frames", tmp_path / "u", budget=2, strategy="u")
+    assert advice.chosen == [0, 1]  # by U alone: both copies
     advice = model.advise(tmp_path / "frames", tmp_path / "out", budget=2)
-    assert advice.strategy == "u+diversity"
-    assert 2 in advice.chosen  # never a and b together
-    assert advice.scores.u[0] == advice.scores.u[1] and advice.scores.one_minus_t is not None
+    assert advice.strategy == "u+diversity" and advice.chosen == [0, 2]
+    assert advice.scores.distance[1] == 0.0 and advice.scores.one_minus_t is not None
     header = (tmp_path / "out" / "advice.csv").read_text().splitlines()[0]
     assert header == "file,rank,chosen,u,one_minus_t,w,distance"
     assert not (tmp_path / "out" / "labelled.yaml").exists()  # a plain folder is no split until it is labelled
 
 
-def test_budget_above_the_pool_and_out_inside_the_input_are_refused(models, tmp_path):
+def test_budget_above_the_pool_and_out_inside_the_input_are_refused(models, tmp_path, capsys):
     data = _dataset(tmp_path / "pool", n=2)
-    ckpt = str(models["source"])
-    result = cli("advise", ckpt, str(data), "--budget", "3", "--out", str(tmp_path / "out"))
-    assert result.returncode == 2 and "--budget 3: the pool" in result.stderr and "holds 2" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-    with pytest.raises(DataError, match="inside the input folder"):
-        advise_mod.advise(*_trainer(ckpt), data, data / "advice", budget=1)
-    with pytest.raises(ConfigError, match="no ACTE"):
-        advise_mod.advise(*_trainer(ckpt), data, tmp_path / "o", budget=1, strategy="1-t")
-    with pytest.raises(ConfigError, match="one of the two"):
-        advise_mod.advise(*_trainer(ckpt), data, tmp_path / "o", budget=1, regions=5.0)
-
-
-def _trainer(ckpt: str):
-    from tmtseg.engine.restore import model_with_loss_from_checkpoint
-
-    trainer, cfg, _ = model_with_loss_from_checkpoint(Path(ckpt) / "checkpoints" / "best")
-    return trainer, cfg
+    ckpt = models["source"]
+    assert _advise(ckpt, data, "--budget", 3, "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--budget 3: the pool" in err and "holds 2 image(s)" in err
+    assert not (tmp_path / "out").exists()
+    assert _advise(ckpt, data, "--budget", 1, "--out", data / "advice") == 2
+    assert "inside the input folder" in capsys.readouterr().err and not (data / "advice").exists()
+    assert _advise(ckpt, data, "--budget", 1, "--strategy", "1-t", "--out", tmp_path / "o") == 2
+    assert "finetune checkpoint has no ACTE" in capsys.readouterr().err
+    assert _advise(ckpt, data, "--budget", 1, "--regions", 5, "--out", tmp_path / "o") == 2
+    assert "one of the two" in capsys.readouterr().err
+    assert _advise(ckpt, data, "--regions", 5, "--strategy", "coreset", "--out", tmp_path / "o") == 2
+    assert "with --regions: choose from u, 1-t, w, random" in capsys.readouterr().err
 
 
 def test_the_manifest_goes_straight_into_finetune(models, tmp_path):
     data = _dataset(tmp_path / "pool", n=4)
     out = tmp_path / "advice"
-    result = cli("advise", str(models["source"]), str(data), "--budget", "2", "--strategy", "first", "--out", str(out))
-    assert result.returncode == 0, result.stderr
+    assert _advise(models["source"], data, "--budget", 2, "--strategy", "first", "--out", out) == 0
     split = yaml.safe_load((out / "labelled.yaml").read_text())["data"]["train"]
     assert split["kind"] == "folder" and Path(split["files"]) == (out / "chosen.txt").resolve()
     target = tmp_path / "target.yaml"
-    target.write_text(yaml.safe_dump({"data": {"val": {"kind": "folder", "path": str(data)}}}))
+    target.write_text(yaml.safe_dump({"data": {"val": {"kind": "folder", "path": str(data), "start": 3}}}))
     cfg = load_config([str(target), str(out / "labelled.yaml")], TINY)
     assert [r.name for r in build_dataset(cfg.data.train, cfg.data, train=True).records] == ["img0", "img1"]
     run = tmp_path / "ft"
-    result = cli("finetune", "-c", str(target), "-c", str(out / "labelled.yaml"), "--checkpoint",
-                 str(models["source"] / "checkpoints" / "best"), *TINY, "train.iters=2", "train.eval_every=2",
-                 "train.warmup_iters=1", f"output_dir={run}")  # fmt: skip
-    assert result.returncode == 0, result.stderr
+    source = models["source"] / "checkpoints" / "best"
+    ft = ["finetune", "-c", target, "-c", out / "labelled.yaml", "--checkpoint", source, *TINY, "train.iters=2"]
+    ft += ["train.eval_every=2", "train.warmup_iters=1", f"output_dir={run}"]
+    assert main(["--no-progress", *map(str, ft)]) == 0
     assert "files: " + str((out / "chosen.txt").resolve()) in (run / "config.yaml").read_text()
+    assert "chosen.txt), 2 images" in (run / "README.md").read_text()  # the model card: it trained on the chosen two
     # a list naming an image the split does not hold is refused, naming it
     (tmp_path / "bad.txt").write_text("img0\nnot_there\n")
     with pytest.raises(DataError, match="not_there not in the split"):
-        build_dataset(SplitConfig(kind="folder", path=str(data), files=str(tmp_path / "bad.txt")),
-                      cfg.data, train=False)  # fmt: skip
+        build_dataset(
+            SplitConfig(kind="folder", path=str(data), files=str(tmp_path / "bad.txt")), cfg.data, train=False
+        )
 
 
 def test_region_masks_cover_the_asked_share_of_pixels(models, tmp_path):

@@ -167,8 +167,19 @@ class SegmentationModel:
         from tmtseg.tools.advise import advise
 
         amp = "bf16" if self.precision == "bf16" else "none"
-        return advise(self.trainer, self.cfg, target, out, budget=budget, regions=regions, strategy=strategy,
-                      seed=seed, amp=amp, progress=tqdm if progress else None, note=note)  # fmt: skip
+        return advise(
+            self.trainer,
+            self.cfg,
+            target,
+            out,
+            budget=budget,
+            regions=regions,
+            strategy=strategy,
+            seed=seed,
+            amp=amp,
+            progress=tqdm if progress else None,
+            note=note,
+        )
 
     def evaluate(self, config: str | Path | None = None, *, overrides: list[str] = (), progress: bool = False) -> dict:
         """Score the model on data.val, the numbers `tmtseg eval` prints (mIoU, aAcc, per-class IoU, in percent):

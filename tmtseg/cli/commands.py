@@ -164,9 +164,16 @@ def _cmd_advise(args) -> int:
     from tmtseg.api import load
 
     model = load(args.checkpoint)
-    advice = model.advise(args.target, args.out, budget=args.budget, regions=args.regions, strategy=args.strategy,
-                          seed=args.seed, progress=not args.no_progress,
-                          note=lambda line: print(f"tmtseg: note: {line}", file=sys.stderr))  # fmt: skip
+    advice = model.advise(
+        args.target,
+        args.out,
+        budget=args.budget,
+        regions=args.regions,
+        strategy=args.strategy,
+        seed=args.seed,
+        progress=not args.no_progress,
+        note=lambda line: print(f"tmtseg: note: {line}", file=sys.stderr),
+    )
     if advice.regions is None:
         print(f"chosen ({advice.strategy}): " + ", ".join(advice.names[i] for i in advice.chosen))
     else:

@@ -79,8 +79,13 @@ def pool_of(target: Path, cfg: Config) -> Pool:
         return _split_pool(split, replace(cfg.data, label_map={}), key="the folder")
     files = list_images(target)
     names = output_names(files)
-    return Pool([names[p] for p in files], list(files), [lambda p=p: read_image(p) for p in files],
-                folder=target if target.is_dir() else None, scale=cfg.data.scale)  # fmt: skip
+    return Pool(
+        [names[p] for p in files],
+        list(files),
+        [lambda p=p: read_image(p) for p in files],
+        folder=target if target.is_dir() else None,
+        scale=cfg.data.scale,
+    )
 
 
 def _split_pool(split: SplitConfig, data, *, key: str) -> Pool:
@@ -94,9 +99,14 @@ def _split_pool(split: SplitConfig, data, *, key: str) -> Pool:
         return lambda: np.asarray(source.decoder(record)[0], dtype=np.uint8)  # synthetic scenes: rendered
 
     folder = Path(split.path) if split.kind in ("folder", "cityscapes") and split.path else None
-    return Pool([r.name for r in source.records], [r.image for r in source.records],
-                [reader(r) for r in source.records], split=split, folder=folder,
-                scale=split.scale or data.scale)  # fmt: skip
+    return Pool(
+        [r.name for r in source.records],
+        [r.image for r in source.records],
+        [reader(r) for r in source.records],
+        split=split,
+        folder=folder,
+        scale=split.scale or data.scale,
+    )
 
 
 @dataclass
@@ -117,8 +127,9 @@ def _hooks(method):
     hooks = method.inference_hooks()
     acte = [p for p in method.align if isinstance(p, RegionAlignment)]
     if acte and (hooks is None or not any(p in hooks.align for p in acte)):
-        return Hooks(align=[*(hooks.align if hooks else []), *acte], attention=hooks.attention if hooks else [],
-                     grl=None)  # fmt: skip
+        return Hooks(
+            align=[*(hooks.align if hooks else []), *acte], attention=hooks.attention if hooks else [], grl=None
+        )
     return hooks
 
 
@@ -166,9 +177,13 @@ def score_image(trainer, image: np.ndarray, *, cfg: Config, scale: float, amp: s
     regions = None
     if len(acte_ids) == 1:  # ACTE's regions of the whole image, brought to its resolution
         regions = F.interpolate(acte_ids[0][None, None].float(), size=image.shape[:2], mode="nearest")[0, 0]
-    return ImageScore(u=u.cpu().numpy(), t=None if t is None else t.cpu().numpy(),
-                      w=None if w is None else w.cpu().numpy(), feature=torch.stack(pooled).mean(0).cpu().numpy(),
-                      regions=None if regions is None else regions.long().cpu().numpy())  # fmt: skip
+    return ImageScore(
+        u=u.cpu().numpy(),
+        t=None if t is None else t.cpu().numpy(),
+        w=None if w is None else w.cpu().numpy(),
+        feature=torch.stack(pooled).mean(0).cpu().numpy(),
+        regions=None if regions is None else regions.long().cpu().numpy(),
+    )
 
 
 def _acte_ids(method, acte_out: dict, size) -> torch.Tensor:
@@ -192,55 +207,87 @@ class Advice:
     files: list[Path] = field(default_factory=list)
 
 
-def advise(trainer, cfg: Config, target: str | Path, out: str | Path, *, budget: int | None = None,
-           regions: float | None = None, strategy: str | None = None, seed: int = 0, amp: str = "none",
-           progress=None, note=None) -> Advice:  # fmt: skip
+def advise(
+    trainer,
+    cfg: Config,
+    target: str | Path,
+    out: str | Path,
+    *,
+    budget: int | None = None,
+    regions: float | None = None,
+    strategy: str | None = None,
+    seed: int = 0,
+    amp: str = "none",
+    progress=None,
+    note=None,
+) -> Advice:
     """Score the pool `target` (see `pool_of`) with the model and write the advice to `out`: `budget` images by
     `strategy` (default u+diversity), or with `regions` the regions of highest score (default U) up to that % of
-    the pool's pixels (one of the two).
-    Refused before any scoring: an output folder inside the input folder, a budget outside 1..pool size, a strategy
-    that needs ACTE on a checkpoint without it."""
+    the pool's pixels (one of the two). Everything `_refusals` lists is refused before any image is scored."""
+    target, out = Path(target), Path(out)
+    strategy = strategy or (DEFAULT_STRATEGY if regions is None else "u")
+    pool = pool_of(target, cfg)
+    _refusals(trainer, cfg, pool, target, out, budget=budget, regions=regions, strategy=strategy)
+    if note is not None and not any(isinstance(p, RegionAlignment) for p in trainer.method.align):
+        note(f"a {cfg.adapt.method} checkpoint has no ACTE: U and diversity only, no 1 - T and W columns")
+    make_out_dir(out, option="--out")
+    if regions is not None:
+        return _advise_regions(trainer, cfg, pool, out, regions, strategy, seed, amp, progress)
+    scores = _score_pool(trainer, cfg, pool, amp=amp, progress=progress)
+    advice = Advice(pool.names, scores, strategy, choose(strategy, scores, budget, seed=seed))
+    advice.files = write.image_advice(
+        advice,
+        pool,
+        out,
+        strategy=strategy,
+        draw=lambda i: score_image(trainer, pool.read[i](), cfg=cfg, scale=pool.scale, amp=amp),
+    )
+    return advice
+
+
+def _refusals(trainer, cfg, pool: Pool, target: Path, out: Path, *, budget, regions, strategy) -> None:
+    """Not one budget and not one share, a strategy the mode or the checkpoint cannot follow (1 - T needs ACTE, W
+    needs ACTE + TMA), a budget outside 1..pool size, an output folder inside the input folder, an image above
+    MAX_PIXELS: each a one-line ConfigError or DataError (exit 2)."""
     if (budget is None) == (regions is None):
         raise ConfigError("advise: give --budget K (whole images) or --regions PCT (regions), one of the two")
-    strategy = strategy or (DEFAULT_STRATEGY if regions is None else "u")
     allowed = STRATEGIES if regions is None else REGION_STRATEGIES
     if strategy not in allowed:
         with_regions = " with --regions" if regions is not None else ""
         raise ConfigError(f"--strategy {strategy}{with_regions}: choose from {', '.join(allowed)}")
-    target, out = Path(target), Path(out)
-    pool = pool_of(target, cfg)
-    if pool.folder is not None:
-        refuse_inside(out, pool.folder, option="--out")
-    if budget is not None and not 1 <= budget <= len(pool):
-        raise ConfigError(f"--budget {budget}: the pool {target} holds {len(pool)} image(s); choose 1 to {len(pool)}")
     has_t = any(isinstance(p, RegionAlignment) for p in trainer.method.align)
     has_w = has_t and any(isinstance(p, TMA) for p in trainer.method.attention)
     if (strategy == "1-t" and not has_t) or (strategy == "w" and not has_w):
         lacks = "ACTE" if strategy == "1-t" else "ACTE + TMA"
-        raise ConfigError(f"--strategy {strategy}: a {cfg.adapt.method} checkpoint has no {lacks} to give it (a tmt"
-                          " one has); use u, u+diversity, coreset, random or first")  # fmt: skip
-    for name, path in zip(pool.names, pool.files):
+        raise ConfigError(
+            f"--strategy {strategy}: a {cfg.adapt.method} checkpoint has no {lacks} to give it (a tmt one has); use"
+            f" {', '.join(s for s in allowed if s not in ('1-t', 'w'))}"
+        )
+    if budget is not None and not 1 <= budget <= len(pool):
+        raise ConfigError(f"--budget {budget}: the pool {target} holds {len(pool)} image(s); choose 1 to {len(pool)}")
+    if pool.folder is not None:
+        refuse_inside(out, pool.folder, option="--out")
+    for path in pool.files:
         if path is not None and image_pixels(path, pool.scale) > MAX_PIXELS:
             raise DataError(f"{path}: above {MAX_PIXELS} pixels after data.scale={pool.scale}; cut it into tiles")
-    make_out_dir(out, option="--out")
-    if regions is not None:
-        return _advise_regions(trainer, cfg, pool, out, regions, strategy, seed, amp, progress)
+
+
+def _score_pool(trainer, cfg, pool: Pool, *, amp: str, progress, each=None) -> Scores:
+    """Score every image once, in order, keeping only its means and pooled feature (`each(i, score)` may look at
+    its maps before they are dropped: the region mode's use)."""
     rows, features = [], []
     for i in progress(range(len(pool))) if progress else range(len(pool)):
         s = score_image(trainer, pool.read[i](), cfg=cfg, scale=pool.scale, amp=amp)
         rows.append((float(s.u.mean()), _mean(s.t, lambda t: 1.0 - t), _mean(s.w)))
         features.append(s.feature)
-    table = np.array(rows, dtype=np.float64)  # [N, 3], NaN where a map is absent
-    scores = Scores(u=table[:, 0], one_minus_t=table[:, 1] if has_t else None,
-                    w=table[:, 2] if not np.isnan(table[:, 2]).any() else None, features=np.stack(features))  # fmt: skip
-    chosen = choose(strategy, scores, budget, seed=seed)
-    advice = Advice(pool.names, scores, strategy, chosen)
-    advice.files = write.image_advice(advice, pool, out, strategy=strategy,
-                                      draw=lambda i: score_image(trainer, pool.read[i](), cfg=cfg, scale=pool.scale,
-                                                                 amp=amp))  # fmt: skip
-    if note is not None and not has_t:
-        note(f"{cfg.adapt.method} checkpoint without ACTE: no 1 - T and W columns (a tmt checkpoint has them)")
-    return advice
+        if each is not None:
+            each(i, s)
+    table = np.array(rows, dtype=np.float64)  # [N, 3]: mean U, 1 - T, W; NaN where the map is absent
+
+    def column(j: int) -> np.ndarray | None:
+        return None if np.isnan(table[:, j]).any() else table[:, j]
+
+    return Scores(u=table[:, 0], one_minus_t=column(1), w=column(2), features=np.stack(features))
 
 
 def _mean(x: np.ndarray | None, f=None) -> float:
@@ -255,23 +302,21 @@ def region_cell(cfg: Config, scale: float) -> int:
 def _advise_regions(trainer, cfg, pool: Pool, out: Path, percent, strategy, seed, amp, progress) -> Advice:
     """Region mode: each image's regions (ACTE's where it ran on the whole image, else a grid of token-sized cells)
     scored by the mean of the strategy's map; their ids wait on disk (never all in memory) until the choice."""
-    key = {"u": "u", "1-t": "t", "w": "w", "random": "u"}.get(strategy, strategy)
-    table, rows, tmp = RegionTable(), [], out / ".advise_regions"
+    table, tmp = RegionTable(), out / ".advise_regions"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for i in progress(range(len(pool))) if progress else range(len(pool)):
-        s = score_image(trainer, pool.read[i](), cfg=cfg, scale=pool.scale, amp=amp)
+
+    def add(i: int, s: ImageScore) -> None:
         ids = s.regions if s.regions is not None else grid_regions(s.u.shape, region_cell(cfg, pool.scale))
-        values = {"u": s.u, "t": None if s.t is None else 1.0 - s.t, "w": s.w}.get(key, s.u)
-        table.add(i, ids, values)
+        table.add(i, ids, {"1-t": None if s.t is None else 1.0 - s.t, "w": s.w}.get(strategy, s.u))
         np.save(tmp / f"{i}.npy", ids.astype(np.int32))
-        rows.append((float(s.u.mean()), _mean(s.t, lambda t: 1.0 - t), _mean(s.w)))
-    chosen = choose_regions(table, percent, strategy=strategy, seed=seed)
-    arr = np.array(rows, dtype=np.float64)
-    scores = Scores(u=arr[:, 0], one_minus_t=None if np.isnan(arr[:, 1]).any() else arr[:, 1],
-                    w=None if np.isnan(arr[:, 2]).any() else arr[:, 2])  # fmt: skip
-    advice = Advice(pool.names, scores, strategy, regions=chosen)
+
     try:
+        scores = _score_pool(trainer, cfg, pool, amp=amp, progress=progress, each=add)
+        scores.features = None  # the region choice has no diversity term
+        advice = Advice(
+            pool.names, scores, strategy, regions=choose_regions(table, percent, strategy=strategy, seed=seed)
+        )
         advice.files = write.region_advice(advice, pool, out, ids_of=lambda i: np.load(tmp / f"{i}.npy"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,8 +58,10 @@ def _lists(advice, pool, out: Path, picked: list[int]) -> list[Path]:
         if split.get("path"):
             split["path"] = str(Path(split["path"]).resolve())
         split["files"] = str(listed.resolve())
-        head = "# tmtseg advise: the chosen images as the labelled target split; after the target's config:\n" \
-               "#   tmtseg finetune -c TARGET.yaml -c labelled.yaml --checkpoint SOURCE\n"  # fmt: skip
+        head = (
+            "# tmtseg advise: the chosen images as the labelled target split; after the target's config:\n"
+            "#   tmtseg finetune -c TARGET.yaml -c labelled.yaml --checkpoint SOURCE\n"
+        )
         written.append(_write_text(out / "labelled.yaml", head + yaml.safe_dump({"data": {"train": split}})))
     return written
 
@@ -71,8 +73,15 @@ def image_advice(advice, pool, out: Path, *, strategy: str, draw) -> list[Path]:
     rank = {i: r + 1 for r, i in enumerate(advice.chosen)}
     rest = [i for i in np.argsort(-advice.scores.u, kind="stable") if int(i) not in rank]
     rank.update({int(i): len(rank) + r + 1 for r, i in enumerate(rest)})
-    rows = [[str(pool.files[i] or pool.names[i]), rank[i], int(i in advice.chosen), *(round(float(v[i]), 6)
-             for v in values)] for i in sorted(range(len(pool)), key=rank.get)]  # fmt: skip
+    rows = [
+        [
+            str(pool.files[i] or pool.names[i]),
+            rank[i],
+            int(i in advice.chosen),
+            *(round(float(v[i]), 6) for v in values),
+        ]
+        for i in sorted(range(len(pool)), key=rank.get)
+    ]
     written = [_csv(out / "advice.csv", ["file", "rank", "chosen", *cols], rows)]
     written += _lists(advice, pool, out, advice.chosen)
     written.append(contact_sheet(advice, pool, out / "contact_sheet.png", strategy=strategy, draw=draw))
@@ -106,8 +115,9 @@ def contact_sheet(advice, pool, target: Path, *, strategy: str, draw) -> Path:
     width = max(t.width for t in tiles) + 8
     height = THUMB_H + 24
     sheet = Image.new("RGB", (cols * width + 8, -(-len(tiles) // cols) * height + 24), "white")
-    ImageDraw.Draw(sheet).text((8, 6), f"tmtseg advise --strategy {strategy}: image | U (normalised entropy, bright ="
-                                       " unsure)", fill="black")  # fmt: skip
+    ImageDraw.Draw(sheet).text(
+        (8, 6), f"tmtseg advise --strategy {strategy}: image | U (normalised entropy, bright = unsure)", fill="black"
+    )
     for n, tile in enumerate(tiles):
         sheet.paste(tile, (8 + (n % cols) * width, 24 + (n // cols) * height))
     save_png(sheet, target)
