@@ -229,7 +229,7 @@ def advise(
     pool = pool_of(target, cfg)
     _refusals(trainer, cfg, pool, target, out, budget=budget, regions=regions, strategy=strategy)
     if note is not None and not any(isinstance(p, RegionAlignment) for p in trainer.method.align):
-        note(f"a {cfg.adapt.method} checkpoint has no ACTE: U and diversity only, no 1 - T and W columns")
+        note(f"this checkpoint (adapt.method={cfg.adapt.method}) has no ACTE: U and diversity only, no 1 - T and W")
     make_out_dir(out, option="--out")
     if regions is not None:
         return _advise_regions(trainer, cfg, pool, out, regions, strategy, seed, amp, progress)
