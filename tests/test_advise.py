@@ -22,6 +22,7 @@ from tmtseg.errors import ConfigError, DataError
 from tmtseg.io.checkpoint import save_checkpoint
 from tmtseg.tools import advise as advise_mod
 from tmtseg.tools.advise_select import RegionTable, Scores, choose, choose_regions, grid_regions, partial_labels
+from tmtseg.tools.advise_write import partial_labels_from
 
 from .tiny import TINY
 
@@ -145,7 +146,8 @@ def test_u_plus_diversity_does_not_pick_the_same_image_twice(models, tmp_path, m
     same = rng.integers(128, 255, (36, 44, 3), dtype=np.uint8)  # bright: the most uncertain, twice
     for name in ("a.png", "b.png"):
         Image.fromarray(same).save(tmp_path / "frames" / name)
-    Image.fromarray(rng.integers(0, 100, (40, 30, 3), dtype=np.uint8)).save(tmp_path / "frames" / "c.png")
+    # another scene, dark, as a 16-bit PNG: read at its real range (0-25000 of 65535), not clipped to white
+    Image.fromarray(rng.integers(0, 25000, (40, 31)).astype(np.uint16)).save(tmp_path / "frames" / "c.png")
     _u_is_brightness(monkeypatch)
     model = tmtseg.load(models["tmt"])
     advice = model.advise(tmp_path / "frames", tmp_path / "u", budget=2, strategy="u")
@@ -215,6 +217,11 @@ def test_region_masks_cover_the_asked_share_of_pixels(models, tmp_path):
     assert advice.strategy == "u" and 0.15 <= share < 0.151
     assert {p.stem for p in (tmp_path / "grid" / "overlays").iterdir()} == {advice.names[i] for i in advice.regions}
     assert not (tmp_path / "grid" / ".advise_regions").exists()
+    # what a labeller following the masks hands back: the synthetic label inside the chosen cells, void elsewhere
+    i = sorted(advice.regions)[0]
+    label = build_dataset(load_config([str(pool)]).data.train, load_config([]).data, train=False).load(i)[1].numpy()
+    part = partial_labels_from(tmp_path / "grid" / "masks", advice.names[i], label)
+    assert ((part != 255) == (masks[i] > 0)).all() and (part[masks[i] > 0] == label[masks[i] > 0]).all()
     # the TMT model: ACTE's regions, chosen by W
     advice = tmtseg.load(models["tmt"]).advise(pool, tmp_path / "acte", regions=15.0, strategy="w")
     share, masks = shares(advice, tmp_path / "acte")

@@ -28,7 +28,8 @@ class Scores:
     w: np.ndarray | None = None
     features: np.ndarray | None = None
     # filled by `choose` for the distance-based strategies: each image's distance to the nearest chosen image (at the
-    # moment it was chosen, for the chosen ones), over the largest distance in the pool's features, in [0, 1]
+    # moment it was chosen, for the chosen ones; 1 for the first), over twice the largest distance of a feature to the
+    # pool's mean (a bound on any pairwise distance), so in [0, 1]
     distance: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 from tmtseg.errors import DataError
-from tmtseg.tools.advise_select import region_mask
+from tmtseg.tools.advise_select import partial_labels, region_mask
 from tmtseg.tools.predict import save_png
 from tmtseg.tools.viz import boundaries
 
@@ -152,3 +152,14 @@ def region_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = np.where(mask[..., None] > 0, image, (image * 0.35).astype(np.uint8))
     out[boundaries(mask)] = (255, 230, 0)
     return out
+
+
+def partial_labels_from(masks_dir: str | Path, name: str, label: np.ndarray, *, ignore_index: int = 255) -> np.ndarray:
+    """The partial label of image `name` from the mask `advise --regions` wrote for it (masks/<name>.png) and its
+    full label [H, W]: the label in the chosen regions, `ignore_index` elsewhere. A missing mask is a DataError."""
+    path = Path(masks_dir) / f"{name}.png"
+    if not path.is_file():
+        raise DataError(f"{path}: no advice mask for image {name!r} (was the advice made for another pool?)")
+    with Image.open(path) as im:
+        mask = np.asarray(im.convert("L"))
+    return partial_labels(label, mask, ignore_index=ignore_index)
