@@ -177,7 +177,7 @@ class SegmentationModel:
             strategy=strategy,
             seed=seed,
             amp=amp,
-            progress=tqdm if progress else None,
+            progress=(lambda items: tqdm(items, desc="scoring", unit="image")) if progress else None,
             note=note,
         )
 
