@@ -142,6 +142,45 @@ class SegmentationModel:
         scores = window_scores(score_fn, x, out_size=arrays[0].shape[:2], mode=how[0], crop=how[1], stride=how[2])
         return list(class_probabilities(scores).cpu().numpy())  # [B, K, H, W] float32
 
+    def advise(
+        self,
+        target: str | Path,
+        out: str | Path,
+        *,
+        budget: int | None = None,
+        regions: float | None = None,
+        strategy: str | None = None,
+        seed: int = 0,
+        progress: bool = False,
+        note=None,
+    ):
+        """Which target images to label (`budget` of them), or which regions (`regions` % of the pool's pixels), by
+        the model's uncertainty U (and ACTE's 1 - T and TMA's W where it has them) and the images' diversity; writes
+        advice.csv, chosen.txt, labelled.yaml and pictures to `out` (docs/advise.md). `target`: a folder of images, a
+        folder dataset or a config file (its data.train). Returns the Advice (scores, chosen indices, files).
+
+        >>> advice = model.advise("data/dusk/", "advice/", budget=20)        # doctest: +SKIP
+        >>> [advice.names[i] for i in advice.chosen]                         # doctest: +SKIP
+        """
+        from tqdm import tqdm
+
+        from tmtseg.tools.advise import advise
+
+        amp = "bf16" if self.precision == "bf16" else "none"
+        return advise(
+            self.trainer,
+            self.cfg,
+            target,
+            out,
+            budget=budget,
+            regions=regions,
+            strategy=strategy,
+            seed=seed,
+            amp=amp,
+            progress=(lambda items: tqdm(items, desc="scoring", unit="image")) if progress else None,
+            note=note,
+        )
+
     def evaluate(self, config: str | Path | None = None, *, overrides: list[str] = (), progress: bool = False) -> dict:
         """Score the model on data.val, the numbers `tmtseg eval` prints (mIoU, aAcc, per-class IoU, in percent):
         its own config's data.val, or the data section of `config` (a YAML file), plus ``key=value`` overrides.

@@ -111,7 +111,12 @@ class TMA(nn.Module):
         low_t = 1.0 - tmap.clamp(0.0, 1.0)  # [B, 1, H, W]
         if not self.use_uncertainty:
             return low_t
-        u = self.uncertainty(prev, hw).clamp(0.0, 1.0).to(low_t.dtype)  # [B, 1, H, W]
+        return self.mix(low_t, self.uncertainty(prev, hw).clamp(0.0, 1.0).to(low_t.dtype))
+
+    def mix(self, low_t: Tensor, u: Tensor) -> Tensor:
+        """W from 1 - T and U (any equal shapes) as this TMA combines them (`tmtseg advise` reads W this way too)."""
+        if not self.use_uncertainty:
+            return low_t
         if self.combine == "product":
             return low_t * u
         return self.alpha * low_t + (1.0 - self.alpha) * u

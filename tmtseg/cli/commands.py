@@ -167,6 +167,28 @@ def _cmd_diagnose(args) -> int:
     return 0
 
 
+def _cmd_advise(args) -> int:
+    from tmtseg.api import load
+
+    model = load(args.checkpoint)
+    advice = model.advise(
+        args.target,
+        args.out,
+        budget=args.budget,
+        regions=args.regions,
+        strategy=args.strategy,
+        seed=args.seed,
+        progress=not args.no_progress,
+        note=lambda line: print(f"tmtseg: note: {line}", file=sys.stderr),
+    )
+    if advice.regions is None:
+        print(f"chosen ({advice.strategy}): " + ", ".join(advice.names[i] for i in advice.chosen))
+    else:
+        print(f"regions chosen in {len(advice.regions)} of {len(advice.names)} image(s) ({advice.strategy})")
+    print(f"advice: {Path(args.out) / 'advice.csv'}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from tmtseg.tools.bench import describe, load_bench, report, run_bench
 
@@ -217,6 +239,7 @@ COMMANDS = {
     "adapt": _cmd_train,
     "eval": _cmd_eval,
     **DATA_COMMANDS,  # predict, export, data, viz
+    "advise": _cmd_advise,
     "diagnose": _cmd_diagnose,
     "bench": _cmd_bench,
     "demo": _cmd_demo,

@@ -150,6 +150,36 @@ def _add_viz(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="key=value config override")
 
 
+def _percent(text: str) -> float:
+    """An argparse type: a percentage in (0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a percentage, not {text!r}") from None
+    if not 0.0 < value <= 100.0:
+        raise argparse.ArgumentTypeError(f"a percentage in (0, 100], not {value}")
+    return value
+
+
+def _add_advise(sub) -> None:
+    from tmtseg.tools.advise_select import DEFAULT_STRATEGY, STRATEGIES
+
+    p = sub.add_parser(
+        "advise",
+        help="which target images (or regions) to label: by the model's uncertainty U, ACTE's"
+        " transferability and the images' diversity; writes advice.csv, chosen.txt, labelled.yaml",
+    )
+    p.add_argument("checkpoint", help="the source or adapted model (checkpoint or run folder)")
+    p.add_argument("target", help="a folder of images, a folder dataset (dataset.yaml) or a config (its data.train)")
+    p.add_argument("--budget", type=_positive, help="how many whole images to choose")
+    p.add_argument(
+        "--regions", type=_percent, metavar="PCT", help="choose regions instead: PCT %% of the pool's pixels"
+    )
+    p.add_argument("--strategy", choices=STRATEGIES, help=f"default {DEFAULT_STRATEGY} (with --regions: u)")
+    p.add_argument("--out", required=True, help="output folder (not inside the input folder)")
+    p.add_argument("--seed", type=int, default=0, help="the random strategy's seed")
+
+
 def _add_diagnose(sub) -> None:
     p = sub.add_parser(
         "diagnose",
@@ -217,6 +247,7 @@ _COMMANDS = (
     _add_predict,
     _add_export,
     _add_viz,
+    _add_advise,
     _add_diagnose,
     _add_data,
     _add_bench,

@@ -27,6 +27,9 @@ class SplitConfig:
     # this split's resize factor, 0 = data.scale: datasets of different resolutions in one task (CamVid 480 px wide,
     # BDD100K 1280) are brought to one apparent object size
     scale: float = 0.0
+    # a text file of image names, one a line ('#' starts a comment), e.g. the chosen.txt `tmtseg advise` writes: only
+    # these images of the split are kept (a record's name, its image's file name or stem); "" = every image
+    files: str = ""
 
 
 @dataclass

@@ -31,6 +31,7 @@ from tmtseg.data.listing import (
     BINARY_PALETTE,
     Source,
     default_palette,
+    keep_listed,
     no_groups,
     one_of,
     slice_records,
@@ -262,6 +263,8 @@ def list_source(split: SplitConfig, data: DataConfig, *, key: str = "split", che
     if split.kind in ("folder", "cityscapes") and not split.path:
         raise ConfigError(f"config key {key}.path: a {split.kind} split needs the dataset directory")
     source = SOURCES[split.kind](split, data, key)
+    if split.files:  # e.g. the images `tmtseg advise` chose
+        source.records = keep_listed(split, source.records, key)
     name = dataset_name(split.kind, split.dataset, split.path)
     if name in data.label_map:  # the dataset's classes -> the task's (data.class_names)
         lut = build_lut(data.label_map[name], source_classes=source.class_names, task_classes=list(data.class_names),

@@ -1,0 +1,182 @@
+"""What to label, as plain functions of the scores (no model, no files): the image strategies of `tmtseg advise`, the
+region choice of `--regions`, and the partial labels a region choice leaves (docs/advise.md).
+
+Each strategy is `scores -> chosen indices`, in the order they were chosen, so that a bench can call them on scores it
+computed once: `choose("u+diversity", Scores(u=..., features=...), k=10)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tmtseg.errors import ConfigError
+
+STRATEGIES = ("u+diversity", "u", "1-t", "w", "coreset", "random", "first")
+DEFAULT_STRATEGY = "u+diversity"  # for now: the advise bench decides
+REGION_STRATEGIES = ("u", "1-t", "w", "random")  # a region is ranked by the mean of a map, or at random
+
+
+@dataclass
+class Scores:
+    """Per-image scores of a pool of N images, in the pool's order: mean U, mean 1 - T and mean W (None where the
+    checkpoint has no ACTE / TMA), and one pooled ViT feature vector per image ([N, C])."""
+
+    u: np.ndarray
+    one_minus_t: np.ndarray | None = None
+    w: np.ndarray | None = None
+    features: np.ndarray | None = None
+    # filled by `choose` for the distance-based strategies: each image's distance to the nearest chosen image (at the
+    # moment it was chosen, for the chosen ones; 1 for the first), over twice the largest distance of a feature to the
+    # pool's mean (a bound on any pairwise distance), so in [0, 1]
+    distance: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.u)
+
+
+def top_k(values: np.ndarray, k: int) -> list[int]:
+    """The indices of the k largest values, largest first; ties go to the earlier image (stable)."""
+    order = np.argsort(-np.asarray(values, dtype=np.float64), kind="stable")
+    return [int(i) for i in order[:k]]
+
+
+def _distances(features: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(features - centre[None], axis=1)  # [N]
+
+
+def k_center(features: np.ndarray, k: int, *, weights: np.ndarray | None = None) -> tuple[list[int], np.ndarray]:
+    """Greedy k-center (Sener & Savarese, 2018) on [N, C] features: each step takes the image farthest from the chosen
+    ones; with `weights` ([N], e.g. U) it takes the largest weight x distance, so that an image as close as can be to
+    a chosen one (a duplicate frame: distance 0) is only taken when nothing else is left. The first image is the one
+    of largest weight, or without weights the one nearest the pool's mean (a representative, not an outlier).
+
+    Returns the chosen indices in order and each image's normalised distance (see Scores.distance)."""
+    feats = np.asarray(features, dtype=np.float64)
+    n = len(feats)
+    scale = max(float(np.linalg.norm(feats - feats.mean(0), axis=1).max()) * 2.0, 1e-12)  # >= any pairwise distance
+    if weights is None:
+        first = int(np.argmin(_distances(feats, feats.mean(0))))
+    else:
+        first = top_k(weights, 1)[0]
+    chosen, at_choice = [first], {first: 1.0}
+    nearest = _distances(feats, feats[first]) / scale  # [N], distance to the nearest chosen image
+    while len(chosen) < min(k, n):
+        gain = nearest if weights is None else np.asarray(weights, dtype=np.float64) * nearest
+        gain = np.where(np.isin(np.arange(n), chosen), -np.inf, gain)
+        best = top_k(gain, 1)[0]
+        if weights is not None and gain[best] <= 0:  # only duplicates (or U = 0) left: the most uncertain of them
+            rest = np.where(np.isin(np.arange(n), chosen), -np.inf, weights)
+            best = top_k(rest, 1)[0]
+        chosen.append(best)
+        at_choice[best] = float(nearest[best])
+        nearest = np.minimum(nearest, _distances(feats, feats[best]) / scale)
+    out = nearest.copy()
+    for i, d in at_choice.items():
+        out[i] = d
+    return chosen, np.clip(out, 0.0, 1.0)
+
+
+def _need(scores: Scores, strategy: str) -> np.ndarray:
+    values = {"u": scores.u, "1-t": scores.one_minus_t, "w": scores.w}[strategy]
+    if values is None:
+        raise ConfigError(
+            f"--strategy {strategy}: the checkpoint has no ACTE transferability (method tmt has it); use u,"
+            " u+diversity, coreset, random or first"
+        )
+    return values
+
+
+def choose(strategy: str, scores: Scores, k: int, *, seed: int = 0) -> list[int]:
+    """The k images `strategy` picks from the pool, best first (see STRATEGIES and docs/advise.md):
+
+    u, 1-t, w: the k largest means; u+diversity: k-center weighted by U; coreset: plain k-center on the features;
+    random: k at random with `seed`; first: the first k in the pool's order."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy {strategy}: choose from {', '.join(STRATEGIES)}")
+    n = len(scores)
+    if not 1 <= k <= n:
+        raise ConfigError(f"--budget {k}: the pool holds {n} image(s); choose a budget from 1 to {n}")
+    if strategy in ("u", "1-t", "w"):
+        return top_k(_need(scores, strategy), k)
+    if strategy == "first":
+        return list(range(k))
+    if strategy == "random":
+        return [int(i) for i in np.random.default_rng(seed).permutation(n)[:k]]
+    if scores.features is None:
+        raise ConfigError(f"--strategy {strategy}: needs the images' pooled features")
+    weights = np.clip(scores.u, 0.0, None) if strategy == "u+diversity" else None
+    chosen, scores.distance = k_center(scores.features, k, weights=weights)
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------- regions
+
+
+@dataclass
+class RegionTable:
+    """Every region of the pool, flattened: its image's index, its id in that image's region map, its pixel count and
+    its score (the mean of the strategy's map over it)."""
+
+    image: list[int] = field(default_factory=list)
+    region: list[int] = field(default_factory=list)
+    pixels: list[int] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)
+
+    def add(self, image: int, ids: np.ndarray, values: np.ndarray) -> None:
+        """One image's regions: `ids` [H, W] region ids (>= 0), `values` [H, W] the map whose mean scores them."""
+        flat = ids.reshape(-1)
+        count = np.bincount(flat)
+        total = np.bincount(flat, weights=values.reshape(-1).astype(np.float64), minlength=len(count))
+        for r in np.flatnonzero(count):
+            self.image.append(image)
+            self.region.append(int(r))
+            self.pixels.append(int(count[r]))
+            self.score.append(float(total[r] / count[r]))
+
+
+def choose_regions(table: RegionTable, percent: float, *, strategy: str = "u", seed: int = 0) -> dict[int, set[int]]:
+    """Regions of highest score (or at random), taken until `percent` % of the pool's pixels are chosen: the region
+    that crosses the mark is the last one. Returns image index -> its chosen region ids."""
+    if not 0.0 < percent <= 100.0:
+        raise ConfigError(f"--regions {percent}: a percentage of the pool's pixels in (0, 100]")
+    if strategy not in REGION_STRATEGIES:
+        raise ConfigError(f"--strategy {strategy} with --regions: choose from {', '.join(REGION_STRATEGIES)}")
+    n = len(table.score)
+    if strategy == "random":
+        order = np.random.default_rng(seed).permutation(n)
+    else:
+        order = top_k(np.array(table.score), n)
+    goal = percent / 100.0 * sum(table.pixels)
+    chosen: dict[int, set[int]] = {}
+    taken = 0
+    for i in order:
+        if taken >= goal:
+            break
+        chosen.setdefault(table.image[i], set()).add(table.region[i])
+        taken += table.pixels[i]
+    return chosen
+
+
+def region_mask(ids: np.ndarray, chosen: set[int]) -> np.ndarray:
+    """[H, W] region ids and the chosen ones -> a uint8 mask: 255 = label this region, 0 elsewhere."""
+    return np.where(np.isin(ids, sorted(chosen)), 255, 0).astype(np.uint8)
+
+
+def partial_labels(label: np.ndarray, mask: np.ndarray, *, ignore_index: int = 255) -> np.ndarray:
+    """A full label [H, W] cut to the chosen regions: `ignore_index` wherever the advice mask ([H, W], 255 = chosen;
+    any size, resized by nearest neighbour) is 0. What a labeller who followed the advice would hand back."""
+    if mask.shape != label.shape:
+        from PIL import Image
+
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(label.shape[::-1], Image.NEAREST))
+    return np.where(mask > 0, label, ignore_index).astype(label.dtype)
+
+
+def grid_regions(shape: tuple[int, int], cell: int) -> np.ndarray:
+    """[H, W] ids of a regular grid of cell x cell squares (the last row and column may be smaller)."""
+    h, w = shape
+    cell = max(1, int(cell))
+    cols = -(-w // cell)
+    return (np.arange(h)[:, None] // cell) * cols + np.arange(w)[None, :] // cell
