@@ -13,6 +13,7 @@ from tmtseg import dist
 from tmtseg.adapt.build import ModelWithLoss, build_model_with_loss
 from tmtseg.adapt.registry import REGULARISERS
 from tmtseg.config import Config
+from tmtseg.engine.header import refuse_lying_header
 from tmtseg.engine.step import LoopState
 from tmtseg.errors import CheckpointError, ConfigError
 from tmtseg.io.checkpoint import latest_valid, load_checkpoint, load_train_state, load_weights
@@ -36,11 +37,17 @@ def checkpoint_meta(cfg: Config, dataset, **extra) -> dict:
 def model_with_loss_from_checkpoint(
     path: str | Path, overrides: list[str] | None = None
 ) -> tuple[ModelWithLoss, Config, dict]:
-    """Rebuild the trainer a checkpoint was saved from (its own config, plus overrides) and load its weights."""
+    """Rebuild the trainer a checkpoint was saved from (its own config, plus overrides) and load its weights. The
+    header (config, classes) must be valid and agree with the tensors, and every tensor must fit the built model
+    before any is copied: a refusal is a CheckpointError naming the tensor."""
     ckpt = load_checkpoint(path)
     if "config" not in ckpt.meta:
         raise CheckpointError(f"{path}: no config in the checkpoint's metadata")
-    cfg = config_mod.config_from_dict(ckpt.meta["config"])
+    try:
+        cfg = config_mod.config_from_dict(ckpt.meta["config"])
+    except ConfigError as err:  # the checkpoint is at fault, not the user's config
+        raise CheckpointError(f"{path}: the config in its metadata is invalid ({err}); refused") from None
+    refuse_lying_header(cfg, ckpt.meta, ckpt.weights, path)
     if overrides:
         cfg = config_mod.load_config_over(cfg, overrides)
     trainer = build_model_with_loss(cfg, pretrained=False)
