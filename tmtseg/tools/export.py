@@ -3,7 +3,6 @@ dynamic batch, height and width, checked against PyTorch with onnxruntime; and p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import operator
 import os
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from tmtseg import __version__
 from tmtseg.errors import ConfigError, ExportError, MissingExtra
+from tmtseg.hashing import sha256
 from tmtseg.modeling.inference import input_scores
 from tmtseg.tools.library_output import library_output
 
@@ -79,14 +79,6 @@ def _floordiv(a, b):
     from onnxscript import opset18 as op
 
     return op.Div(op.Sub(a, op.Mod(a, b)), b)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def smooth_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
