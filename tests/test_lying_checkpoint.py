@@ -52,8 +52,15 @@ def _craft(folder: Path, *, config=None, meta=None, tensors=None) -> Path:
 LIES = [
     ("embed_dim", dict(config={"model.backbone.embed_dim": 64}), ["model.backbone.embed_dim=64", "vit.cls_token"]),
     ("depth", dict(config={"model.backbone.depth": 2}), ["model.backbone.depth=2", "vit.blocks.1.* is missing"]),
-    ("more_blocks_stored", dict(tensors=lambda w: {k.replace("blocks.0.", "blocks.1."): v.clone() for k, v in w.items()
-                                                  if "vit.blocks.0." in k}), ["depth=1", "vit.blocks.1.", "beyond"]),
+    (
+        "more_blocks_stored",
+        dict(
+            tensors=lambda w: {
+                k.replace("blocks.0.", "blocks.1."): v.clone() for k, v in w.items() if "vit.blocks.0." in k
+            }
+        ),
+        ["depth=1", "vit.blocks.1.", "beyond"],
+    ),
     ("class_names", dict(meta={"class_names": ["a", "b", "c"]}), ["class_names lists 3", "class_embed.weight"]),
     ("bad_config", dict(config={"model.backbone.num_heads": 3}), ["config in its metadata is invalid", "num_heads"]),
     ("dtype", dict(tensors=lambda w: {FC1: (w[FC1] * 100).long()}), [FC1, "torch.int64"]),

@@ -40,8 +40,9 @@ def refuse_lying_header(cfg: Config, meta: dict, weights: dict[str, torch.Tensor
             if extra
             else f"{_VIT}blocks.{gone[0]}.* is missing"
         )
+        held = f"{len(blocks)} block{'s' * (len(blocks) != 1)}"
         raise CheckpointError(
-            f"{say} its config says model.backbone.depth={b.depth} but the tensors hold {len(blocks)} block{'s' * (len(blocks) != 1)}"
+            f"{say} its config says model.backbone.depth={b.depth} but the tensors hold {held}"
             f" (tensor {tensor}); refused"
         )
     head = weights.get(_CLASSES)

@@ -4,10 +4,10 @@ changed under a run is refused (exit 2, one line naming it and both hashes) unle
 go on, which the run then records (key ``changed_inputs``) and warns about.
 
 What is hashed (sha256): the source checkpoint's and the pretrained weights' file bytes (a known weights name: its
-cache record's hash, checked when the cache is read; a file that is gone is recorded as null); a data split: the sorted list of (path relative to the split's
-common folder, size in bytes) of every image, label and field-of-view file it lists, so a file added, removed,
-renamed or rewritten to another size changes it, while moving the whole dataset does not (the synthetic scenes have
-no files: their names are hashed)."""
+cache record's hash, checked when the cache is read; a file that is gone is recorded as null); a data split: the
+sorted list of (path relative to the split's common folder, size in bytes) of every image, label and field-of-view
+file it lists, so a file added, removed, renamed or rewritten to another size changes it, while moving the whole
+dataset does not (the synthetic scenes have no files: their names are hashed)."""
 
 from __future__ import annotations
 

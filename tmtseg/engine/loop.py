@@ -141,8 +141,14 @@ def _start(
         batches=batches,
         val_ds=val_ds,
         log=log,
-        meta=checkpoint_meta(cfg, train_ds, method=cfg.adapt.method, num_labelled=len(train_ds), inputs=inputs,
-                             **({"changed_inputs": moved} if moved else {})),  # fmt: skip
+        meta=checkpoint_meta(
+            cfg,
+            train_ds,
+            method=cfg.adapt.method,
+            num_labelled=len(train_ds),
+            inputs=inputs,
+            **({"changed_inputs": moved} if moved else {}),
+        ),
         state=state,
         last_good=last_good,
     )
