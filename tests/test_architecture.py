@@ -10,7 +10,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tmtseg"
 
 # lowest first: a module may import its own layer and the layers below, never one above
 LAYERS = [
-    ("tmtseg.errors", "tmtseg.registry", "tmtseg.settings", "tmtseg.dist", "tmtseg.metrics"),  # foundations
+    (
+        "tmtseg.errors",
+        "tmtseg.registry",
+        "tmtseg.settings",
+        "tmtseg.dist",
+        "tmtseg.metrics",
+        "tmtseg.hashing",
+    ),  # foundations
     ("tmtseg.io.checkpoint", "tmtseg.io.runlock", "tmtseg.io.pictures"),  # files: checkpoints, locks, pictures
     ("tmtseg.modeling", "tmtseg.losses"),  # the segmenter (with its backbones' pretrained weights) and its losses
     ("tmtseg.adapt",),  # the adaptation pieces and their tables

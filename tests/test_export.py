@@ -106,3 +106,13 @@ def test_predict_onnx_errors_are_one_line(tmp_path):
     result = cli("predict", "--onnx", str(tmp_path / "missing.onnx"), str(tmp_path))
     assert result.returncode == 2 and result.stderr.startswith("tmtseg: error: --onnx")
     assert "Traceback" not in result.stderr
+
+
+def test_export_stderr_has_only_our_lines_third_party_output_said_once_or_dropped(tmp_path, checkpoint):
+    """Issue 29: the exporter's optimiser logged bare "Skipping constant folding for op LayerNormalization with
+    multiple outputs." lines (logging's last resort) among the tool's messages; every stderr line is now ours."""
+    result = cli("export", str(checkpoint), "--out", str(tmp_path / "m.onnx"), timeout=900)
+    assert result.returncode == 0, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert all(ln.startswith("tmtseg: ") for ln in lines), lines
+    assert len(lines) == len(set(lines)) and "Skipping constant folding" not in result.stderr

@@ -5,6 +5,7 @@ on stderr and an exit code."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -36,6 +37,21 @@ def _warning_line(message, category, filename, lineno, line=None) -> str:  # noq
     return f"tmtseg: warning: {message}\n"
 
 
+class _LibraryLog(logging.Handler):
+    """Third-party log records (WARNING and above; torch, onnxscript...) as our own warning lines, once each: without
+    a handler, logging's last resort prints the bare message among ours."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(logging.WARNING)
+        self.prog, self.said = prog, set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"{record.name}: {' '.join(record.getMessage().split())}"
+        if line not in self.said:
+            self.said.add(line)
+            _say(f"{self.prog}: warning: {line}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `tmtseg` command. As a program (no argv) in a process that joined a DDP group, it ends the process itself
     once every rank has left the group (tmtseg.dist.exit_process says why); called with argv (tests, other
@@ -65,8 +81,10 @@ def _main(argv: list[str] | None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     prog = "tmtseg" if rank == 0 else f"tmtseg[rank {rank}]"
     formatwarning = warnings.formatwarning
+    library_log = _LibraryLog(prog)
     if not args.debug:
         warnings.formatwarning = _warning_line
+        logging.getLogger().addHandler(library_log)
     together = False  # whether every DDP rank leaves at the same point (then they leave the group in step)
     try:
         code = COMMANDS[args.command](args)
@@ -90,6 +108,7 @@ def _main(argv: list[str] | None) -> int:
         return 1
     finally:
         warnings.formatwarning = formatwarning  # main() may run inside another program (tests)
+        logging.getLogger().removeHandler(library_log)
         if "torch.distributed" in sys.modules:
             from tmtseg import dist
 

@@ -56,7 +56,8 @@ def _cmd_train(args) -> int:
 
             raise ConfigError("config key adapt.source_checkpoint: adapt needs a source model (--source-checkpoint)")
         init = cfg.adapt.source_checkpoint
-    metrics = fit(cfg, init_from="" if args.resume else init, resume=args.resume, progress=not args.no_progress)
+    metrics = fit(cfg, init_from="" if args.resume else init, resume=args.resume, progress=not args.no_progress,
+                  allow_changed_inputs=args.allow_changed_inputs)  # fmt: skip
     if dist.is_main():
         print(format_table(metrics, title=f"{cfg.name}: {cfg.adapt.method if init else 'train'} -> data.val"))
         print(f"run folder: {cfg.output_dir}")
@@ -101,7 +102,8 @@ def _cmd_eval(args) -> int:
     else:
         from tmtseg.engine.step import precision_line
 
-        metrics, cfg = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.no_progress)
+        metrics, cfg = evaluate_checkpoint(args.checkpoint, overrides=args.overrides, progress=not args.no_progress,
+                                           allow_changed_inputs=args.allow_changed_inputs)  # fmt: skip
         print(precision_line(cfg.train.amp))
         title = f"{args.checkpoint} on data.val"
     print(format_table(metrics, title=title))

@@ -63,11 +63,21 @@ def _low_t(text: str) -> str | float:
 
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
+    _add_allow_changed(p)
     p.add_argument(
         "--nproc",
         type=_positive,
         default=1,
         help="train with DDP in this many processes on this machine (as torchrun --standalone --nproc-per-node N)",
+    )
+
+
+def _add_allow_changed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-changed-inputs",
+        action="store_true",
+        help="go on although an input of the run (source checkpoint, pretrained weights, a data split's files)"
+        " changed since it was recorded; the change is recorded in the run",
     )
 
 
@@ -107,6 +117,7 @@ def _add_eval(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
     p.add_argument("--out", help="JSON file for the metrics (default: <checkpoint>/eval.json)")
+    _add_allow_changed(p)
     p.add_argument(
         "--predictions",
         metavar="DIR",

@@ -17,6 +17,7 @@ from tmtseg.adapt.build import ModelWithLoss
 from tmtseg.config import Config
 from tmtseg.data import build_dataset, data_report
 from tmtseg.engine.compiled import compile_model
+from tmtseg.engine.inputs import changed_inputs, refuse_changed, split_input
 from tmtseg.engine.restore import model_with_loss_from_checkpoint
 from tmtseg.engine.step import amp_context
 from tmtseg.errors import DataError
@@ -90,10 +91,18 @@ def evaluate(
     return metrics.compute()
 
 
-def evaluate_checkpoint(path: str, *, overrides: list[str] | None = None, progress: bool = True) -> tuple[dict, Config]:
-    """Score a checkpoint on its config's data.val (overrides may point it at another split or data root)."""
-    model_with_loss, cfg, _ = model_with_loss_from_checkpoint(path, overrides)
-    return evaluate_on_val(model_with_loss, cfg, progress=progress), cfg
+def evaluate_checkpoint(
+    path: str, *, overrides: list[str] | None = None, progress: bool = True, allow_changed_inputs: bool = False
+) -> tuple[dict, Config]:
+    """Score a checkpoint on its config's data.val (overrides may point it at another split or data root). The split
+    the run recorded (data.val, same split config) must still hold the same files (their hash), unless
+    `allow_changed_inputs`: then the metrics carry the change (`changed_inputs`)."""
+    model_with_loss, cfg, meta = model_with_loss_from_checkpoint(path, overrides)
+    recorded = meta.get("inputs") or {}
+    changes = changed_inputs(recorded, {"data.val": split_input(cfg, "val")}) if "data.val" in recorded else []
+    refuse_changed(changes, where=f"{path} was trained", allow=allow_changed_inputs)
+    metrics = evaluate_on_val(model_with_loss, cfg, progress=progress)
+    return ({**metrics, "changed_inputs": changes} if changes else metrics), cfg
 
 
 def evaluate_on_val(model_with_loss: ModelWithLoss, cfg: Config, *, device=None, progress: bool = True) -> dict:

@@ -20,6 +20,7 @@ from tmtseg.data import build_dataset, collate
 from tmtseg.engine.card import write_model_card
 from tmtseg.engine.compiled import compile_model
 from tmtseg.engine.evaluate import check_data, evaluate_model_with_loss
+from tmtseg.engine.inputs import run_inputs
 from tmtseg.engine.logs import TrainLog, read_jsonl
 from tmtseg.engine.optim import build_optimizer, freeze
 from tmtseg.engine.restore import attach_teacher, checkpoint_meta, init_from_source, resume_run
@@ -60,8 +61,12 @@ class Run:
     started: float = field(default_factory=time.perf_counter)  # the card's wall time (of this process, if resumed)
 
 
-def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: bool = True) -> dict:
+def fit(
+    cfg: Config, *, init_from: str = "", resume: bool = False, progress: bool = True, allow_changed_inputs: bool = False
+) -> dict:
     """Train `cfg.adapt.method` on data.train (+ unlabelled data.source) for train.iters; return the final metrics.
+    A resume refuses inputs (source checkpoint, pretrained weights, data splits) whose content hash changed since
+    the checkpoint was saved, unless `allow_changed_inputs` (then recorded in the run).
 
     The run folder is locked for the whole run (a second writer is refused at once), and whatever way the run ends,
     its data-loader workers are shut down before it returns or raises (they ignore SIGTERM, so nothing else would).
@@ -72,7 +77,7 @@ def fit(cfg: Config, *, init_from: str = "", resume: bool = False, progress: boo
     dist.init_distributed(device)
     with ExitStack() as cleanup:
         _lock_run_folder(Path(cfg.output_dir), cleanup)
-        run = _start(cfg, device, cleanup, init_from=init_from, resume=resume)
+        run = _start(cfg, device, cleanup, init_from=init_from, resume=resume, allow_changed=allow_changed_inputs)
         return _train(run, progress=progress)
 
 
@@ -89,7 +94,9 @@ def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:
         raise ConfigError(refused)
 
 
-def _start(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: str, resume: bool) -> Run:
+def _start(
+    cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: str, resume: bool, allow_changed: bool
+) -> Run:
     """Build the model, data, optimizer and log of a run; on --resume, restore them from the newest checkpoint."""
     run_dir = Path(cfg.output_dir)
     if not resume and (list_checkpoints(run_dir) or (run_dir / "checkpoints" / "best").exists()):
@@ -103,7 +110,9 @@ def _start(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: 
     if init_from:  # a checkpoint that does not fit is refused before the data are scanned
         init_from_source(model_with_loss, init_from)
     needs_source = model_with_loss.method.needs_unlabelled or cfg.adapt.unsupervised
-    check_data(cfg, ("train", "val", "source") if needs_source else ("train", "val"))
+    splits = ("train", "val", "source") if needs_source else ("train", "val")
+    check_data(cfg, splits)
+    inputs = run_inputs(cfg, splits)  # content hashes, recorded in every checkpoint and checked by a resume
     train_ds = build_dataset(cfg.data.train, cfg.data, train=True)
     val_ds = build_dataset(cfg.data.val, cfg.data, train=False)
     source_ds = build_dataset(cfg.data.source, cfg.data, train=True) if needs_source else None
@@ -114,9 +123,10 @@ def _start(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: 
         # the scipy matcher into the graph. The state dict keeps its keys, so checkpoints and resume are unchanged.
         compile_model(model_with_loss.model, backend=cfg.train.compile_backend)
     optimizer = build_optimizer(cfg, model_with_loss)
-    state, last_good = LoopState(), None
+    state, last_good, moved = LoopState(), None, []
     if resume:
-        state, last_good = resume_run(cfg, run_dir, model_with_loss, optimizer)
+        state, last_good, moved = resume_run(cfg, run_dir, model_with_loss, optimizer, inputs=inputs,
+                                             allow_changed_inputs=allow_changed)  # fmt: skip
     log = _open_log(cfg, run_dir, state, resume=resume)
     batches = _batch_streams(cfg, train_ds, source_ds, start_step=state.step)
     for it in batches.values():
@@ -131,7 +141,14 @@ def _start(cfg: Config, device: torch.device, cleanup: ExitStack, *, init_from: 
         batches=batches,
         val_ds=val_ds,
         log=log,
-        meta=checkpoint_meta(cfg, train_ds, method=cfg.adapt.method, num_labelled=len(train_ds)),
+        meta=checkpoint_meta(
+            cfg,
+            train_ds,
+            method=cfg.adapt.method,
+            num_labelled=len(train_ds),
+            inputs=inputs,
+            **({"changed_inputs": moved} if moved else {}),
+        ),
         state=state,
         last_good=last_good,
     )

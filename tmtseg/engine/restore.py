@@ -13,6 +13,8 @@ from tmtseg import dist
 from tmtseg.adapt.build import ModelWithLoss, build_model_with_loss
 from tmtseg.adapt.registry import REGULARISERS
 from tmtseg.config import Config
+from tmtseg.engine.header import refuse_lying_header
+from tmtseg.engine.inputs import changed_inputs, refuse_changed
 from tmtseg.engine.step import LoopState
 from tmtseg.errors import CheckpointError, ConfigError
 from tmtseg.io.checkpoint import latest_valid, load_checkpoint, load_train_state, load_weights
@@ -36,11 +38,17 @@ def checkpoint_meta(cfg: Config, dataset, **extra) -> dict:
 def model_with_loss_from_checkpoint(
     path: str | Path, overrides: list[str] | None = None
 ) -> tuple[ModelWithLoss, Config, dict]:
-    """Rebuild the trainer a checkpoint was saved from (its own config, plus overrides) and load its weights."""
+    """Rebuild the trainer a checkpoint was saved from (its own config, plus overrides) and load its weights. The
+    header (config, classes) must be valid and agree with the tensors, and every tensor must fit the built model
+    before any is copied: a refusal is a CheckpointError naming the tensor."""
     ckpt = load_checkpoint(path)
     if "config" not in ckpt.meta:
         raise CheckpointError(f"{path}: no config in the checkpoint's metadata")
-    cfg = config_mod.config_from_dict(ckpt.meta["config"])
+    try:
+        cfg = config_mod.config_from_dict(ckpt.meta["config"])
+    except ConfigError as err:  # the checkpoint is at fault, not the user's config
+        raise CheckpointError(f"{path}: the config in its metadata is invalid ({err}); refused") from None
+    refuse_lying_header(cfg, ckpt.meta, ckpt.weights, path)
     if overrides:
         cfg = config_mod.load_config_over(cfg, overrides)
     trainer = build_model_with_loss(cfg, pretrained=False)
@@ -79,9 +87,17 @@ def attach_teacher(cfg: Config, trainer: ModelWithLoss, device: torch.device) ->
 
 
 def resume_run(
-    cfg: Config, run_dir: Path, trainer: ModelWithLoss, optimizer: torch.optim.Optimizer
-) -> tuple[LoopState, Path]:
-    """Load the newest readable checkpoint of the run folder into trainer and optimizer; refuse a changed config."""
+    cfg: Config,
+    run_dir: Path,
+    trainer: ModelWithLoss,
+    optimizer: torch.optim.Optimizer,
+    *,
+    inputs: dict,
+    allow_changed_inputs: bool = False,
+) -> tuple[LoopState, Path, list[dict]]:
+    """Load the newest readable checkpoint of the run folder into trainer and optimizer; refuse a changed config, and
+    changed inputs (their hashes, `inputs`, against the checkpoint's record) unless allowed. Returns the state, the
+    checkpoint and the run's record of allowed input changes (earlier ones and this resume's, with the step)."""
     with warnings.catch_warnings():
         if not dist.is_main():  # one warning per run, not per process
             warnings.simplefilter("ignore")
@@ -99,6 +115,11 @@ def resume_run(
     refused = [d for d in changes if d.split(":")[0] not in _RESUMABLE_CHANGES]
     if refused:
         raise ConfigError(f"{ckpt}: the config differs from the run being resumed: {'; '.join(refused)}")
+    moved = changed_inputs(saved.meta.get("inputs"), inputs)
+    with warnings.catch_warnings():
+        if not dist.is_main():
+            warnings.simplefilter("ignore")
+        refuse_changed(moved, where=f"the run's checkpoint {ckpt.name} was saved", allow=allow_changed_inputs)
     if any(d.startswith("train.iters:") for d in changes) and dist.is_main():
         warnings.warn(f"{ckpt}: train.iters changed; the lr and GRL schedules follow the new length", stacklevel=2)
     load_weights(trainer, saved.weights, source=str(ckpt))
@@ -106,4 +127,5 @@ def resume_run(
     # a checkpoint written before the skip count was kept has none: it reads as 0
     state = LoopState(step=train_state["step"], best=train_state["best"], history=train_state["history"],
                       skipped=int(train_state.get("skipped", 0)))  # fmt: skip
-    return state, ckpt
+    record = [*saved.meta.get("changed_inputs", []), *({**c, "step": state.step} for c in moved)]
+    return state, ckpt, record

@@ -313,12 +313,15 @@ def load_train_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> dict:
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], *, source: str, strict: bool = True) -> list[str]:
-    """Copy weights into the model; a misfit lists every mismatched key and shape in one CheckpointError."""
+    """Copy weights into the model; a misfit lists every mismatched key and shape (or kind of dtype) in one
+    CheckpointError, raised before any tensor is copied."""
     own = model.state_dict()
     problems = []
     for key, value in weights.items():
         if key in own and own[key].shape != value.shape:
             problems.append(f"{key} {tuple(value.shape)} != model {tuple(own[key].shape)}")
+        elif key in own and own[key].is_floating_point() != value.is_floating_point():  # copying would cast silently
+            problems.append(f"{key} {value.dtype} != model {own[key].dtype}")
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     if strict:

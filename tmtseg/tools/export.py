@@ -3,7 +3,6 @@ dynamic batch, height and width, checked against PyTorch with onnxruntime; and p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import operator
 import os
@@ -17,7 +16,9 @@ from torch import Tensor, nn
 
 from tmtseg import __version__
 from tmtseg.errors import ConfigError, ExportError, MissingExtra
+from tmtseg.hashing import sha256
 from tmtseg.modeling.inference import input_scores
+from tmtseg.tools.library_output import library_output
 
 OPSET = 18  # the first opset whose Resize has the antialias TMA's downsampling needs
 ATOL = 1e-4  # max |onnxruntime - PyTorch| of the class scores, fp32
@@ -78,14 +79,6 @@ def _floordiv(a, b):
     from onnxscript import opset18 as op
 
     return op.Div(op.Sub(a, op.Mod(a, b)), b)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def smooth_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
@@ -164,10 +157,12 @@ def export_checkpoint(
     tmp = out.with_name(f".tmp_{os.getpid()}_{out.name}")
     try:
         started = time.perf_counter()
-        export_graph(graph, tmp, opset=opset, with_masks=with_masks)
-        seconds = time.perf_counter() - started
+        with library_output("onnx export"):  # the exporter's own log lines and C-level stderr, said once or dropped
+            export_graph(graph, tmp, opset=opset, with_masks=with_masks)
+            seconds = time.perf_counter() - started
+            session = _session(tmp)
         tests = _parity_inputs(cfg, [(p.name, read_image(p)) for p in images])
-        checks = parity(graph, _session(tmp), tests)
+        checks = parity(graph, session, tests)
         check_parity(checks)
         file = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
         info = describe(cfg, meta, file=file, opset=opset, with_masks=with_masks, checks=checks, seconds=seconds)

@@ -3,7 +3,6 @@ timm's ViT names and kept in a cache folder (`$TMTSEG_HOME`, default ~/.cache/tm
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from tmtseg.errors import CheckpointError
+from tmtseg.hashing import sha256
 from tmtseg.modeling.backbones.pretrained import KNOWN
 
 _CHUNK = 1 << 20
@@ -28,14 +28,6 @@ def cache_dir() -> Path:
     """Where converted weights live: $TMTSEG_HOME/weights, default ~/.cache/tmtseg/weights."""
     home = os.environ.get("TMTSEG_HOME") or str(Path.home() / ".cache" / "tmtseg")
     return Path(home).expanduser() / "weights"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def cached(name: str) -> Path | None:
