@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from pathlib import Path
 
-from tmtseg.errors import MissingExtra, TrainingError
+from tmtseg.errors import ConfigError, MissingExtra, TrainingError
 from tmtseg.tools.bench.spec import BenchConfig
 
 POLL_S = 5.0  # how often the bench looks at its runs (and refreshes its progress bar)
@@ -68,7 +68,10 @@ class SubmititLauncher:
         self.name, self.slots = bench.launcher, bench.jobs
         self.threads = s.cpus_per_run or bench.threads or (local_threads(bench) if cluster == "local" else 4)
         folder = Path(s.folder or Path(bench.output_dir) / "submitit") / "%j"
-        self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        try:
+            self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        except RuntimeError as err:  # no srun / sbatch on this machine
+            raise ConfigError(f"bench key launcher={bench.launcher}: {_first_line(err)}") from None
         params = {"name": f"tmtseg-{bench.name}", "timeout_min": s.time_min, "nodes": 1, "tasks_per_node": 1,
                   "cpus_per_task": self.threads, "gpus_per_node": s.gpus_per_run}  # fmt: skip
         if s.mem_gb:
