@@ -77,10 +77,11 @@ def run_demo(out: Path, *, quick: bool = False, overrides: list[str] = (), progr
     say("1. source model: trained on synthetic day, scored on dusk as it is (source-only)")
     first = dataclasses.replace(bench, methods=["source-only"], baseline="source-only")
     run_bench(first, base, progress=progress, write_report=False)
-    # ---- 2. ADVISE (a later issue): `tmtseg advise` reads the source model and the target images and says which
+    # ---- ADVISE (a later issue): `tmtseg advise` reads the source model and the target images and says which
     # method to use; its step goes here, between the source model and the adaptation. Until then the demo adapts with
     # the three methods a user chooses between and compares them. ----
-    say(f"2. adaptation to dusk (24 labelled images): {', '.join(ADAPTATIONS)}")
+    labelled = bench.tasks["synthetic"].domains["dusk"].adapt.num_images
+    say(f"2. adaptation to dusk ({labelled} labelled images): {', '.join(ADAPTATIONS)}")
     report = run_bench(bench, base, progress=progress)
     scores, checkpoints, eval_split = _scores(bench, base)
     table = ranking(scores, quick=quick)
@@ -89,7 +90,8 @@ def run_demo(out: Path, *, quick: bool = False, overrides: list[str] = (), progr
     say(f"4. pictures: {', '.join(map(str, pictures))}")
     model = _copy_model(Path(checkpoints["recommended"]), out / "recommended")
     onnx = _export(model, out / "recommended.onnx", say)
-    line = f'import tmtseg; m = tmtseg.load("{model}"); print(m, "dusk mIoU", round(m.evaluate()["mIoU"], 2))'
+    path = json.dumps(str(model))  # quoted for Python
+    line = f'import tmtseg; m = tmtseg.load({path}); print(m, "dusk mIoU", round(m.evaluate()["mIoU"], 2))'
     say(f"6. load it in Python:\n    {line}")
     printed = prove(line)
     say(f"   ran it: {printed}")
