@@ -199,6 +199,9 @@ def _cmd_bench(args) -> int:
         overrides.append(f"profile={args.profile}")
     if args.jobs:
         overrides.append(f"jobs={args.jobs}")
+    flags = {"launcher": args.launcher, "slurm.partition": args.partition, "slurm.gpus_per_run": args.gpus_per_run,
+             "slurm.time_min": args.time_limit}  # fmt: skip
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     bench, base = load_bench(args.bench_config, overrides)
     if args.dry_run:
         print(describe(bench, base))
@@ -212,9 +215,7 @@ def _cmd_bench(args) -> int:
 def _cmd_demo(args) -> int:
     from tmtseg.tools.demo import run_demo
 
-    report, pictures = run_demo(Path(args.out), overrides=args.overrides, progress=not args.no_progress)
-    print(report.read_text())
-    print(f"report: {report}\npictures: {', '.join(map(str, pictures))}")
+    run_demo(Path(args.out), quick=args.quick, overrides=args.overrides, progress=not args.no_progress)
     return 0
 
 

@@ -232,6 +232,15 @@ def _add_bench(sub) -> None:
     p.add_argument("--jobs", type=int, help="runs in parallel, each in its own process (overrides jobs)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state; run nothing")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs; run nothing")
+    p.add_argument(
+        "--launcher",
+        choices=("local", "slurm", "local-submitit"),
+        help="where runs execute: local processes (default), one Slurm job per run (submitit), or submitit's jobs"
+        " on this machine (overrides launcher)",
+    )
+    p.add_argument("--partition", help="Slurm partition of every job (overrides slurm.partition)")
+    p.add_argument("--gpus-per-run", type=int, help="GPUs of every job (overrides slurm.gpus_per_run)")
+    p.add_argument("--time-limit", type=int, metavar="MIN", help="minutes per job (overrides slurm.time_min)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the bench config (e.g. output_dir=...)")
 
 
@@ -244,8 +253,13 @@ def _add_weights(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the built-in default: source model on synthetic day, adapted to dusk")
+    p = sub.add_parser(
+        "demo",
+        help="the built-in default: the workflow on synthetic data (source model, adaptation, table, pictures, ONNX,"
+        " the line that loads the model)",
+    )
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a tiny model for a few steps: every step in seconds")
     p.add_argument("overrides", nargs="*", help="key=value overrides of every run of the demo")
 
 

@@ -1,5 +1,6 @@
-"""Running a bench: every unfinished run of the plan, `bench.jobs` at a time, each in a fresh process, recorded in
-results.jsonl when it finishes; re-running the same config skips finished runs and resumes unfinished ones."""
+"""Running a bench: every unfinished run of the plan, `bench.jobs` at a time, each in a fresh process or a submitit
+job (launch.py), recorded in results.jsonl when it finishes; re-running the same config skips finished runs and
+resumes unfinished ones."""
 
 from __future__ import annotations
 
@@ -9,13 +10,12 @@ import platform
 import shutil
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from multiprocessing import get_context
 from pathlib import Path
 
 from tmtseg import config as config_mod
 from tmtseg.config import Config
 from tmtseg.errors import TmtsegError
+from tmtseg.tools.bench.launch import make_launcher
 from tmtseg.tools.bench.plan import Run, plan
 from tmtseg.tools.bench.results import SessionLog, finished_runs, provenance, report
 from tmtseg.tools.bench.spec import BenchConfig
@@ -113,12 +113,13 @@ def _last_step(run: Run) -> int:
         return 0
 
 
-def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
-    """Run every unfinished run of the plan, `bench.jobs` at a time, each in a fresh process; write the report.
+def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True, write_report: bool = True) -> Path | None:
+    """Run every unfinished run of the plan, `bench.jobs` at a time, each in a fresh process or, with
+    `bench.launcher` slurm or local-submitit, a submitit job (launch.py); write the report.
 
-    Returns the report's path. Finished runs (recorded in results.jsonl with the same
-    config hash) are skipped; a run folder with checkpoints is resumed. A failed run is reported and the others go on
-    (those that need it are skipped); then TrainingError names the first failure.
+    Returns the report's path (None when `write_report` is False: a first stage of the demo). Finished runs (recorded
+    in results.jsonl with the same config hash) are skipped; a run folder with checkpoints is resumed. A failed run is
+    reported and the others go on (those that need it are skipped); then TrainingError names the first failure.
     """
     from tqdm import tqdm
 
@@ -129,7 +130,7 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
     done = finished_runs(p, bench)
     # sources first: each unblocks several runs, so the parallel lanes never wait for one at the end
     queue = sorted((r for r in p.runs if r.key not in done), key=lambda r: r.method != "source")
-    threads = bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)
+    launcher = make_launcher(bench)
     prov = provenance()
     cost = {r.key: max(r.iters, 10) for r in queue}  # work in steps (an evaluation counts as 10)
     failed: dict[str, str] = {}
@@ -138,32 +139,29 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
     refresh_every, refreshed = (0.0 if sys.stderr.isatty() else 60.0), float("-inf")
     if progress and done:
         tqdm.write(f"{bench.name}: {len(done)} of {len(p.runs)} runs already finished")
-    active: dict[Future, Run] = {}
+    active: dict = {}  # a launcher's handle (future or job) -> its run
     finished_units = 0
-    session = SessionLog(out_dir / "sessions.jsonl", jobs=bench.jobs, threads=threads)
-    # a fresh process per run: clean peak memory, nothing shared between runs, parallel runs on separate cores
-    with ProcessPoolExecutor(max_workers=bench.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+    session = SessionLog(out_dir / "sessions.jsonl", jobs=bench.jobs, threads=launcher.threads)
+    with launcher:
         while queue or active:
             waiting = {r.key for r in queue} | {r.key for r in active.values()}
             for r in list(queue):
                 if r.after in failed:
                     queue.remove(r)
                     failed[r.key] = f"skipped: {r.after} failed"
-                elif len(active) < bench.jobs and r.after not in waiting:
+                elif len(active) < launcher.slots and r.after not in waiting:
                     queue.remove(r)
-                    active[pool.submit(execute, r, threads)] = r
-            finished, _ = wait(active, timeout=5, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                r = active.pop(fut)
-                rec = fut.result()
+                    active[launcher.submit(execute, r)] = r
+            finished = launcher.finished(set(active))
+            for handle in finished:
+                r = active.pop(handle)
+                rec = launcher.result(handle, r)
                 finished_units += cost[r.key]
                 if "error" in rec:
                     failed[r.key] = rec["error"]
                     tqdm.write(f"tmtseg bench: {r.key} failed: {rec['error']} (run folder {r.out})")
                     continue
-                rec.update(prov)
-                with open(results_file, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                _record(rec, prov, results_file)
                 done[r.key] = rec
                 _prune(r, keep=bench.keep)
                 session.ran(rec)
@@ -173,12 +171,18 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True) -> Path:
                 bar.refresh()
                 refreshed = time.monotonic()
     bar.close()
-    path = report(bench, base, p)
+    path = report(bench, base, p) if write_report else None
     if failed:
         from tmtseg.errors import TrainingError
 
         first = next(iter(failed))
-        raise TrainingError(
-            f"{len(failed)} bench run(s) failed or skipped, first {first}: {failed[first]} (report of the rest: {path})"
-        )
+        rest = f" (report of the rest: {path})" if path else ""
+        raise TrainingError(f"{len(failed)} bench run(s) failed or skipped, first {first}: {failed[first]}{rest}")
     return path
+
+
+def _record(rec: dict, prov: dict, results_file: Path) -> None:
+    """Append a finished run's record, with the commit and machine, to results.jsonl."""
+    rec.update(prov)
+    with open(results_file, "a") as f:
+        f.write(json.dumps(rec) + "\n")

@@ -10,7 +10,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tmtseg.adapt.registry import METHODS
+from tmtseg.adapt.registry import METHOD_ALIASES, METHODS
 from tmtseg.config import SplitConfig
 from tmtseg.errors import ConfigError
 
@@ -64,6 +64,22 @@ class Profile:
     only: list[str] = field(default_factory=list)  # as the bench's `only`, for this profile (the bench's wins)
 
 
+LAUNCHERS = ("local", "slurm", "local-submitit")  # tools/bench/launch.py
+
+
+@dataclass
+class ClusterSettings:
+    """`slurm`: how `launcher: slurm` (and `local-submitit`) submit each run as one submitit job. None of it enters a
+    run's identity: the same run on a laptop or a cluster has the same folder and hash."""
+
+    partition: str = ""  # the Slurm partition ("" = the cluster's default)
+    gpus_per_run: int = 0  # GPUs of each job; a run's `device: auto` then trains on CUDA
+    cpus_per_run: int = 0  # torch threads and cores of each job; 0 = `threads`, else 4 (slurm) or cores / jobs
+    time_min: int = 240  # each job's time limit; a run it cuts off resumes when the bench is run again
+    mem_gb: int = 0  # memory of each job; 0 = the cluster's default
+    folder: str = ""  # submitit's job files and logs; "" = <output_dir>/submitit
+
+
 @dataclass
 class BenchConfig:
     name: str = "bench"
@@ -88,6 +104,10 @@ class BenchConfig:
     # "sources" (only the source models, which later runs start from; the others keep their scores and logs). The
     # full driving bench keeps 20 GB with "best", 1 GB with "sources"
     keep: str = "best"
+    # how runs are launched: local (fresh processes here), slurm (one submitit job per run; `pip install
+    # 'tmtseg[slurm]'`), local-submitit (submitit's jobs run on this machine: a check of the cluster path)
+    launcher: str = "local"
+    slurm: ClusterSettings = field(default_factory=ClusterSettings)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
 
 
@@ -135,6 +155,10 @@ def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]
         raise ConfigError(f"{file}: bench key {key}: {str(err).splitlines()[0]}") from None
     if bench.profile not in bench.profiles:
         raise ConfigError(f"{file}: bench key profile={bench.profile!r}: not one of {', '.join(bench.profiles)}")
+    for m in bench.methods:  # `recommended` in methods: the variant its alias stands for, under its own name
+        if m in METHOD_ALIASES and m not in bench.variants:
+            alias = METHOD_ALIASES[m]
+            bench.variants[m] = Variant(method=alias.method, overrides=list(alias.overrides))
     known = {*ADAPT_METHODS, *REFERENCE_METHODS, *bench.variants}
     for m in bench.methods:
         if m not in known:
@@ -146,6 +170,10 @@ def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]
         raise ConfigError(f"{file}: bench key baseline={bench.baseline!r}: not among the methods")
     if bench.jobs < 1:
         raise ConfigError(f"{file}: bench key jobs={bench.jobs}: must be >= 1")
+    if bench.launcher not in LAUNCHERS:
+        raise ConfigError(f"{file}: bench key launcher={bench.launcher!r}: one of {', '.join(LAUNCHERS)}")
+    if min(bench.slurm.gpus_per_run, bench.slurm.cpus_per_run, bench.slurm.mem_gb) < 0 or bench.slurm.time_min < 1:
+        raise ConfigError(f"{file}: bench key slurm: gpus_per_run, cpus_per_run, mem_gb >= 0 and time_min >= 1")
     if bench.keep not in ("best", "sources"):
         raise ConfigError(f"{file}: bench key keep={bench.keep!r}: best or sources")
     return bench, file.parent

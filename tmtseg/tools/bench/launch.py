@@ -1,0 +1,121 @@
+"""Where a bench's runs execute (bench key `launcher`, `tmtseg bench --launcher`): each launcher runs the same
+`execute(run, threads)` of run.py, one run per process or job, in the same run folders, so hashes, resume and the
+report do not depend on it.
+
+- `local` (default): fresh processes on this machine, `jobs` at a time.
+- `slurm`: one submitit job per run on a Slurm cluster (`pip install 'tmtseg[slurm]'`), `jobs` in the queue at a
+  time, with the bench's `slurm` keys (partition, GPUs, CPUs, time limit, memory).
+- `local-submitit`: the same submitit jobs run by submitit's LocalExecutor on this machine, real subprocesses: the
+  cluster path checked without a cluster (the tests use it).
+
+A job that dies (killed, cut off by its time limit, its node lost) comes back as a failed run; running the bench
+again resumes it from its last checkpoint, as after any kill.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+from tmtseg.errors import ConfigError, MissingExtra, TrainingError
+from tmtseg.tools.bench.spec import BenchConfig
+
+POLL_S = 5.0  # how often the bench looks at its runs (and refreshes its progress bar)
+
+
+def local_threads(bench: BenchConfig) -> int:
+    """Torch threads per run on this machine: `threads`, else the cores shared among the `jobs` parallel runs."""
+    return bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)
+
+
+class LocalLauncher:
+    """Fresh processes (spawned, one run each: clean peak memory, nothing shared between runs), `jobs` at a time."""
+
+    name = "local"
+
+    def __init__(self, bench: BenchConfig) -> None:
+        self.slots, self.threads = bench.jobs, local_threads(bench)
+
+    def __enter__(self) -> LocalLauncher:
+        self.pool = ProcessPoolExecutor(max_workers=self.slots, mp_context=get_context("spawn"), max_tasks_per_child=1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown()
+
+    def submit(self, fn, run):
+        return self.pool.submit(fn, run, self.threads)
+
+    def finished(self, handles, timeout: float = POLL_S) -> set:
+        return wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)[0] if handles else set()
+
+    def result(self, handle, run) -> dict:
+        return handle.result()
+
+
+class SubmititLauncher:
+    """One submitit job per run: on Slurm (`cluster="slurm"`) or with submitit's LocalExecutor (`cluster="local"`)."""
+
+    def __init__(self, bench: BenchConfig, cluster: str) -> None:
+        try:
+            import submitit
+        except ImportError:
+            raise MissingExtra(f"launcher {bench.launcher} needs submitit: pip install 'tmtseg[slurm]'") from None
+        s = bench.slurm
+        self.name, self.slots = bench.launcher, bench.jobs
+        self.threads = s.cpus_per_run or bench.threads or (local_threads(bench) if cluster == "local" else 4)
+        folder = Path(s.folder or Path(bench.output_dir) / "submitit") / "%j"
+        try:
+            self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        except RuntimeError as err:  # no srun / sbatch on this machine
+            raise ConfigError(f"bench key launcher={bench.launcher}: {_first_line(err)}") from None
+        params = {"name": f"tmtseg-{bench.name}", "timeout_min": s.time_min, "nodes": 1, "tasks_per_node": 1,
+                  "cpus_per_task": self.threads, "gpus_per_node": s.gpus_per_run}  # fmt: skip
+        if s.mem_gb:
+            params["mem_gb"] = s.mem_gb
+        if s.partition:
+            params["slurm_partition"] = s.partition
+        self.executor.update_parameters(**params)
+
+    def __enter__(self) -> SubmititLauncher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # jobs still queued or running when the bench stops keep going; the next invocation finds their runs
+
+    def submit(self, fn, run):
+        try:
+            return self.executor.submit(fn, run, self.threads)
+        except Exception as err:  # sbatch missing or refusing the job: one line, the bench stops
+            raise TrainingError(f"launcher {self.name}: submitting {run.key} failed: {_first_line(err)}") from None
+
+    def finished(self, handles, timeout: float = POLL_S) -> set:
+        end = time.monotonic() + timeout
+        while True:
+            done = {h for h in handles if h.done()}
+            if done or time.monotonic() >= end:
+                return done
+            time.sleep(min(0.5, timeout))
+
+    def result(self, job, run) -> dict:
+        try:
+            return job.result()
+        except Exception as err:  # the job died without returning: killed, cut off by its time limit, node lost
+            return {"key": run.key, "exit_code": TrainingError.exit_code,
+                    "error": f"job {job.job_id} ended without a result ({_first_line(err)}); run the bench again to "
+                             f"resume it, logs in {job.paths.folder}"}  # fmt: skip
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def make_launcher(bench: BenchConfig) -> LocalLauncher | SubmititLauncher:
+    """The launcher `bench.launcher` names (validated by load_bench)."""
+    if bench.launcher == "local":
+        return LocalLauncher(bench)
+    return SubmititLauncher(bench, "slurm" if bench.launcher == "slurm" else "local")
