@@ -3,6 +3,7 @@ quantisation of the linear layers, checked against the fp32 model it comes from.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -67,14 +68,22 @@ def quantize_int8(src: Path, dst: Path, *, per_channel: bool = INT8_PER_CHANNEL)
     require("onnxruntime")
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        op_types_to_quantize=list(INT8_OPS),
-        per_channel=per_channel,
-        weight_type=QuantType.QInt8,
-        extra_options={"MatMulConstBOnly": True},  # weights only: attention's activation x activation stays float
-    )
+    # it logs advice (pre-process with shape inference) on the root logger; the dynamic quantisation of weight MatMuls
+    # needs no shapes (tests/test_export.py checks that every weight product is quantised)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            op_types_to_quantize=list(INT8_OPS),
+            per_channel=per_channel,
+            weight_type=QuantType.QInt8,
+            extra_options={"MatMulConstBOnly": True},  # weights only: attention's activation x activation stays float
+        )
+    finally:
+        root.setLevel(level)
     return {
         "method": "onnxruntime.quantization.quantize_dynamic",
         "weights": "int8 (QInt8, symmetric)",
