@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -76,7 +77,13 @@ def ours(name: str, trainer, *, onnx_dir: Path, threads: int):
 
         fp32, int8 = export_onnx(trainer, onnx_dir)
         sess = session(int8 if name == "ort-int8" else fp32, threads)
-        return lambda x: torch.from_numpy(sess.run(["scores"], {"image": x.float().numpy()})[0])
+
+        def run_ort(x: Tensor) -> Tensor:
+            # the export traces a batch of one (its batch dimension is static: 1), so a batch is one call per frame
+            frames = [sess.run(["scores"], {"image": x[i : i + 1].float().numpy()})[0] for i in range(x.shape[0])]
+            return torch.from_numpy(np.concatenate(frames))  # [B, K, H, W]
+
+        return run_ort
     model = deployed(trainer)
     if name == "compile":
         model = torch.compile(model, dynamic=False)  # static shapes, as train.compile (engine/compiled.py)
