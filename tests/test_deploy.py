@@ -1,11 +1,13 @@
 """Deployment speed (issue 30): the decoder's inference fast path and the LayerScale fold compute what the plain
-eval forward computed (within 1e-5 on tiny models), and training is untouched. The int8 export's tests are in
-tests/test_export_int8.py (they need onnxruntime)."""
+eval forward computed (within 1e-5 on tiny models) and training is untouched; the int8 quantisation's naming, check
+and refusal on a one-MatMul ONNX model (seconds). The exported variants (the folded graph, int8 from a real export,
+`predict --onnx` on it) are checked in tests/test_export.py, where the exports are."""
 
 from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +106,48 @@ def test_layerscale_fold_leaves_lora_wrapped_layers_alone():
         got = image_scores(trainer.model, x, None)
     torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
     assert folded == len(trainer.model.backbone.vit.blocks)  # the fc2 ones only: every proj carries a LoRA hook
+
+
+def _linear_onnx(path, weight: np.ndarray) -> None:
+    """A one-MatMul model with the export's interface: image [1, 3, H, W] -> scores [1, K, H, W] = weight^T per
+    pixel (seconds to build and quantise, where an export takes minutes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["nhwc"], perm=[0, 2, 3, 1]),  # [1, H, W, 3]
+        helper.make_node("MatMul", ["nhwc", "w"], ["logits"]),  # [1, H, W, K]
+        helper.make_node("Transpose", ["logits"], ["scores"], perm=[0, 3, 1, 2]),  # [1, K, H, W]
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "linear",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, "H", "W"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, weight.shape[1], "H", "W"])],
+        initializer=[numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, path)
+
+
+def test_int8_quantisation_names_checks_and_refuses(tmp_path, monkeypatch):
+    import onnx
+
+    from tmtseg.errors import ExportError
+    from tmtseg.tools import ort
+    from tmtseg.tools.export import smooth_images
+
+    assert ort.int8_path(tmp_path / "m.onnx") == tmp_path / "m.int8.onnx"
+    assert ort.int8_path(tmp_path / "m") == tmp_path / "m.int8.onnx"  # its JSON is not the fp32 model's m.json
+    fp32 = tmp_path / "m.onnx"
+    _linear_onnx(fp32, np.random.default_rng(0).normal(size=(3, 4)))
+    images = [(f"{h}x{w}", im) for (h, w), im in zip([(20, 30), (33, 17)], smooth_images([(20, 30), (33, 17)]))]
+    record = ort.write_int8(fp32, tmp_path / "m.int8.onnx", images)
+    assert [n.op_type for n in onnx.load(tmp_path / "m.int8.onnx").graph.node].count("MatMulInteger") == 1
+    checks = record["parity_vs_fp32"]["checks"]
+    assert [c["image"] for c in checks] == ["20x30", "33x17"] and record["per_channel"] is True
+    assert all(c["argmax_agreement"] >= ort.INT8_MIN_AGREEMENT and 0 < c["max_abs_diff"] < 5 for c in checks)
+    monkeypatch.setattr(ort, "INT8_MIN_AGREEMENT", 1.01)  # no model can pass: the refusal names the image
+    with pytest.raises(ExportError, match=r"int8: argmax agreement with the fp32 model .* on (20x30|33x17), below 101%"):
+        ort.write_int8(fp32, tmp_path / "again.int8.onnx", images)

@@ -60,7 +60,7 @@ def session(path: Path, threads: int | None = None):
 
 def int8_path(path: Path) -> Path:
     """Where the int8 model of `path` goes: beside it, `model.onnx` -> `model.int8.onnx` (JSON: `model.int8.json`)."""
-    return path.with_name(f"{path.stem}.int8{path.suffix}")
+    return path.with_name(f"{path.stem}.int8{path.suffix or '.onnx'}")  # `model` -> `model.int8.onnx`: JSON apart
 
 
 def quantize_int8(src: Path, dst: Path, *, per_channel: bool = INT8_PER_CHANNEL) -> dict:
