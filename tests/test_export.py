@@ -1,7 +1,9 @@
 """ONNX export (issue 14 §1): tiny random-init segmenters exported once at one size and run with onnxruntime at
 others (non-multiples of 32 among them): scores within 1e-4 of PyTorch, the same argmax; the CLI end to end (export,
-JSON, predict --onnx == predict); refusals. Exports take minutes on a shared 2-core CPU, so the default run covers
-each pixel decoder once and TMA once (fpn without, msdeform with); TMTSEG_SLOW_TESTS=1 adds the other two."""
+JSON, predict --onnx == predict); refusals; issue 30's variants: the LayerScale-folded graph within the same
+tolerance, --quantize int8 with an argmax agreement >= INT8_MIN_AGREEMENT with the fp32 model. Exports take minutes
+on a shared 2-core CPU, so the default run covers each pixel decoder once and TMA once (fpn without, msdeform with);
+TMTSEG_SLOW_TESTS=1 adds the other two."""
 
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from tmtseg.adapt.build import build_model_with_loss
 from tmtseg.config import load_config
 from tmtseg.modeling.inference import image_scores
 from tmtseg.tools.export import ATOL, InferenceGraph, _session, check_parity, export_graph, parity, smooth_images
+from tmtseg.tools.ort import INT8_MIN_AGREEMENT, write_int8
 
 from .test_resume import cli
 from .tiny import TINY
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
 
 SMALL = [*TINY, "model.backbone.depth=1", "adapt.acte.iters=1", "adapt.tma.lambda_init=1.0"]
 SIZES = [(64, 96), (77, 45), (150, 97), (224, 224)]  # the export traces 100x140; 224: the position table as is
@@ -50,13 +54,23 @@ def test_export_matches_pytorch_at_other_sizes(tmp_path, decoder, method, backbo
     scores, logits, masks = session.run(None, {"image": x.numpy()})
     np.testing.assert_allclose(scores, ref.numpy(), atol=ATOL, rtol=0)
     assert logits.shape == (1, 6, 6) and masks.shape == (1, 6, 20, 12)  # Q = 6, K + 1 = 6, ceil(77/4) x ceil(45/4)
+    # --quantize int8 (issue 30): the same file's linear layers as int8 MatMuls, the argmax kept on every size
+    named = [(str(s), im) for s, im in zip(SIZES, images, strict=True)]
+    record = write_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", named)
+    assert record["per_channel"] and record["op_types"] == ["MatMul"]
+    assert record["parity_vs_fp32"]["min_argmax_agreement_seen"] >= INT8_MIN_AGREEMENT
+    ops = [n.op_type for n in onnx.load(tmp_path / "m.int8.onnx").graph.node]
+    assert ops.count("MatMulInteger") >= 10 and "Gemm" not in ops  # every weight product quantised
+    got = _session(tmp_path / "m.int8.onnx").run(["scores"], {"image": x.numpy()})[0]
+    assert 0 < np.abs(got - scores).max() < 0.1  # int8 differs from fp32, a little
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny fpn source model's checkpoint (2 steps)."""
+    """A tiny fpn source model's checkpoint (2 steps), with LayerScale for the export's fold to act on."""
     out = tmp_path_factory.mktemp("run")
     args = [*SMALL, "data.train.num_images=2", "data.val.num_images=1", "train.iters=2", "train.warmup_iters=0"]
+    args.append("model.backbone.layerscale=0.3")
     result = cli("train", *args, f"output_dir={out}")
     assert result.returncode == 0, result.stderr
     return out / "checkpoints" / "iter_0000002"
@@ -68,10 +82,17 @@ def test_cli_export_then_predict_onnx_reproduces_predict(tmp_path, checkpoint):
     for i, (h, w) in enumerate([(70, 90), (64, 64)]):
         Image.fromarray(smooth_images([(h, w)], seed=i)[0]).save(images / f"im{i}.png")
     model = tmp_path / "out" / "model.onnx"
-    result = cli("export", str(checkpoint), "--out", str(model), "--images", str(images), timeout=900)
+    args = ["--images", str(images), "--quantize", "int8"]
+    result = cli("export", str(checkpoint), "--out", str(model), *args, timeout=900)
     assert result.returncode == 0, result.stderr
-    assert "parity on 5 images" in result.stdout
+    assert "parity on 5 images" in result.stdout and "model.int8.onnx" in result.stdout
     info = json.loads(model.with_suffix(".json").read_text())
+    # the graph is the LayerScale-folded model (depth 1: two folds), checked against the checkpoint's model
+    assert info["fusions"] == {"layerscale": 2} and info["variants"] == {"int8": "model.int8.onnx"}
+    int8 = json.loads((model.parent / "model.int8.json").read_text())
+    assert int8["fp32_model"] == "model.onnx" and int8["quantization"]["weights"].startswith("int8")
+    assert int8["quantization"]["parity_vs_fp32"]["min_argmax_agreement_seen"] >= INT8_MIN_AGREEMENT
+    assert int8["classes"] == info["classes"] and int8["input_size"] == info["input_size"]
     assert len(info["palette"]) == len(info["classes"]) == 5
     assert info["pixel_mean"] and info["pixel_std"] and info["opset"] == 18
     assert info["input_size"]["size_divisor"] == 32 and info["input_size"]["mode"] == "whole"
@@ -91,6 +112,14 @@ def test_cli_export_then_predict_onnx_reproduces_predict(tmp_path, checkpoint):
         a, b = np.asarray(Image.open(torch_out / name)), np.asarray(Image.open(onnx_out / name))
         same = (a == b).reshape(a.shape[0], a.shape[1], -1).all(-1)  # per pixel: id PNGs are [H, W], overlays RGB
         assert same.mean() >= 0.999, name
+    # predict --onnx runs the int8 model from its own JSON: the same files, the ids within the int8 tolerance
+    int8_out = tmp_path / "int8"
+    result = cli("predict", "--onnx", str(model.parent / "model.int8.onnx"), str(images), "--out", str(int8_out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in int8_out.iterdir()) == names
+    for name in ("im0.png", "im1.png"):
+        a, b = np.asarray(Image.open(torch_out / name)), np.asarray(Image.open(int8_out / name))
+        assert (a == b).mean() >= INT8_MIN_AGREEMENT, name
 
 
 def test_export_refuses_to_overwrite_an_input(tmp_path, checkpoint):

@@ -50,8 +50,10 @@ def test_output_contract_shapes(pixel_decoder):
     out = model(images(), return_attn=True)
     assert out["pred_logits"].shape == (2, Q, K + 1)
     assert out["pred_masks"].shape == (2, Q, 16, 24)
-    assert len(out["aux_outputs"]) == LAYERS  # before layer 0 and after every layer but the last
-    for aux in out["aux_outputs"]:
+    assert out["aux_outputs"] == []  # eval: the decoder's fast path keeps the last layer's prediction only
+    aux_outputs = model.train()(images())["aux_outputs"]  # train: deep supervision's
+    assert len(aux_outputs) == LAYERS  # before layer 0 and after every layer but the last
+    for aux in aux_outputs:
         assert aux["pred_logits"].shape == (2, Q, K + 1) and aux["pred_masks"].shape == (2, Q, 16, 24)
     f = out["features"]
     assert f["tokens"].shape == (2, 4 * 6, 64) and f["tokens_hw"] == (4, 6)
@@ -153,7 +155,7 @@ def test_zero_bias_unit_scale_and_none_hooks_change_nothing():
 
 
 def test_hooks_see_previous_prediction_features_and_hw():
-    model = tiny_model()
+    model = tiny_model().train()  # dropout 0: train mode computes what eval does, and returns aux_outputs
     hooks = Hooks()
     out = model(images(), hooks=hooks)
     assert [c[0] for c in hooks.calls] == list(range(LAYERS))
@@ -163,6 +165,14 @@ def test_hooks_see_previous_prediction_features_and_hw():
         torch.testing.assert_close(prev["pred_masks"], aux["pred_masks"])  # 64x96 needs no padding
     assert hooks.features is not None and set(hooks.features) == set(out["features"])
     assert out["adapt"] == out["features"]["adapt"] == {"backbone": 1, "pixel": 1}  # what the hooks returned
+    # eval: the same previous predictions, made at the attention size of the layer they feed
+    fast = Hooks()
+    model.eval()(images(), hooks=fast)
+    for (_, prev, hw), (_, full, _) in zip(fast.calls, hooks.calls, strict=True):
+        assert prev["pred_masks"].shape[-2:] == hw
+        resized = F.interpolate(full["pred_masks"], size=hw, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(prev["pred_masks"], resized, atol=1e-5, rtol=0)
+        torch.testing.assert_close(prev["pred_logits"], full["pred_logits"])
 
 
 def test_large_negative_bias_silences_keys_and_masked_keys_stay_masked():

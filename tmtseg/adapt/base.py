@@ -16,7 +16,8 @@ BiasSite = Literal["vit", "decoder"]
 
 class DecoderQuery(NamedTuple):
     """What a decoder-side bias sees at one masked cross-attention: the layer, the previous prediction (detached,
-    on the padded grid: pred_logits [B, Q, K+1], pred_masks [B, Q, H', W']) and the memory's grid (h, w)."""
+    on the padded grid: pred_logits [B, Q, K+1], pred_masks [B, Q, H', W'], or [B, Q, h, w] in eval mode, where the
+    decoder predicts the masks that feed a layer at its memory size) and the memory's grid (h, w)."""
 
     layer: int
     prev: dict

@@ -4,6 +4,7 @@ Imports of torch and of the library's heavy parts stay inside the functions: `tm
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -60,7 +61,12 @@ def _cmd_export(args) -> int:
 
     images = list_images(Path(args.images))[:3] if args.images else []
     info = export_checkpoint(
-        args.checkpoint, args.out, overrides=args.overrides, with_masks=args.with_masks, images=images
+        args.checkpoint,
+        args.out,
+        overrides=args.overrides,
+        with_masks=args.with_masks,
+        images=images,
+        quantize=args.quantize,
     )
     par = info["parity"]
     print(
@@ -68,6 +74,13 @@ def _cmd_export(args) -> int:
         f" {len(par['checks'])} images: max |diff| {par['max_abs_diff']:.2e}, argmax agreement"
         f" >= {100 * par['min_argmax_agreement_seen']:.3f}%"
     )
+    if "int8" in info.get("variants", {}):
+        int8 = Path(args.out).with_name(info["variants"]["int8"])
+        q = json.loads(int8.with_suffix(".json").read_text())["quantization"]["parity_vs_fp32"]
+        print(
+            f"wrote {int8} and {int8.with_suffix('.json')} (int8 MatMuls); argmax agreement with the fp32 model"
+            f" >= {100 * q['min_argmax_agreement_seen']:.3f}% (required {100 * q['min_argmax_agreement']:g}%)"
+        )
     return 0
 
 

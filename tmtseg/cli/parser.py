@@ -147,6 +147,12 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, help="the .onnx file to write (its JSON goes beside it)")
     p.add_argument("--with-masks", action="store_true", help="also output the per-query class logits and masks")
     p.add_argument("--images", help="an image or folder: up to 3 real images for the parity check")
+    p.add_argument(
+        "--quantize",
+        choices=("none", "int8"),
+        default="none",
+        help="int8: also write <out>.int8.onnx (dynamic int8 MatMuls, onnxruntime), checked against the fp32 model",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config (e.g. infer.mode)")
 
 

@@ -46,10 +46,11 @@ class SegmenterHooks(Protocol):
 class Segmenter(nn.Module):
     """Mask2Former-style segmenter on a ViT.
 
-    `forward(images, *, hooks=None, return_attn=False)` returns, in train and eval alike:
+    `forward(images, *, hooks=None, return_attn=False)` returns:
       pred_logits [B, Q, K+1], pred_masks [B, Q, ceil(H/4), ceil(W/4)] (last layer);
-      aux_outputs: list of dicts with pred_logits / pred_masks, the prediction before the first decoder layer and after
-        each layer but the last;
+      aux_outputs: in train mode, a list of dicts with pred_logits / pred_masks, the prediction before the first
+        decoder layer and after each layer but the last (deep supervision); in eval mode [] (nothing at inference
+        reads them, and the decoder's fast path makes the earlier masks only at the attention sizes they feed);
       features: tokens [B, N, C] (final ViT patch tokens after norm), tokens_hw (h, w), tokens_biased (whether a
         hook's attention bias changed them), multi_scale (list of
         [B, Cd, h, w] at strides 32, 16, 8), mask_features [B, Cm, ceil(H/4), ceil(W/4)], backbone {stride: [B, Cb, h,
@@ -64,7 +65,8 @@ class Segmenter(nn.Module):
     (bias [B, 1 or h, N] | None, outputs dict), the bias added to the keys of the last ViT block; pixel_features(
     features) -> outputs dict, after the pixel decoder; decoder_attn(layer, prev, hw, adapt) -> (bias [B, h, h*w] |
     None, scale [B, h, h*w] | None) for the masked cross-attention of decoder layer `layer`, where prev holds the
-    (detached) previous prediction on the padded grid and adapt what the other two hooks returned. What the hooks
+    (detached) previous prediction on the padded grid (in eval mode at the attention size (h, w) already) and adapt
+    what the other two hooks returned. What the hooks
     return comes back as `adapt` (a dict; empty without hooks) in the output and in `features`: the methods'
     discriminator logits and transferability maps, never a side channel.
     """
@@ -149,6 +151,7 @@ class Segmenter(nn.Module):
                 features.pop("mask_features_padded"),
                 attn_hook=(lambda layer, prev, hw: decoder_hook(layer, prev, hw, adapt)) if decoder_hook else None,
                 return_attn=return_attn,
+                all_predictions=self.training,  # eval: the last layer's masks only (mask_decoder.py's fast path)
             )
         preds = [
             {"pred_logits": p["pred_logits"], "pred_masks": p["pred_masks"][..., :h4, :w4]}  # [B, Q, H/4, W/4]

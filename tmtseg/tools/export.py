@@ -3,6 +3,7 @@ dynamic batch, height and width, checked against PyTorch with onnxruntime; and p
 
 from __future__ import annotations
 
+import copy
 import json
 import operator
 import os
@@ -19,25 +20,14 @@ from tmtseg.errors import ConfigError, ExportError, MissingExtra
 from tmtseg.hashing import sha256
 from tmtseg.modeling.inference import input_scores
 from tmtseg.tools.library_output import library_output
+from tmtseg.tools.ort import int8_path, require, session, write_int8
+
+_session = session  # the name the tests and benchmarks know
 
 OPSET = 18  # the first opset whose Resize has the antialias TMA's downsampling needs
 ATOL = 1e-4  # max |onnxruntime - PyTorch| of the class scores, fp32
 MIN_AGREEMENT = 0.999  # share of pixels with the same argmax
 EXPORT_SIZE = (100, 140)  # (H, W) traced: not multiples of 32, so no size is specialised
-
-
-def require(*modules: str, extra: str = "export") -> None:
-    """Import the optional packages of an extra, or raise MissingExtra naming what to install."""
-    import importlib
-
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise MissingExtra(f"needs {', '.join(missing)}: pip install 'tmtseg[{extra}]'")
 
 
 class InferenceGraph(nn.Module):
@@ -94,17 +84,6 @@ def smooth_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarra
     return out
 
 
-def _session(path: Path, threads: int | None = None):
-    require("onnxruntime")
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 def parity(graph: nn.Module, session, images: list[tuple[str, np.ndarray]]) -> list[dict]:
     """onnxruntime vs PyTorch on each image (name, [H, W, 3] uint8): max |diff| of the scores, argmax agreement."""
     checks = []
@@ -140,25 +119,35 @@ def export_checkpoint(
     with_masks: bool = False,
     images: list[Path] | None = None,
     opset: int = OPSET,
+    quantize: str = "none",
 ) -> dict:
     """Export a checkpoint to `out` (.onnx) and `out`.json; parity-check it first (raises ExportError past the
-    tolerances, leaving nothing written). Returns the JSON's content."""
+    tolerances, leaving nothing written). The exported graph is the model after its exact fusions
+    (modeling/fuse.py), checked against the model as trained. quantize="int8" also writes `<out stem>.int8.onnx` and
+    its JSON (tools/ort.py: dynamic int8 MatMuls, checked against the fp32 model). Returns the fp32 JSON's content."""
     from tmtseg.engine.restore import model_with_loss_from_checkpoint
+    from tmtseg.modeling.fuse import fuse_for_inference
     from tmtseg.tools.predict import read_image
 
     require("onnx", "onnxscript", "onnxruntime")
     checkpoint, out = Path(checkpoint), Path(out)
     images = list(images or [])
     _refuse_overwrite(out, [checkpoint, *images])
+    if quantize == "int8":
+        _refuse_overwrite(int8_path(out), [checkpoint, *images])
     trainer, cfg, meta = model_with_loss_from_checkpoint(checkpoint, overrides)
     trainer.eval()
     graph = InferenceGraph(model=trainer.model, method=trainer.method, with_masks=with_masks).eval()
+    fused = copy.deepcopy(trainer.model)
+    fusions = fuse_for_inference(fused)
+    exported = InferenceGraph(model=fused, method=trainer.method, with_masks=with_masks).eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".tmp_{os.getpid()}_{out.name}")
+    int8 = None
     try:
         started = time.perf_counter()
         with library_output("onnx export"):  # the exporter's own log lines and C-level stderr, said once or dropped
-            export_graph(graph, tmp, opset=opset, with_masks=with_masks)
+            export_graph(exported, tmp, opset=opset, with_masks=with_masks)
             seconds = time.perf_counter() - started
             session = _session(tmp)
         tests = _parity_inputs(cfg, [(p.name, read_image(p)) for p in images])
@@ -166,10 +155,19 @@ def export_checkpoint(
         check_parity(checks)
         file = checkpoint / "model.safetensors" if checkpoint.is_dir() else checkpoint
         info = describe(cfg, meta, file=file, opset=opset, with_masks=with_masks, checks=checks, seconds=seconds)
+        info["fusions"] = fusions
+        if quantize == "int8":
+            int8 = write_int8(tmp, int8_path(tmp), tests)
+            info["variants"] = {"int8": int8_path(out).name}
+            os.replace(int8_path(tmp), int8_path(out))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+        int8_path(tmp).unlink(missing_ok=True)
     out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
+    if int8 is not None:
+        record = {**info, "variants": {}, "fp32_model": out.name, "quantization": int8}
+        int8_path(out).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     return info
 
 
@@ -329,7 +327,7 @@ class OnnxSegmenter:
 def predict_onnx(
     path: str | Path, inputs: Path, out_dir: Path, *, formats=("palette",), jsonl=False, progress=None
 ) -> list[Path]:
-    """`tmtseg predict --onnx`: the same files as `predict_folder`, from the exported model (a float32 graph)."""
+    """`tmtseg predict --onnx`: the same files as `predict_folder`, from the exported model (fp32, or int8 MatMuls)."""
     from tmtseg.tools.predict import Outputs, write_predictions
 
     model = OnnxSegmenter(path)
