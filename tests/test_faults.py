@@ -1,0 +1,47 @@
+"""Faults in the middle of a run (issue 29 §2): a data-loader worker killed with SIGKILL (as by the kernel's
+out-of-memory killer) ends the run promptly with one line and a non-zero exit, never a hang; the run then resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from tmtseg.io.checkpoint import list_checkpoints
+
+from .test_resume import ITERS, RUN, kill9, logged_step, start, train, wait_for
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (its data-loader workers), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after "pid (comm) state"
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_data_loader_worker_killed_with_sigkill_ends_the_run_in_one_line_then_it_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("train", *RUN, f"output_dir={run_dir}", "data.num_workers=1", f"train.iters={ITERS * 4}")
+    wait_for(lambda: logged_step(run_dir) >= 4 and bool(_children(proc.pid)), proc)
+    os.kill(_children(proc.pid)[0], signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        kill9(proc)
+        raise AssertionError("the run hung after its data-loader worker was killed") from None
+    lines = err.strip().splitlines()
+    assert proc.returncode not in (0, None) and len(lines) == 1, (proc.returncode, err)
+    assert proc.returncode == 1 and lines[0].startswith("tmtseg: error: DataLoader worker (pid "), lines[0]
+    last = list_checkpoints(run_dir)[-1]
+    assert f"last good checkpoint: {last}; continue with --resume" in lines[0]  # what to do next, not a traceback
+    assert logged_step(run_dir) < ITERS * 4
+    train(run_dir, "data.num_workers=1", f"train.iters={ITERS * 4}", resume=True)
+    assert logged_step(run_dir) == ITERS * 4
