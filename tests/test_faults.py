@@ -1,15 +1,19 @@
 """Faults in the middle of a run (issue 29 §2): a data-loader worker killed with SIGKILL (as by the kernel's
-out-of-memory killer) ends the run promptly with one line and a non-zero exit, never a hang; the run then resumes."""
+out-of-memory killer) ends the run promptly with one line (exit 1) naming the step and the checkpoint to resume from,
+never a hang, and the run resumes; a disk that fills during a checkpoint write keeps the last good checkpoint whole,
+leaves nothing half-written, and the run resumes from it."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 from pathlib import Path
 
-from tmtseg.io.checkpoint import list_checkpoints
+from tmtseg.io.checkpoint import latest_valid, list_checkpoints
 
+from .test_adversarial import inproc
 from .test_resume import ITERS, RUN, kill9, logged_step, start, train, wait_for
 
 
@@ -45,3 +49,30 @@ def test_a_data_loader_worker_killed_with_sigkill_ends_the_run_in_one_line_then_
     assert logged_step(run_dir) < ITERS * 4
     train(run_dir, "data.num_workers=1", f"train.iters={ITERS * 4}", resume=True)
     assert logged_step(run_dir) == ITERS * 4
+
+
+def test_a_disk_that_fills_during_a_checkpoint_write_keeps_the_last_good_one_and_the_run_resumes(tmp_path, monkeypatch):
+    import tmtseg.io.checkpoint as ckpt_mod
+
+    run_dir = tmp_path / "run"
+    real_save_file, calls = ckpt_mod.save_file, []
+
+    def fills_up(tensors, path, metadata=None):  # the 4th file: the second checkpoint's training state (step 6)
+        calls.append(path)
+        if len(calls) == 4:
+            Path(path).write_bytes(b"\0" * 100)  # part of it made it to disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", fills_up)
+    result = inproc("train", *RUN, f"output_dir={run_dir}")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "tmtseg: unexpected error: OSError: [Errno 28] No space left on device (run with --debug for the traceback)"
+    ]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["iter_0000003"]  # the last good one, whole
+    assert latest_valid(run_dir) == run_dir / "checkpoints" / "iter_0000003"
+    assert not list((run_dir / "checkpoints").glob(".tmp_*"))  # nothing half-written left behind
+    monkeypatch.setattr(ckpt_mod, "save_file", real_save_file)  # space freed
+    train(run_dir, resume=True)
+    assert logged_step(run_dir) == ITERS and latest_valid(run_dir).name == f"iter_{ITERS:07d}"
