@@ -7,14 +7,27 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import subprocess
+import time
 from pathlib import Path
 
-from tmtseg.io.checkpoint import latest_valid, list_checkpoints
+from tmtseg.io.checkpoint import SLOW_SAVE_ENV, latest_valid, list_checkpoints
 
 from .test_adversarial import inproc
-from .test_resume import ITERS, RUN, kill9, logged_step, start, train, wait_for
+from .test_resume import (
+    ITERS,
+    RUN,
+    assert_same_outcome,
+    kill9,
+    logged_step,
+    outcome,
+    start,
+    train,
+    uninterrupted,
+    wait_for,
+)
 
 
 def _children(pid: int) -> list[int]:
@@ -76,3 +89,41 @@ def test_a_disk_that_fills_during_a_checkpoint_write_keeps_the_last_good_one_and
     monkeypatch.setattr(ckpt_mod, "save_file", real_save_file)  # space freed
     train(run_dir, resume=True)
     assert logged_step(run_dir) == ITERS and latest_valid(run_dir).name == f"iter_{ITERS:07d}"
+
+
+def _stopped_by_sigterm(proc) -> str:
+    """Wait (bounded) for a run sent SIGTERM: exit 143 and the one line naming the checkpoint it saved."""
+    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a scheduler does
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        kill9(proc)
+        raise AssertionError("the run hung after SIGTERM") from None
+    lines = err.strip().splitlines()
+    assert proc.returncode == 143 and len(lines) == 1, (proc.returncode, err)
+    assert lines[0].startswith("tmtseg: error: SIGTERM at step ") and lines[0].endswith("continue with --resume")
+    return lines[0]
+
+
+def test_sigterm_during_an_evaluation_and_inside_a_save_stops_cleanly_then_resumes_exactly(tmp_path_factory, tmp_path):
+    """Two moments other than between steps (test_failures.py has that one): during the evaluation of step 6, then,
+    resumed, inside the save of a later step at a seeded random point of it (writing, before the rename, after it)."""
+    reference = uninterrupted(tmp_path_factory.mktemp("reference"))
+    run_dir, rng, slow = tmp_path / "run", random.Random(29), 0.4
+    proc = start("train", *RUN, f"output_dir={run_dir}", "data.num_workers=1")
+    wait_for(lambda: logged_step(run_dir) >= 6, proc)  # step 6's line is written just before its evaluation
+    line = _stopped_by_sigterm(proc)
+    assert f"saved {run_dir / 'checkpoints' / 'iter_0000006'}" in line or "iter_0000007" in line, line
+    target = rng.randint(8, ITERS - 1)
+    proc = start("train", *RUN, f"output_dir={run_dir}", "train.save_every=1", "--resume",
+                 env_extra={SLOW_SAVE_ENV: str(slow)})  # fmt: skip
+
+    def saving() -> bool:
+        return any(int(p.name.split("_")[2]) >= target for p in (run_dir / "checkpoints").glob(".tmp_iter_*"))
+
+    wait_for(saving, proc)
+    time.sleep(rng.uniform(0.0, slow))
+    _stopped_by_sigterm(proc)
+    assert logged_step(run_dir) < ITERS
+    train(run_dir, resume=True)
+    assert_same_outcome(reference, outcome(run_dir))
