@@ -27,7 +27,7 @@ def _cmd_predict(args) -> int:
         written = predict_onnx(
             args.onnx, Path(args.checkpoint), Path(args.out), formats=formats, jsonl=args.jsonl, progress=progress
         )
-        print(f"wrote {len(written)} files to {args.out}")
+        print(f"wrote {written} files to {args.out}")
         return 0
     from tmtseg.engine.restore import model_with_loss_from_checkpoint
     from tmtseg.engine.step import precision_line
@@ -51,7 +51,7 @@ def _cmd_predict(args) -> int:
         protected=[ckpt, ckpt / "model.safetensors"],
         note=print,
     )
-    print(f"wrote {len(written)} files to {args.out}")
+    print(f"wrote {written} files to {args.out}")
     return 0
 
 

@@ -36,6 +36,8 @@ def open_image(path: Path | None, what: str, *, missing: str = "") -> Image.Imag
     """Open and fully decode a file; a missing, unreadable or truncated file is a DataError."""
     if path is None or not path.is_file():
         raise DataError(missing or f"{path}: missing {what}")
+    if path.stat().st_size == 0:  # PIL would say "cannot identify image file <_io.BufferedReader name=...>"
+        raise DataError(f"{path}: empty {what} file (0 bytes)")
     try:
         with path.open("rb") as f:  # our own handle: closed here, even for multi-frame formats such as GIF
             img = Image.open(f)

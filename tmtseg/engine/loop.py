@@ -34,7 +34,7 @@ from tmtseg.engine.step import (
     train_batches,
     train_step,
 )
-from tmtseg.errors import ConfigError, Preempted, TrainingError
+from tmtseg.errors import ConfigError, Preempted, TmtsegError, TrainingError
 from tmtseg.io.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
 from tmtseg.io.runlock import RunLock
 from tmtseg.losses.criterion import is_aux_loss
@@ -78,7 +78,23 @@ def fit(
     with ExitStack() as cleanup:
         _lock_run_folder(Path(cfg.output_dir), cleanup)
         run = _start(cfg, device, cleanup, init_from=init_from, resume=resume, allow_changed=allow_changed_inputs)
-        return _train(run, progress=progress)
+        try:
+            return _train(run, progress=progress)
+        except RuntimeError as err:
+            if "DataLoader worker" not in str(err):
+                raise
+            raise _worker_died(run, err) from None
+
+
+def _worker_died(run: Run, err: RuntimeError) -> TmtsegError:
+    """A data-loader worker that died (SIGKILL, most often the kernel's out-of-memory killer): torch raises a
+    RuntimeError saying so (from its SIGCHLD handler, at any point of a step); one line naming the step and the
+    checkpoint to resume from instead (exit 1)."""
+    reason = str(err).splitlines()[0].rstrip(".")
+    return TmtsegError(
+        f"{reason} at step {run.state.step + 1} (out of memory? fewer data.num_workers use less); last good"
+        f" checkpoint: {run.last_good or 'none'}; continue with --resume"
+    )
 
 
 def _lock_run_folder(run_dir: Path, cleanup: ExitStack) -> None:

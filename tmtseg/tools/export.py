@@ -326,7 +326,7 @@ class OnnxSegmenter:
 
 def predict_onnx(
     path: str | Path, inputs: Path, out_dir: Path, *, formats=("palette",), jsonl=False, progress=None
-) -> list[Path]:
+) -> int:
     """`tmtseg predict --onnx`: the same files as `predict_folder`, from the exported model (fp32, or int8 MatMuls)."""
     from tmtseg.tools.predict import Outputs, write_predictions
 

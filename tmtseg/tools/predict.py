@@ -3,7 +3,10 @@ probabilities (.npy) and a JSON line of class areas per image, at the checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +111,7 @@ def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.sum(-3, keepdim=True).clamp(min=1e-12)
 
 
-def refuse_overwrite(targets: list[Path], protected: list[Path], *, option: str) -> None:
+def refuse_overwrite(targets: Iterable[Path], protected: list[Path], *, option: str) -> None:
     """An output that would replace an input file or a checkpoint is refused before anything is written."""
     inputs = {p.resolve(): p for p in protected}
     for target in targets:
@@ -233,25 +236,29 @@ def write_predictions(
     progress=None,
     protected=(),
     note=None,
-) -> list[Path]:
+) -> int:
     """Write `outputs`' files for each image, scored by `score_fn` (uint8 [B, 3, h, w] -> [B, K, h, w]: a segmenter
-    or its ONNX export) as `predict_array_with` does, on `device` under `amp` autocast; return the paths.
+    or its ONNX export) as `predict_array_with` does, on `device` under `amp` autocast; return how many were written.
 
     Checked before anything is written: `out_dir` is not the input folder nor inside it, output names are distinct,
     none replaces an input (or a `protected` file such as the checkpoint), no image is above MAX_PIXELS. Images above
     WHOLE_MAX_PIXELS are predicted by sliding windows, each announced through `note(line)`.
+
+    Memory stays bounded over any number of images (issue 29): one image is held at a time, its JSON line goes to
+    predictions.jsonl as soon as it is predicted, and what is kept per image is its path and output name only (the
+    targets and pixel counts are recomputed where needed, never listed).
     """
     outputs.check()
     files = list_images(inputs)
     if inputs.is_dir():
         refuse_inside(out_dir, inputs, option="--out")
     names = output_names(files)
-    targets = {p: outputs.files(out_dir, names[p]) for p in files}
     stats = out_dir / "predictions.jsonl"
-    every = [t for ts in targets.values() for t in ts.values()] + ([stats] if outputs.jsonl else [])
-    refuse_overwrite(every, [*files, *map(Path, protected)], option="--out")
-    pixels = {p: image_pixels(p, scale) for p in files}
-    for p, n in pixels.items():
+    every = (t for p in files for t in outputs.files(out_dir, names[p]).values())
+    refuse_overwrite(itertools.chain(every, [stats] if outputs.jsonl else []), [*files, *map(Path, protected)],
+                     option="--out")  # fmt: skip
+    for p in files:
+        n = image_pixels(p, scale)
         if n > MAX_PIXELS:
             raise DataError(
                 f"{p}: {n} pixels after data.scale={scale}, above the limit of {MAX_PIXELS} (4096x4096);"
@@ -259,34 +266,49 @@ def write_predictions(
             )
     make_out_dir(out_dir, option="--out")
     device = torch.device(device or "cpu")
-    written, lines = [], []
-    for path in progress(files) if progress else files:
-        image = read_image(path)
-        how = inference_window(mode, crop, stride, pixels[path])
-        if how[0] != mode and note is not None:
-            note(
-                f"{path}: {pixels[path]} pixels, above {WHOLE_MAX_PIXELS}: predicted by sliding"
-                f" {SLIDE_WINDOW[0]}x{SLIDE_WINDOW[1]} windows"
-            )
-        with amp_context(amp, device):
-            scores = predict_scores_with(
-                score_fn, image, scale=scale, mode=how[0], crop=how[1], stride=how[2], device=device
-            ).cpu()
-        ids = _write_one(outputs, targets[path], image, scores)
-        written.extend(targets[path].values())
-        if outputs.jsonl:
-            lines.append(_stats_line(path, names[path], ids, scores, outputs.class_names))
-    if outputs.jsonl:
-        _write_text(stats, "".join(line + "\n" for line in lines))
-        written.append(stats)
-    return written
+    written = 0
+    with _lines_to(stats if outputs.jsonl else None) as write_line:
+        for path in progress(files) if progress else files:
+            image = read_image(path)  # [H, W, 3]
+            pixels = round(image.shape[0] * scale) * round(image.shape[1] * scale)  # as image_pixels reads it
+            how = inference_window(mode, crop, stride, pixels)
+            if how[0] != mode and note is not None:
+                note(
+                    f"{path}: {pixels} pixels, above {WHOLE_MAX_PIXELS}: predicted by sliding"
+                    f" {SLIDE_WINDOW[0]}x{SLIDE_WINDOW[1]} windows"
+                )
+            with amp_context(amp, device):
+                scores = predict_scores_with(
+                    score_fn, image, scale=scale, mode=how[0], crop=how[1], stride=how[2], device=device
+                ).cpu()
+            targets = outputs.files(out_dir, names[path])
+            ids = _write_one(outputs, targets, image, scores)
+            written += len(targets)
+            if outputs.jsonl:
+                write_line(_stats_line(path, names[path], ids, scores, outputs.class_names))
+    return written + int(outputs.jsonl)
 
 
-def _write_text(target: Path, text: str) -> None:
+@contextlib.contextmanager
+def _lines_to(target: Path | None):
+    """A function that writes one line to `target` (opened, and emptied, here); nothing is opened without a target."""
+    if target is None:
+        yield None
+        return
     try:
-        target.write_text(text)
+        f = target.open("w")
     except OSError as err:
         raise DataError(f"--out {target}: cannot write ({err.strerror or err})") from None
+
+    def write(line: str) -> None:
+        try:
+            f.write(line + "\n")
+            f.flush()
+        except OSError as err:
+            raise DataError(f"--out {target}: cannot write ({err.strerror or err})") from None
+
+    with f:
+        yield write
 
 
 def outputs_of(cfg, meta: dict, *, formats=("palette",), jsonl: bool = False) -> Outputs:
@@ -300,7 +322,7 @@ def outputs_of(cfg, meta: dict, *, formats=("palette",), jsonl: bool = False) ->
 @torch.no_grad()
 def predict_folder(
     trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, outputs=None, progress=None, protected=(), note=None
-) -> list[Path]:
+) -> int:
     """`write_predictions` with a checkpoint's trainer, as its config infers (scale, mode, crop, stride, hooks) and
     at its precision (train.amp, as `eval` and the in-training evaluation: the same ids to the pixel)."""
     device = next(trainer.model.parameters()).device
