@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def _bench_file(tmp_path: Path, **changes) -> Path:
 
 def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _bar_state(line: str) -> tuple[str, str]:
+    """A bar line's count and note: "tiny:  33%|###3 | 10/30 [00:43<01:27, 4.40s/step, a 1/2]" -> ("10/30", "a 1/2")."""
+    count = line.split("|")[-1].split("[")[0].strip()
+    return count, ", ".join(line.rsplit("[", 1)[1].rstrip("]").split(", ")[2:])
 
 
 def test_plan_core_and_all_pairs_share_sources_and_target_only(tmp_path):
@@ -104,10 +111,12 @@ def test_run_report_skip_extend_and_resume(tmp_path, capsys):
     start = time.monotonic()
     report = run_bench(bench, base, progress=True)
     elapsed = time.monotonic() - start
-    # stderr is not a terminal here (a log file): the bar is drawn when a run ends or a minute has passed, not at
-    # every 5-s poll of the runs
-    draws = capsys.readouterr().err.count("\r")
-    assert draws <= 5 + 3 + int(elapsed // 60), (draws, elapsed)
+    # stderr is not a terminal here (a log file): the bar is a line when a run ends or a minute has passed, not at
+    # every 5-s poll of the runs, and each state once (tqdm wrote the first and the last twice, joined by \r)
+    err = capsys.readouterr().err
+    draws = [line for line in err.splitlines() if line.startswith("tiny:")]
+    assert "\r" not in err and len(draws) == len({_bar_state(d) for d in draws}), draws
+    assert len(draws) <= 5 + 1 + int(elapsed // 60) and draws[-1].startswith("tiny: 100%"), (draws, elapsed)
     out = Path(bench.output_dir)
     records = _lines(out / "results.jsonl")
     assert sorted(r["method"] for r in records) == ["finetune", "source", "source-only", "target-only", "tmt"]
@@ -158,6 +167,37 @@ def test_run_report_skip_extend_and_resume(tmp_path, capsys):
     assert len(again) == 1 and again[0]["metrics"]["mIoU"] == dann["metrics"]["mIoU"]
     assert (Path(dann["dir"]) / "metrics.jsonl").read_text() == before  # no step was trained again
     assert [s["runs"] for s in read_sessions(out / "sessions.jsonl")] == [5, 2, 1]  # after the cut line, a new one
+
+
+def test_the_bench_bar_writes_each_update_once_into_a_log_file(tmp_path, monkeypatch):
+    """`tmtseg bench ... > bench.log 2>&1`: a line per new state (a run ended, or a minute passed), none twice; the
+    close writes the last state only if it is not in the log yet."""
+    from tmtseg.tools.bench.progress import BenchProgress
+
+    log, now = tmp_path / "bench.log", [0.0]
+    with open(log, "w") as f:
+        monkeypatch.setattr(sys, "stderr", f)
+        bar = BenchProgress(30, "tiny", enabled=True, clock=lambda: now[0])
+        bar.update(0, "a 0/2")  # the first poll
+        now[0] = 5.0
+        bar.update(0, "a 1/2")  # the next poll, within the minute: no line
+        bar.update(10, "", force=True)  # a run ended
+        bar.update(10, "", force=True)  # and nothing since: no line
+        now[0] = 70.0
+        bar.update(10, "b 1/2")  # a minute on
+        now[0] = 75.0
+        bar.update(20, "b 2/2")
+        bar.update(30, "", force=True)  # the last run ended
+        bar.close()  # the last state is in the log already
+        other = BenchProgress(30, "tiny", enabled=True, clock=lambda: now[0])
+        other.update(5, "c 5/9")
+        other.update(6, "c 6/9")  # within the minute: no line, until the close
+        other.close()
+        BenchProgress(30, "tiny", enabled=False).update(1, "quiet", force=True)  # --no-progress: nothing
+    lines = log.read_text().splitlines()
+    assert [_bar_state(x) for x in lines] == [("0/30", "a 0/2"), ("10/30", ""), ("10/30", "b 1/2"), ("30/30", ""),
+                                              ("5/30", "c 5/9"), ("6/30", "c 6/9")], lines  # fmt: skip
+    assert all(x.startswith("tiny: ") for x in lines) and "\r" not in log.read_text()
 
 
 def test_report_wins_and_deltas_follow_the_seed_spread():
@@ -346,7 +386,8 @@ def test_the_budget_bench_labels_the_first_n_idd_frames_by_order_and_grows_steps
 
     from tmtseg.data.sources import list_source
 
-    rows = [r for r in csv.DictReader(open(shared_data / "idd-lite" / "manifest.csv")) if r["suggested_role"] == "source_train"]
+    with open(shared_data / "idd-lite" / "manifest.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["suggested_role"] == "source_train"]
     for profile, steps in (("full", {16: 60, 128: 150, 1403: 300}), ("quick", {16: 24, 128: 60, 1403: 120})):
         bench, base = load_bench("budget", [f"data_root={shared_data}", f"profile={profile}"])
         runs = plan(bench, base).runs

@@ -4,6 +4,7 @@ SIGTERM -> 143 are in test_failures.)"""
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import shutil
 from pathlib import Path
@@ -34,6 +35,43 @@ def test_exit_codes_are_documented_in_the_help():
     help_text = cli("--help").stdout
     for code in ("0 ok", "1 unexpected error", "2 bad config", "3 bad checkpoint", "4 training failed", "143 SIGTERM"):
         assert code in EPILOG and code in " ".join(help_text.split())
+
+
+def _subcommands(parser, words=()):
+    """(the words typed, the parser) of every command and nested command under `parser`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*words, name), sub
+                yield from _subcommands(sub, (*words, name))
+
+
+def test_every_commands_help_says_what_it_does_with_an_example():
+    from tmtseg.cli.parser import build_parser
+
+    parser = build_parser()
+    commands = dict(_subcommands(parser))
+    assert {" ".join(w) for w in commands} >= {"train", "adapt", "eval", "predict", "export", "bench", "data check",
+                                               "weights get", "demo"}  # fmt: skip
+    for words, sub in [((), parser), *commands.items()]:
+        text = sub.format_help()
+        assert sub.description and len(sub.description.split()) >= 8, words  # a sentence, not a label
+        assert " ".join(sub.description.split()) in " ".join(text.split()), words
+        lines = text.splitlines()
+        at = next(i for i, line in enumerate(lines) if line in ("example:", "examples:"))
+        example = []  # the indented lines after the heading
+        for line in lines[at + 1 :]:
+            if line.startswith("  "):
+                example.append(line.strip())
+            elif example:
+                break
+        typed = " ".join(("tmtseg", *words))
+        assert example and all(typed in x for x in example), (words, example)  # the command itself, runnable as shown
+        # an example runs through the parser as written: its arguments and flags exist
+        for line in example:
+            argv = line.split(">")[0].split()
+            argv = argv[argv.index("tmtseg") + 1 :]
+            parser.parse_known_args(argv)
 
 
 def test_bad_config_key_names_the_key_and_debug_shows_the_traceback(tmp_path):

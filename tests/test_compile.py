@@ -24,8 +24,12 @@ from tmtseg.io.checkpoint import MODEL_FILE, load_weights
 
 from .tiny import TINY
 
+# one ViT block and one decoder layer: dynamo's and AOTAutograd's tracing time grows with the layers, and nothing
+# asserted here depends on their number
+SMALLER = ["model.backbone.depth=1", "model.dec_layers=1"]
 RUN = [
     *TINY,
+    *SMALLER,
     "data.train.num_images=4",
     "data.val.num_images=2",
     "train.iters=2",
@@ -130,7 +134,7 @@ def test_an_adversarial_method_compiles_once_not_at_every_step_of_its_ramp():
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = load_config([], [*TINY, "adapt.method=tmt", "adapt.preserve.weight=0", "train.iters=100"])
+    cfg = load_config([], [*TINY, *SMALLER, "adapt.method=tmt", "adapt.preserve.weight=0", "train.iters=100"])
     trainer = build_model_with_loss(cfg)
     compile_model(trainer.model, backend="aot_eager")
     g = torch.Generator().manual_seed(0)

@@ -63,7 +63,9 @@ def test_two_processes_end_with_the_weights_of_one_process_with_the_doubled_batc
     the joint forward/backward graph whose gradients DDP all-reduces, without inductor's minutes of code generation)."""
     # one class weight for every query: the class loss is then a plain mean over equal shards of the global batch
     # (with no-object down-weighted, each rank's weighted mean has its own denominator and the ranks' average differs)
-    common = [*RUN, "train.iters=6", "train.eval_every=0", "data.val.num_images=3", "loss.no_object_weight=1.0"]
+    # one ViT block and one decoder layer: four processes start, and the compiled ones trace the whole model
+    small = ["model.backbone.depth=1", "model.dec_layers=1"]
+    common = [*RUN, *small, "train.iters=6", "train.eval_every=0", "data.val.num_images=3", "loss.no_object_weight=1.0"]
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["--no-progress", "train", *common]
     single = [sys.executable, "-c", WORKER, *args, "data.batch_size=4", f"output_dir={one}"]

@@ -59,6 +59,9 @@ def _save(root: Path, name: str, method: str, *extra: str, steps=(2,), lambdas=N
     return root / name
 
 
+VIT_READING = ("adapt.tma.where=vit", "adapt.tma.vit_blocks=1", "adapt.acte.cell=2")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Run folders of a tiny source model and of tmt (lambda saved at steps 1 and 2), tvt and fine-tuning from it."""
@@ -73,8 +76,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "other_split": _save(root, "other_split", "finetune", with_src, "data.train.num_images=3"),
         "no_source": _save(root, "no_source", "tmt"),
         "tmt_vit": _save(root, "tmt_vit", "tmt", with_src, "adapt.acte.features=vit", "adapt.acte.cell=2"),
-        "tmt_in_vit": _save(root, "tmt_in_vit", "tmt", with_src, "adapt.tma.where=vit", "adapt.tma.vit_blocks=1",
-                            "adapt.acte.cell=2", lambdas=(2.0,)),  # fmt: skip (W = 1 - T: BASE has U off)
+        # TMA inside the ViT's last block; W = 1 - T (BASE has U off)
+        "tmt_in_vit": _save(root, "tmt_in_vit", "tmt", with_src, *VIT_READING, lambdas=(2.0,)),
     }
 
 

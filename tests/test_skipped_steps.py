@@ -31,11 +31,11 @@ def _drop_skip_count(ckpt) -> None:
     save_file(load_file(str(file)), str(file), metadata={"json": json.dumps(meta)})
 
 
-def test_a_run_that_skips_too_many_steps_exits_4_keeping_its_checkpoint_and_the_count_survives_resume(tmp_path):
+def test_a_run_that_skips_too_many_steps_exits_4_keeping_its_checkpoint_and_the_count_survives_resume(tmp_path, capsys):
     run_dir = tmp_path / "run"
     # lr 1e30: step 1 is applied (finite, enormous weights), the loss of steps 2-6 is NaN: 5 of 6 skipped
     args = ["train", *SHORT, f"output_dir={run_dir}", "train.lr=1e30", "train.iters=6", "train.save_every=3"]
-    result = cli(*args)
+    result = cli(*args)  # the real program once: its exit code and its stderr
     last = run_dir / "checkpoints" / "iter_0000006"
     message = (
         "tmtseg: error: 5 of 6 steps were skipped as non-finite, more than train.max_skipped_frac=0.1;"
@@ -46,15 +46,23 @@ def test_a_run_that_skips_too_many_steps_exits_4_keeping_its_checkpoint_and_the_
     assert list_checkpoints(run_dir)[-1] == last and load_checkpoint(last).meta["step"] == 6
     assert not (run_dir / "eval.json").exists()
     assert _log(run_dir)[-1]["skipped_steps"] == 5
-    again = cli(*args, "--resume")  # the count came back from the checkpoint: the same verdict
-    assert again.returncode == 4 and again.stderr.strip().splitlines() == [message]
-    accepted = cli(*args, "--resume", "train.max_skipped_frac=1")  # a run-neutral key: a resume may raise it
-    assert accepted.returncode == 0, accepted.stderr
+    # the resumes through tmtseg.cli.main in this process: the same command without a Python start per call
+    again = _main(capsys, *args, "--resume")  # the count came back from the checkpoint: the same verdict
+    assert again == (4, [message])
+    accepted = _main(capsys, *args, "--resume", "train.max_skipped_frac=1")  # run-neutral: a resume may raise it
+    assert accepted[0] == 0, accepted
     assert json.loads((run_dir / "eval.json").read_text())["skipped_steps"] == 5
     _drop_skip_count(last)  # a checkpoint saved before the count existed reads as 0 skipped
-    older = cli(*args, "--resume")
-    assert older.returncode == 0, older.stderr
+    older = _main(capsys, *args, "--resume")
+    assert older[0] == 0, older
     assert "skipped_steps" not in json.loads((run_dir / "eval.json").read_text())
+
+
+def _main(capsys, *args: str) -> tuple[int, list[str]]:
+    """`tmtseg --no-progress ARGS` in this process -> (exit code, the lines it wrote on stderr)."""
+    capsys.readouterr()
+    code = tmtseg_cli.main(["--no-progress", *args])
+    return code, capsys.readouterr().err.strip().splitlines()
 
 
 def test_a_run_that_skips_few_steps_succeeds_and_says_how_many(tmp_path, monkeypatch):

@@ -6,7 +6,15 @@ from __future__ import annotations
 from torch import nn
 
 from tmtseg.adapt.method import AdaptationMethod
-from tmtseg.adapt.registry import ALIGNERS, ATTENTION_BIASES, REGULARISERS, TUNINGS, recipe_of, regularisers_of, tuning_of
+from tmtseg.adapt.registry import (
+    ALIGNERS,
+    ATTENTION_BIASES,
+    REGULARISERS,
+    TUNINGS,
+    recipe_of,
+    regularisers_of,
+    tuning_of,
+)
 from tmtseg.losses.criterion import SetCriterion
 from tmtseg.modeling.build import build_criterion, build_model
 

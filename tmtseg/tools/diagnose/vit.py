@@ -146,7 +146,9 @@ def format_vit(result: dict) -> str:
         f"TMT in the ViT, {result['images']} images, {result['regions_per_image']:.0f} regions per image,"
         f" mean T {result['t_mean']:.3f}",
         "Spearman rho per image vs the source model's region error (mean, images with a defined rho): "
-        + ", ".join(f"{k} {v['mean']:+.3f} ({v['images']})" if v["mean"] is not None else f"{k} n/a" for k, v in rho.items()),
+        + ", ".join(
+            f"{k} {v['mean']:+.3f} ({v['images']})" if v["mean"] is not None else f"{k} n/a" for k, v in rho.items()
+        ),
         "attention share on low-T keys per biased block, bias on: "
         + " ".join(f"{s:.3f}" for s in att["bias_on"])
         + " | off: "
