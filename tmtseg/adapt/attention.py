@@ -101,10 +101,11 @@ def build_patch_attention(cfg) -> PatchAttention:
     return PatchAttention(eps=cfg.adapt.tvt.eps)
 
 
-def build_tma(cfg) -> TMAAttention:
+def _tma_args(cfg, num_heads: int) -> dict:
+    """The TMA settings both readings share (adapt.tma), for `num_heads` heads."""
     t = cfg.adapt.tma
-    return TMAAttention(
-        num_heads=cfg.model.nheads,
+    return dict(
+        num_heads=num_heads,
         alpha=t.alpha,
         combine=t.combine,
         uncertainty=t.uncertainty,
@@ -114,24 +115,14 @@ def build_tma(cfg) -> TMAAttention:
         eps=t.eps,
         normalize=t.normalize,
         at_inference=t.at_inference,
-        loss_weight=t.loss_weight,
     )
+
+
+def build_tma(cfg) -> TMAAttention:
+    return TMAAttention(**_tma_args(cfg, cfg.model.nheads), loss_weight=cfg.adapt.tma.loss_weight)
 
 
 def build_vit_tma(cfg) -> ViTTMAAttention:
-    t = cfg.adapt.tma
-    if t.form != "additive":
+    if cfg.adapt.tma.form != "additive":
         raise ConfigError("config key adapt.tma.form: TMA in the ViT takes the additive form (a bias on SDPA's logits)")
-    return ViTTMAAttention(
-        vit_at=vit_blocks(cfg),
-        num_heads=cfg.model.backbone.num_heads,
-        alpha=t.alpha,
-        combine=t.combine,
-        uncertainty=t.uncertainty,
-        form=t.form,
-        learn_lambda=t.learn_lambda,
-        lambda_init=t.lambda_init,
-        eps=t.eps,
-        normalize=t.normalize,
-        at_inference=t.at_inference,
-    )
+    return ViTTMAAttention(vit_at=vit_blocks(cfg), **_tma_args(cfg, cfg.model.backbone.num_heads))

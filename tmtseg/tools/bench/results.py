@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 from tmtseg.engine.card import git_commit
+from tmtseg.tools.bench.curves import plot_budget
 from tmtseg.tools.bench.plan import Plan, plan
 from tmtseg.tools.bench.spec import BenchConfig
-from tmtseg.tools.bench.tables import write_report
+from tmtseg.tools.bench.tables import build_table, write_report
 
 
 def read_results(path: Path) -> dict[str, dict]:
@@ -90,9 +91,18 @@ def report(bench: BenchConfig, base: Path, p: Plan | None = None) -> Path:
     order = [r.key for r in p.runs]
     title = f"Benchmark: {bench.name}"
     sessions = read_sessions(out_dir / "sessions.jsonl")
-    return write_report(
+    path = write_report(
         p.cells, done, order, out_dir, baseline=bench.baseline, title=title, header=header, sessions=sessions
     )
+    sizes = {
+        f"{t}: {pair}": (pair.split("->")[0], task.domains[pair.split("->")[1]].labelled)
+        for t, task in bench.tasks.items()
+        for pair in task.core_pairs
+        if task.domains[pair.split("->")[1]].labelled
+    }
+    if sizes and done:  # the budget bench: the score against the number of labelled target images
+        plot_budget(build_table(p.cells, done), sizes, out_dir)
+    return path
 
 
 def read_sessions(path: Path) -> list[dict]:

@@ -31,6 +31,7 @@ class DomainSplits:
     # per profile, config overrides of every adaptation run that trains on this domain's `adapt` split,
     # after the task's and the profile's schedules: a schedule that grows with the labelled split (the budget bench)
     schedule: dict[str, list[str]] = field(default_factory=dict)
+    labelled: int = 0  # as a target: how many labelled images its `adapt` split holds (the report's budget plot)
 
 
 @dataclass
