@@ -47,10 +47,12 @@ def images(b: int = 2, h: int = 64, w: int = 96, seed: int = 1) -> torch.Tensor:
 def test_output_contract_shapes(pixel_decoder):
     model = tiny_model(pixel_decoder)
     assert model.num_classes == K
-    out = model(images(), return_attn=True)
+    with torch.no_grad():
+        out = model(images(), return_attn=True)
     assert out["pred_logits"].shape == (2, Q, K + 1)
     assert out["pred_masks"].shape == (2, Q, 16, 24)
-    assert out["aux_outputs"] == []  # eval: the decoder's fast path keeps the last layer's prediction only
+    assert out["aux_outputs"] == []  # inference: the decoder's fast path keeps the last layer's prediction only
+    assert len(model(images())["aux_outputs"]) == LAYERS  # eval with gradients (a loss in eval mode): every layer's
     aux_outputs = model.train()(images())["aux_outputs"]  # train: deep supervision's
     assert len(aux_outputs) == LAYERS  # before layer 0 and after every layer but the last
     for aux in aux_outputs:

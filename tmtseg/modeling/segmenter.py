@@ -49,8 +49,9 @@ class Segmenter(nn.Module):
     `forward(images, *, hooks=None, return_attn=False)` returns:
       pred_logits [B, Q, K+1], pred_masks [B, Q, ceil(H/4), ceil(W/4)] (last layer);
       aux_outputs: in train mode, a list of dicts with pred_logits / pred_masks, the prediction before the first
-        decoder layer and after each layer but the last (deep supervision); in eval mode [] (nothing at inference
-        reads them, and the decoder's fast path makes the earlier masks only at the attention sizes they feed);
+        decoder layer and after each layer but the last (deep supervision); at inference (eval mode, no gradients)
+        [] (nothing reads them, and the decoder's fast path makes the earlier masks only at the attention sizes they
+        feed);
       features: tokens [B, N, C] (final ViT patch tokens after norm), tokens_hw (h, w), tokens_biased (whether a
         hook's attention bias changed them), multi_scale (list of
         [B, Cd, h, w] at strides 32, 16, 8), mask_features [B, Cm, ceil(H/4), ceil(W/4)], backbone {stride: [B, Cb, h,
@@ -151,7 +152,9 @@ class Segmenter(nn.Module):
                 features.pop("mask_features_padded"),
                 attn_hook=(lambda layer, prev, hw: decoder_hook(layer, prev, hw, adapt)) if decoder_hook else None,
                 return_attn=return_attn,
-                all_predictions=self.training,  # eval: the last layer's masks only (mask_decoder.py's fast path)
+                # inference (eval mode, no gradients): the last layer's masks only (mask_decoder.py's fast path); a
+                # loss computed in eval mode with gradients (the pinned losses) still sees every layer's
+                all_predictions=self.training or torch.is_grad_enabled(),
             )
         preds = [
             {"pred_logits": p["pred_logits"], "pred_masks": p["pred_masks"][..., :h4, :w4]}  # [B, Q, H/4, W/4]
