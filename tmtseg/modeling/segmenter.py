@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from tmtseg.modeling.inference import eval_mode
+
 SIZE_DIVISOR = 32  # the coarsest memory stride: inputs are padded to a multiple of it
 # ... and to at least twice it: an input of 32 px or less would leave the stride-32 maps 1 px wide, where GroupNorm
 # with one channel per group has a single value to normalise and fails
@@ -170,13 +172,8 @@ class Segmenter(nn.Module):
         """The model's own prediction without any hook, on the padded grid (pred_logits [B, Q, K+1], pred_masks
         [B, Q, H'/4, W'/4], detached): what an attention bias inside the ViT reads its uncertainty U from (TMA in the
         ViT, tmtseg/adapt/attention.py), since the prediction it would bias does not exist yet."""
-        was_training = self.training
-        self.eval()  # deterministic: no dropout or drop-path in what U is read from
-        try:
-            with _part("tmtseg.prior"):
-                out = self.forward(images)
-        finally:
-            self.train(was_training)
+        with eval_mode(self), _part("tmtseg.prior"):  # deterministic: no dropout or drop-path in what U is read from
+            out = self.forward(images)
         H, W = images.shape[-2:]
         masks = out["pred_masks"]  # [B, Q, ceil(H/4), ceil(W/4)]
         pad = (0, _padded(W) // 4 - masks.shape[-1], 0, _padded(H) // 4 - masks.shape[-2])
