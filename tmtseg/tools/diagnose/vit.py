@@ -21,25 +21,31 @@ from tmtseg.tools.diagnose.models import Model, piece
 
 
 class _AttnTap:
-    """Forward pre-hooks on the biased blocks' attention: the share of each block's attention mass (mean over heads and
-    patch queries) on the keys of `low` (a bool [N] over the patch keys), recomputed from the block's input and bias."""
+    """Forward pre-hooks on the biased blocks' attention that keep each block's input and bias; `shares(low)` then gives
+    the share of each block's attention mass (mean over heads and patch queries) on the keys of `low` (a bool [N] over
+    the patch keys), recomputed from them: the keys are known only once the forward has computed T."""
 
     def __init__(self, blocks, num_prefix: int):
-        self.blocks, self.prefix, self.low, self.shares = blocks, num_prefix, None, []
+        self.prefix, self.calls = num_prefix, []
         self.handles = [b.attn.register_forward_pre_hook(self._tap) for b in blocks]
 
     def _tap(self, attn, args) -> None:
-        if self.low is None:
-            return
-        x, bias = args[0], (args[1] if len(args) > 1 else None)
-        B, N, C = x.shape
-        qkv = attn.qkv(x).view(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
-        logits = qkv[0] @ qkv[1].transpose(-1, -2) / math.sqrt(C // attn.num_heads)  # [B, h, N, N]
-        if bias is not None:
-            logits = logits + bias
-        p = logits.float().softmax(-1)[:, :, self.prefix :, self.prefix :]  # patch queries -> patch keys
-        low = self.low.to(p.device)
-        self.shares.append(float((p[..., low].sum(-1) / p.sum(-1).clamp_min(1e-12)).mean()))
+        self.calls.append((attn, args[0], args[1] if len(args) > 1 else None))
+
+    def shares(self, low: Tensor) -> list[float]:
+        """The shares of the calls kept since the last `shares`, in block order."""
+        out = []
+        for attn, x, bias in self.calls:
+            B, N, C = x.shape
+            qkv = attn.qkv(x).view(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+            logits = qkv[0] @ qkv[1].transpose(-1, -2) / math.sqrt(C // attn.num_heads)  # [B, h, N, N]
+            if bias is not None:
+                logits = logits + bias
+            p = logits.float().softmax(-1)[:, :, self.prefix :, self.prefix :]  # patch queries -> patch keys
+            m = low.to(p.device)
+            out.append(float((p[..., m].sum(-1) / p.sum(-1).clamp_min(1e-12)).mean()))
+        self.calls = []
+        return out
 
     def close(self) -> None:
         for h in self.handles:
@@ -66,15 +72,14 @@ def _image(models: dict[str, Model], image: Tensor, label: np.ndarray, ignore_in
     _, start = hooks.backbone_at
     tap = _AttnTap(vit.blocks[start:], vit.num_prefix)
     try:
-        out = tmt.model(images, hooks=hooks)  # the bias as trained; the tap is off
+        out = tmt.model(images, hooks=hooks)  # the bias as trained
         a = out["adapt"][RegionAlignment.key]
         hw = out["features"]["tokens_hw"]
         t_map = a["tmap"][0, 0].flatten()  # [N]
-        tap.low = t_map < torch.quantile(t_map, 0.5)
-        tmt.model(images, hooks=hooks)
-        on, tap.shares = tap.shares, []
+        low = t_map < torch.quantile(t_map, 0.5)
+        on = tap.shares(low)
         tmt.model(images, hooks=Hooks(align=[acte], attention=[], grl=None, prior=prior))  # the same blocks, no bias
-        off = tap.shares
+        off = tap.shares(low)
     finally:
         tap.close()
     H, W = image.shape[-2:]
