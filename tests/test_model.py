@@ -167,9 +167,16 @@ def test_hooks_see_previous_prediction_features_and_hw():
         torch.testing.assert_close(prev["pred_masks"], aux["pred_masks"])  # 64x96 needs no padding
     assert hooks.features is not None and set(hooks.features) == set(out["features"])
     assert out["adapt"] == out["features"]["adapt"] == {"backbone": 1, "pixel": 1}  # what the hooks returned
-    # eval: the same previous predictions, made at the attention size of the layer they feed
+    # eval with gradients (a loss computed in eval mode): every layer's previous prediction at full size, as in training
+    slow = Hooks()
+    model.eval()(images(), hooks=slow)
+    for (_, prev, _), (_, full, _) in zip(slow.calls, hooks.calls, strict=True):
+        torch.testing.assert_close(prev["pred_masks"], full["pred_masks"])
+    # eval without gradients (the fast path): the same previous predictions, made at the attention size of the layer
+    # they feed
     fast = Hooks()
-    model.eval()(images(), hooks=fast)
+    with torch.no_grad():
+        model(images(), hooks=fast)
     for (_, prev, hw), (_, full, _) in zip(fast.calls, hooks.calls, strict=True):
         assert prev["pred_masks"].shape[-2:] == hw
         resized = F.interpolate(full["pred_masks"], size=hw, mode="bilinear", align_corners=False)
