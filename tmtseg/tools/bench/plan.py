@@ -42,6 +42,8 @@ class Run:
 
 
 def _pairs(task: TaskSpec, which: str, name: str) -> list[tuple[str, str]]:
+    """The pairs of the profile: every ordered pair, or the core pairs ("a->*": from a to every other domain with an
+    `adapt` split, in their order)."""
     if which == "all":
         return [(a, b) for a in task.domains for b in task.domains if a != b]
     if which != "core":
@@ -50,6 +52,9 @@ def _pairs(task: TaskSpec, which: str, name: str) -> list[tuple[str, str]]:
     for p in task.core_pairs:
         a, _, b = p.partition("->")
         a, b = a.strip(), b.strip()
+        if b == "*" and a in task.domains:
+            out += [(a, d) for d, s in task.domains.items() if d != a and s.adapt is not None]
+            continue
         for d in (a, b):
             if d not in task.domains:
                 raise ConfigError(f"bench key tasks.{name}.core_pairs: {p!r} names an unknown domain {d!r}")
@@ -77,6 +82,7 @@ class Plan:
 
 def plan(bench: BenchConfig, base: Path) -> Plan:
     """Every run of the bench's profile, sources first, and the (pair, method, seed) cells they fill."""
+    _LOADED.clear()  # the config files may have changed since the last plan
     profile = bench.profiles[bench.profile]
     out_dir = Path(bench.output_dir)
     src_dir = Path(bench.source_dir) if bench.source_dir else out_dir / "sources"
@@ -112,7 +118,7 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
                 if sb.select.strategy:  # the labelled split chosen by the advisor from the pool (the advise bench)
                     pool_cfg = make(adapt, evaluate, [], seed=seed)
                     chosen_after, adapt = _selection(runs, src, pool_cfg, sb.select, f"{tname}/{pair}", out_dir)
-                for method in bench.methods:
+                for method in profile.methods or bench.methods:
                     key = f"{tname}/{pair}/{method}/seed{seed}"
                     if method == "source-only":
                         cfg = make(src.cfg.data.train, evaluate, [*task.source, *profile.source], seed=seed)
@@ -173,8 +179,16 @@ def _short_hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+_LOADED: dict[tuple, Config] = {}  # (files, overrides) -> the loaded config: a plan loads each distinct one once
+
+
 def _run_config(files: list[str], overrides: list[str], *, train, val, source) -> Config:
-    cfg = config_mod.load_config(files, overrides)
+    """The run's config: the files and overrides (loaded once per plan for each distinct list: the advise bench's
+    462 runs have about 20, and a load through OmegaConf is a fifth of a second), then the run's splits."""
+    key = (tuple(files), tuple(overrides))
+    if key not in _LOADED:
+        _LOADED[key] = config_mod.load_config(files, overrides)
+    cfg = copy.deepcopy(_LOADED[key])
     cfg.data.train, cfg.data.val = train, val
     if source is not None:
         cfg.data.source = source

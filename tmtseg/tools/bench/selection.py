@@ -109,13 +109,17 @@ def select(run) -> dict:
         advice = Advice(pool.names, scores, sel["strategy"], chosen)
         write.image_advice(advice, pool, run.out, strategy=sel["strategy"], draw=None)
         return {"labelled_images": len(chosen), "labelled_pixels": int(pixels[chosen].sum()),
-                "pool_images": len(pool), "pool_pixels": int(pixels.sum())}  # fmt: skip
+                "pool_images": len(pool), "pool_pixels": int(pixels.sum()),
+                "chosen_u": float(scores.u[chosen].mean()), "pool_u": float(scores.u.mean())}  # fmt: skip
     table = region_table(folder, sel["strategy"])
     regions = choose_regions(table, sel["regions"], strategy=sel["strategy"], seed=sel["random_seed"])
     scores.features = None
     advice = Advice(pool.names, scores, sel["strategy"], regions=regions)
     write.region_advice(advice, pool, run.out, ids_of=lambda i: np.load(folder / "ids" / f"{i}.npz")["ids"])
-    taken = {(i, r) for i, rs in regions.items() for r in rs}
-    count = sum(p for i, r, p in zip(table.image, table.region, table.pixels, strict=True) if (i, r) in taken)
-    return {"labelled_images": len(regions), "labelled_pixels": int(count), "pool_images": len(pool),
-            "pool_pixels": int(pixels.sum())}  # fmt: skip
+    # the U of the labelled pixels against the pool's (pixel-weighted means of the regions' mean U): a diagnostic
+    u = region_table(folder, "u")
+    taken = np.array([r in regions.get(i, ()) for i, r in zip(u.image, u.region, strict=True)])
+    px, mean_u = np.array(u.pixels, dtype=np.float64), np.array(u.score)
+    return {"labelled_images": len(regions), "labelled_pixels": int(px[taken].sum()), "pool_images": len(pool),
+            "pool_pixels": int(pixels.sum()), "chosen_u": float((px * mean_u)[taken].sum() / px[taken].sum()),
+            "pool_u": float((px * mean_u).sum() / px.sum())}  # fmt: skip

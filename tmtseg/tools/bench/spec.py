@@ -79,6 +79,7 @@ class Profile:
     adapt: list[str] = field(default_factory=list)
     target_only: list[str] = field(default_factory=list)
     only: list[str] = field(default_factory=list)  # as the bench's `only`, for this profile (the bench's wins)
+    methods: list[str] = field(default_factory=list)  # this profile's methods, a subset of the bench's; [] = all
 
 
 LAUNCHERS = ("local", "slurm", "local-submitit")  # tools/bench/launch.py
@@ -177,6 +178,9 @@ def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]
             alias = METHOD_ALIASES[m]
             bench.variants[m] = Variant(method=alias.method, overrides=list(alias.overrides))
     known = {*ADAPT_METHODS, *REFERENCE_METHODS, *bench.variants}
+    for m in bench.profiles[bench.profile].methods:
+        if m not in bench.methods:
+            raise ConfigError(f"{file}: bench key profiles.{bench.profile}.methods: {m!r} is not among the methods")
     for m in bench.methods:
         if m not in known:
             raise ConfigError(f"{file}: bench key methods: {m!r} is not a method or a variant ({', '.join(known)})")
