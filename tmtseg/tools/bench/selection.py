@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmtseg.errors import DataError
+from tmtseg.errors import ConfigError, DataError
 from tmtseg.tools import advise_write as write
 from tmtseg.tools.advise import Advice, region_cell, score_pool, split_pool
 from tmtseg.tools.advise_select import RegionTable, Scores, choose, choose_regions, grid_regions
@@ -87,8 +87,6 @@ def region_table(folder: Path, strategy: str) -> RegionTable:
     z = np.load(folder / "regions.npz")
     column = f"score_{'u' if strategy == 'random' else strategy}"
     if column not in z:  # advise refuses the same: the source model has no ACTE (1 - T) or TMA (W)
-        from tmtseg.errors import ConfigError
-
         raise ConfigError(f"select.strategy={strategy}: the source model has no ACTE / TMA map to rank regions by")
     return RegionTable(image=list(z["image"]), region=list(z["region"]), pixels=[int(p) for p in z["pixels"]],
                        score=list(z[column]))  # fmt: skip
