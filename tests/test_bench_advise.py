@@ -243,3 +243,21 @@ def test_the_targets_pair_by_seed_average_random_draws_and_say_why_when_missed()
     assert "-1.00" in k32 and "not met" in k32 and "chosen U 0.500 vs pool 0.400" in k32
     assert "80.0 ± 0.0" in rows["regions u 5% / all pixels (%)"] and "not met" in rows["regions u 5% / all pixels (%)"]
     assert "not run" in rows["u+diversity K=64 − random K=64"]
+
+
+def test_a_changed_region_mask_changes_the_splits_recorded_input(tmp_path):
+    from tmtseg.config import Config
+    from tmtseg.engine.inputs import split_input
+
+    cfg = Config()
+    cfg.data.train = SplitConfig(kind="synthetic", domain="dusk", seed=2, num_images=2)
+    whole = split_input(cfg, "train")["sha256"]
+    names = [r.name for r in list_source(cfg.data.train, cfg.data).records]
+    _masks(tmp_path / "masks", names, (8, 8))
+    cfg.data.train.label_regions = str(tmp_path / "masks")
+    before = split_input(cfg, "train")["sha256"]
+    mask = np.zeros((8, 8), dtype=np.uint8)
+    mask[:, 4:] = 255  # the other half: the same size, other regions
+    Image.fromarray(mask).save(tmp_path / "masks" / f"{names[0]}.png")
+    after = split_input(cfg, "train")["sha256"]
+    assert len({whole, before, after}) == 3
