@@ -30,6 +30,10 @@ class SplitConfig:
     # a text file of image names, one a line ('#' starts a comment), e.g. the chosen.txt `tmtseg advise` writes: only
     # these images of the split are kept (a record's name, its image's file name or stem); "" = every image
     files: str = ""
+    # a folder of region masks, one <image name>.png per image (255 = labelled), e.g. the masks/ `tmtseg advise
+    # --regions` writes: the labels are kept inside the masks only, data.ignore_index elsewhere (the advise bench's
+    # simulated region labelling); "" = whole labels
+    label_regions: str = ""
 
 
 @dataclass

@@ -27,6 +27,7 @@ from tmtseg.data.decode import (
 )
 from tmtseg.data.folders import folder_source
 from tmtseg.data.label_map import IGNORE, MappedDecoder, build_lut, dataset_name
+from tmtseg.data.label_regions import with_region_labels
 from tmtseg.data.listing import (
     BINARY_PALETTE,
     Source,
@@ -276,6 +277,9 @@ def list_source(split: SplitConfig, data: DataConfig, *, key: str = "split", che
             source.void = f"{source.void} and {mapped}" if source.void else mapped
         source.class_names = list(data.class_names)
         source.palette = default_palette(len(source.class_names))  # one palette for every dataset mapped to the task
+    if split.label_regions:  # the ground truth inside the chosen regions only (data/label_regions.py)
+        cut = split.label_regions
+        source.decoder = with_region_labels(source.decoder, cut, ignore_index=data.ignore_index, key=key)
     num_classes = len(source.class_names)
     if check_classes and data.num_classes != num_classes:
         raise ConfigError(f"config key data.num_classes={data.num_classes}: {source.where} has {num_classes} classes")

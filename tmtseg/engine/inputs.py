@@ -7,7 +7,8 @@ What is hashed (sha256): the source checkpoint's and the pretrained weights' fil
 cache record's hash, checked when the cache is read; a file that is gone is recorded as null); a data split: the
 sorted list of (path relative to the split's common folder, size in bytes) of every image, label and field-of-view
 file it lists, so a file added, removed, renamed or rewritten to another size changes it, while moving the whole
-dataset does not (the synthetic scenes have no files: their names are hashed)."""
+dataset does not (the synthetic scenes have no files: their names are hashed); with `label_regions`, each region
+mask's bytes too."""
 
 from __future__ import annotations
 
@@ -54,7 +55,14 @@ def split_input(cfg: Config, name: str) -> dict:
         what = f"{len(files)} files under {base}"
     else:
         listed, what = [r.name for r in source.records], source.where
+    if split.label_regions:  # the region masks the labels are cut to: their content, as a rewritten mask keeps its size
+        masks = Path(split.label_regions)
+        listed = [listed, [[r.name, _mask_hash(masks / f"{r.name}.png")] for r in source.records]]
     return {"file": f"data.{name} ({what})", "sha256": sha256_text(json.dumps(listed)), "split": asdict(split)}
+
+
+def _mask_hash(path: Path) -> str | None:
+    return sha256_cached(path) if path.is_file() else None
 
 
 def run_inputs(cfg: Config, splits: tuple[str, ...]) -> dict[str, dict]:

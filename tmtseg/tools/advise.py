@@ -72,11 +72,11 @@ def pool_of(target: Path, cfg: Config) -> Pool:
     data.train: the target split whose images would be labelled)."""
     if target.is_file() and target.suffix.lower() in (".yaml", ".yml"):
         data = load_config([str(target)]).data
-        return _split_pool(data.train, data, key="data.train")
+        return split_pool(data.train, data, key="data.train")
     if target.is_dir() and (target / "dataset.yaml").is_file():
         read_folder_yaml(target / "dataset.yaml")  # a broken dataset.yaml is reported as the loaders report it
         split = SplitConfig(kind="folder", path=str(target.resolve()))
-        return _split_pool(split, replace(cfg.data, label_map={}), key="the folder")
+        return split_pool(split, replace(cfg.data, label_map={}), key="the folder")
     files = list_images(target)
     names = output_names(files)
     return Pool(
@@ -88,7 +88,8 @@ def pool_of(target: Path, cfg: Config) -> Pool:
     )
 
 
-def _split_pool(split: SplitConfig, data, *, key: str) -> Pool:
+def split_pool(split: SplitConfig, data, *, key: str) -> Pool:
+    """The images of a split as a pool, in the loader's order (the advise bench's pool is a split)."""
     source = list_source(split, data, key=key, check_classes=False)
     if not source.records:
         raise ConfigError(f"config key {key}: selects no images from {source.where}")
@@ -233,7 +234,7 @@ def advise(
     make_out_dir(out, option="--out")
     if regions is not None:
         return _advise_regions(trainer, cfg, pool, out, regions, strategy, seed, amp, progress)
-    scores = _score_pool(trainer, cfg, pool, amp=amp, progress=progress)
+    scores = score_pool(trainer, cfg, pool, amp=amp, progress=progress)
     advice = Advice(pool.names, scores, strategy, choose(strategy, scores, budget, seed=seed))
     advice.files = write.image_advice(
         advice,
@@ -272,7 +273,7 @@ def _refusals(trainer, cfg, pool: Pool, target: Path, out: Path, *, budget, regi
             raise DataError(f"{path}: above {MAX_PIXELS} pixels after data.scale={pool.scale}; cut it into tiles")
 
 
-def _score_pool(trainer, cfg, pool: Pool, *, amp: str, progress, each=None) -> Scores:
+def score_pool(trainer, cfg, pool: Pool, *, amp: str, progress, each=None) -> Scores:
     """Score every image once, in order, keeping only its means and pooled feature (`each(i, score)` may look at
     its maps before they are dropped: the region mode's use)."""
     rows, features = [], []
@@ -312,7 +313,7 @@ def _advise_regions(trainer, cfg, pool: Pool, out: Path, percent, strategy, seed
         np.save(tmp / f"{i}.npy", ids.astype(np.int32))
 
     try:
-        scores = _score_pool(trainer, cfg, pool, amp=amp, progress=progress, each=add)
+        scores = score_pool(trainer, cfg, pool, amp=amp, progress=progress, each=add)
         scores.features = None  # the region choice has no diversity term
         advice = Advice(
             pool.names, scores, strategy, regions=choose_regions(table, percent, strategy=strategy, seed=seed)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tmtseg.data.label_regions import partial_labels  # noqa: F401  (the region cut, here for the bench's callers)
 from tmtseg.errors import ConfigError
 
 STRATEGIES = ("u+diversity", "u", "1-t", "w", "coreset", "random", "first")
@@ -162,16 +163,6 @@ def choose_regions(table: RegionTable, percent: float, *, strategy: str = "u", s
 def region_mask(ids: np.ndarray, chosen: set[int]) -> np.ndarray:
     """[H, W] region ids and the chosen ones -> a uint8 mask: 255 = label this region, 0 elsewhere."""
     return np.where(np.isin(ids, sorted(chosen)), 255, 0).astype(np.uint8)
-
-
-def partial_labels(label: np.ndarray, mask: np.ndarray, *, ignore_index: int = 255) -> np.ndarray:
-    """A full label [H, W] cut to the chosen regions: `ignore_index` wherever the advice mask ([H, W], 255 = chosen;
-    any size, resized by nearest neighbour) is 0. What a labeller who followed the advice would hand back."""
-    if mask.shape != label.shape:
-        from PIL import Image
-
-        mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(label.shape[::-1], Image.NEAREST))
-    return np.where(mask > 0, label, ignore_index).astype(label.dtype)
 
 
 def grid_regions(shape: tuple[int, int], cell: int) -> np.ndarray:

@@ -12,8 +12,9 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from tmtseg.data.label_regions import partial_labels, read_region_mask
 from tmtseg.errors import DataError
-from tmtseg.tools.advise_select import partial_labels, region_mask
+from tmtseg.tools.advise_select import region_mask
 from tmtseg.tools.predict import save_png
 from tmtseg.tools.viz import boundaries
 
@@ -68,7 +69,8 @@ def _lists(advice, pool, out: Path, picked: list[int]) -> list[Path]:
 
 def image_advice(advice, pool, out: Path, *, strategy: str, draw) -> list[Path]:
     """Image mode: advice.csv (file, rank, chosen, the scores; rank = order chosen, then the rest by U), the lists
-    and the contact sheet (`draw(i)` scores image i again: only the chosen ones are drawn, their maps never kept)."""
+    and the contact sheet (`draw(i)` scores image i again: only the chosen ones are drawn, their maps never kept;
+    None = no sheet)."""
     cols, values = _score_columns(advice)
     rank = {i: r + 1 for r, i in enumerate(advice.chosen)}
     rest = [i for i in np.argsort(-advice.scores.u, kind="stable") if int(i) not in rank]
@@ -84,7 +86,8 @@ def image_advice(advice, pool, out: Path, *, strategy: str, draw) -> list[Path]:
     ]
     written = [_csv(out / "advice.csv", ["file", "rank", "chosen", *cols], rows)]
     written += _lists(advice, pool, out, advice.chosen)
-    written.append(contact_sheet(advice, pool, out / "contact_sheet.png", strategy=strategy, draw=draw))
+    if draw is not None:  # the bench writes no contact sheet: it would score the chosen images again
+        written.append(contact_sheet(advice, pool, out / "contact_sheet.png", strategy=strategy, draw=draw))
     return written
 
 
@@ -156,10 +159,6 @@ def region_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def partial_labels_from(masks_dir: str | Path, name: str, label: np.ndarray, *, ignore_index: int = 255) -> np.ndarray:
     """The partial label of image `name` from the mask `advise --regions` wrote for it (masks/<name>.png) and its
-    full label [H, W]: the label in the chosen regions, `ignore_index` elsewhere. A missing mask is a DataError."""
-    path = Path(masks_dir) / f"{name}.png"
-    if not path.is_file():
-        raise DataError(f"{path}: no advice mask for image {name!r} (was the advice made for another pool?)")
-    with Image.open(path) as im:
-        mask = np.asarray(im.convert("L"))
-    return partial_labels(label, mask, ignore_index=ignore_index)
+    full label [H, W]: the label in the chosen regions, `ignore_index` elsewhere. A missing mask is a DataError. The
+    data layer does the same for a split with `label_regions` (tmtseg/data/label_regions.py)."""
+    return partial_labels(label, read_region_mask(masks_dir, name), ignore_index=ignore_index)

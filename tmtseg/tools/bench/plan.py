@@ -7,14 +7,16 @@ import copy
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmtseg import config as config_mod
 from tmtseg.config import Config, SplitConfig
 from tmtseg.errors import ConfigError
 from tmtseg.tools.bench.identity import config_hash
-from tmtseg.tools.bench.spec import BenchConfig, DomainSplits, TaskSpec, Variant, task_files
+from tmtseg.tools.bench.spec import BenchConfig, DomainSplits, Selection, TaskSpec, Variant, task_files
+
+SELECT_VERSION = 1  # the identity of the advise bench's scores and selections (bump when they compute otherwise)
 
 
 @dataclass
@@ -29,15 +31,19 @@ class Run:
     seed: int
     cfg: Config
     out: Path = Path()
-    init: str = ""  # train: the checkpoint to start from; eval: the checkpoint to score (both: of the run `after`)
+    init: str = ""  # train: the checkpoint to start from; eval, score: the checkpoint to score (of the run `after`)
     after: str = ""  # the key of the run this one needs first
+    # score (the advisor scores the pool once) and select (one choice from those scores): what selection.py reads
+    select: dict = field(default_factory=dict)
 
     @property
     def iters(self) -> int:
-        return 0 if self.kind == "eval" else self.cfg.train.iters
+        return self.cfg.train.iters if self.kind == "train" else 0
 
 
 def _pairs(task: TaskSpec, which: str, name: str) -> list[tuple[str, str]]:
+    """The pairs of the profile: every ordered pair, or the core pairs ("a->*": from a to every other domain with an
+    `adapt` split, in their order)."""
     if which == "all":
         return [(a, b) for a in task.domains for b in task.domains if a != b]
     if which != "core":
@@ -46,6 +52,9 @@ def _pairs(task: TaskSpec, which: str, name: str) -> list[tuple[str, str]]:
     for p in task.core_pairs:
         a, _, b = p.partition("->")
         a, b = a.strip(), b.strip()
+        if b == "*" and a in task.domains:
+            out += [(a, d) for d, s in task.domains.items() if d != a and s.adapt is not None]
+            continue
         for d in (a, b):
             if d not in task.domains:
                 raise ConfigError(f"bench key tasks.{name}.core_pairs: {p!r} names an unknown domain {d!r}")
@@ -73,6 +82,7 @@ class Plan:
 
 def plan(bench: BenchConfig, base: Path) -> Plan:
     """Every run of the bench's profile, sources first, and the (pair, method, seed) cells they fill."""
+    _LOADED.clear()  # the config files may have changed since the last plan
     profile = bench.profiles[bench.profile]
     out_dir = Path(bench.output_dir)
     src_dir = Path(bench.source_dir) if bench.source_dir else out_dir / "sources"
@@ -104,11 +114,18 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
                 src_ckpt = str(source_checkpoint(src.out))
                 adapt, evaluate = _needed_split(tname, b, sb, "adapt"), _needed_split(tname, b, sb, "eval")
                 grown = sb.schedule.get(bench.profile, [])  # the target's own schedule (steps that grow with n)
-                for method in bench.methods:
+                chosen_after = src_key
+                if sb.select.strategy:  # the labelled split chosen by the advisor from the pool (the advise bench)
+                    pool_cfg = make(adapt, evaluate, [], seed=seed)
+                    chosen_after, adapt = _selection(runs, src, pool_cfg, sb.select, f"{tname}/{pair}", out_dir)
+                for method in profile.methods or bench.methods:
                     key = f"{tname}/{pair}/{method}/seed{seed}"
                     if method == "source-only":
                         cfg = make(src.cfg.data.train, evaluate, [*task.source, *profile.source], seed=seed)
                         run = Run(key, "eval", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)
+                    elif method == "target-only" and sb.select.strategy:
+                        raise ConfigError(f"bench key tasks.{tname}.domains.{b}.select: target-only has no source"
+                                          " model to choose with; leave it out of this bench's methods")  # fmt: skip
                     elif method == "target-only":  # from scratch: the source schedule; one run per target domain
                         key = f"{tname}/{b}/target-only/seed{seed}"
                         extra = [*task.source, *profile.source, *task.target_only, *profile.target_only]
@@ -119,15 +136,59 @@ def plan(bench: BenchConfig, base: Path) -> Plan:
                         extra = [*task.adapt, *profile.adapt, *grown, f"adapt.method={v.method}", *v.overrides,
                                  f"adapt.source_checkpoint={src_ckpt}"]  # fmt: skip
                         cfg = make(adapt, evaluate, extra, seed=seed, source=src.cfg.data.train)
-                        run = Run(key, "train", tname, pair, method, seed, cfg, after=src_key, init=src_ckpt)
+                        run = Run(key, "train", tname, pair, method, seed, cfg, after=chosen_after, init=src_ckpt)
                     if key not in runs:
                         runs[key] = _named(run, out_dir / "runs")
                     cells.append((tname, pair, method, seed, key))
     return Plan(runs=list(runs.values()), cells=cells)
 
 
+def _selection(runs: dict, src: Run, cfg: Config, sel: Selection, name: str, out_dir: Path) -> tuple[str, SplitConfig]:
+    """The advise bench's two steps before a selected target's adaptations: the source model scores the pool (its
+    `adapt` split) once ("score", shared by every selection from that source), then one choice is made from the
+    scores ("select"), in <output_dir>/selections/<hash>/. Each is found again by its identity: the source run's
+    hash, the pool, and the strategy, budget or share, draw and seed. Returns the select run's key and the labelled
+    split the adaptations read: the chosen images (files) and, at region level, their masks (label_regions)."""
+    pool = cfg.data.train
+    ident = {"version": SELECT_VERSION, "source": src.out.name, "pool": dataclasses.asdict(pool),
+             "root": cfg.data.root, "scale": cfg.data.scale}  # fmt: skip
+    score_hash = _short_hash(ident)
+    score_key = f"{src.task}/{src.pair}/advise-scores/seed{src.seed}"
+    score_out = out_dir / "selections" / f"scores-{score_hash}"
+    if score_key in runs and runs[score_key].out != score_out:  # another pool from the same source
+        score_key = f"{score_key[: -len(f'/seed{src.seed}')]}-{score_hash[:6]}/seed{src.seed}"
+    if score_key not in runs:
+        run = Run(score_key, "score", src.task, src.pair, "advise-scores", src.seed, cfg, after=src.key,
+                  init=str(source_checkpoint(src.out)), out=score_out)  # fmt: skip
+        runs[score_key] = run
+    choice = dataclasses.asdict(sel)
+    sel_hash = _short_hash({"scores": score_hash, "select": choice, "seed": src.seed})
+    key = f"{name}/select/seed{src.seed}"
+    out = out_dir / "selections" / sel_hash
+    # the random draws: one generator seed per (seed, draw), so that draws differ and every rerun draws the same
+    choice.update(scores=str(score_out), random_seed=1000 * src.seed + sel.draw)
+    runs.setdefault(key, Run(key, "select", src.task, name.split("/", 1)[1], "select", src.seed, cfg,
+                             after=score_key, out=out, select=choice))  # fmt: skip
+    labelled = dataclasses.replace(pool, files=str(out / "chosen.txt"))
+    if sel.regions:
+        labelled.label_regions = str(out / "masks")
+    return key, labelled
+
+
+def _short_hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+_LOADED: dict[tuple, Config] = {}  # (files, overrides) -> the loaded config: a plan loads each distinct one once
+
+
 def _run_config(files: list[str], overrides: list[str], *, train, val, source) -> Config:
-    cfg = config_mod.load_config(files, overrides)
+    """The run's config: the files and overrides (loaded once per plan for each distinct list: the advise bench's
+    462 runs have about 20, and a load through OmegaConf is a fifth of a second), then the run's splits."""
+    key = (tuple(files), tuple(overrides))
+    if key not in _LOADED:
+        _LOADED[key] = config_mod.load_config(files, overrides)
+    cfg = copy.deepcopy(_LOADED[key])
     cfg.data.train, cfg.data.val = train, val
     if source is not None:
         cfg.data.source = source

@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 from tmtseg.engine.card import git_commit
+from tmtseg.tools.bench.advise_report import advise_report
 from tmtseg.tools.bench.curves import plot_budget
 from tmtseg.tools.bench.plan import Plan, plan
 from tmtseg.tools.bench.spec import BenchConfig
-from tmtseg.tools.bench.tables import build_table, write_report
+from tmtseg.tools.bench.tables import build_table, html_page, write_report
 
 
 def read_results(path: Path) -> dict[str, dict]:
@@ -94,14 +95,17 @@ def report(bench: BenchConfig, base: Path, p: Plan | None = None) -> Path:
     path = write_report(
         p.cells, done, order, out_dir, baseline=bench.baseline, title=title, header=header, sessions=sessions
     )
-    sizes = {
-        f"{t}: {pair}": (pair.split("->")[0], task.domains[pair.split("->")[1]].labelled)
-        for t, task in bench.tasks.items()
-        for pair in task.core_pairs
-        if task.domains[pair.split("->")[1]].labelled
+    sizes = {  # the pairs of the plan ("a->*" core pairs written out) whose target gives its labelled count
+        f"{t}: {pair}": (pair.split("->")[0], bench.tasks[t].domains[pair.split("->")[1]].labelled)
+        for t, pair, *_ in p.cells
+        if "->" in pair and bench.tasks[t].domains[pair.split("->")[1]].labelled
     }
     if sizes and done:  # the budget bench: the score against the number of labelled target images
         plot_budget(build_table(p.cells, done), sizes, out_dir)
+    advise_plots = advise_report(bench, p.cells, done, out_dir)  # the advise bench: selections and targets
+    if advise_plots:  # report.html again, with the section and its plot
+        plots = [q for q in (out_dir / "pairs.png", out_dir / "delta.png") if q.exists()] + advise_plots
+        (out_dir / "report.html").write_text(html_page(path.read_text(), plots))
     return path
 
 

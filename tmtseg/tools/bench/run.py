@@ -51,7 +51,11 @@ def execute(run: Run, threads: int) -> dict:
     # trained to the end but not recorded (killed in between): its final scores stand and nothing is redone
     trained = run.kind == "train" and final.exists() and json.loads(final.read_text())["step"] == run.cfg.train.iters
     try:
-        if run.kind == "eval":
+        if run.kind in ("score", "select"):  # the advise bench's choice of the labelled split (selection.py)
+            from tmtseg.tools.bench.selection import execute_selection
+
+            metrics = execute_selection(run)
+        elif run.kind == "eval":
             metrics, _ = evaluate_checkpoint(run.init, overrides=_split_overrides(run.cfg), progress=False)
         elif trained:
             metrics = {k: v for k, v in json.loads(final.read_text()).items() if k not in ("step", "split")}

@@ -13,10 +13,25 @@ from omegaconf.errors import OmegaConfBaseException
 from tmtseg.adapt.registry import METHOD_ALIASES, METHODS
 from tmtseg.config import SplitConfig
 from tmtseg.errors import ConfigError
+from tmtseg.tools.advise_select import REGION_STRATEGIES, STRATEGIES
 
 PACKAGED = Path(__file__).resolve().parents[2] / "configs"  # tmtseg/configs
 ADAPT_METHODS = tuple(METHODS)
 REFERENCE_METHODS = ("source-only", "target-only")
+
+
+@dataclass
+class Selection:
+    """How a target's labelled split is chosen from its `adapt` split, the pool (the advise bench, docs/advise.md):
+    `tmtseg advise` on the pair's source model picks `budget` whole images by `strategy` (one of advise's image
+    strategies), or with `regions` the regions of highest score (or at random) up to that % of the pool's pixels,
+    whose labels alone are kept; `draw` numbers the draws of `random` (each its own seeded choice). An empty strategy
+    = no selection: the whole `adapt` split is labelled."""
+
+    strategy: str = ""
+    budget: int = 0  # images (image level)
+    regions: float = 0.0  # % of the pool's pixels (region level); 100 = every pixel (the ceiling)
+    draw: int = 0
 
 
 @dataclass
@@ -32,6 +47,7 @@ class DomainSplits:
     # after the task's and the profile's schedules: a schedule that grows with the labelled split (the budget bench)
     schedule: dict[str, list[str]] = field(default_factory=dict)
     labelled: int = 0  # as a target: how many labelled images its `adapt` split holds (the report's budget plot)
+    select: Selection = field(default_factory=Selection)  # as a target: its labelled images (or regions) chosen
 
 
 @dataclass
@@ -63,6 +79,7 @@ class Profile:
     adapt: list[str] = field(default_factory=list)
     target_only: list[str] = field(default_factory=list)
     only: list[str] = field(default_factory=list)  # as the bench's `only`, for this profile (the bench's wins)
+    methods: list[str] = field(default_factory=list)  # this profile's methods, a subset of the bench's; [] = all
 
 
 LAUNCHERS = ("local", "slurm", "local-submitit")  # tools/bench/launch.py
@@ -161,6 +178,9 @@ def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]
             alias = METHOD_ALIASES[m]
             bench.variants[m] = Variant(method=alias.method, overrides=list(alias.overrides))
     known = {*ADAPT_METHODS, *REFERENCE_METHODS, *bench.variants}
+    for m in bench.profiles[bench.profile].methods:
+        if m not in bench.methods:
+            raise ConfigError(f"{file}: bench key profiles.{bench.profile}.methods: {m!r} is not among the methods")
     for m in bench.methods:
         if m not in known:
             raise ConfigError(f"{file}: bench key methods: {m!r} is not a method or a variant ({', '.join(known)})")
@@ -175,9 +195,27 @@ def load_bench(path: str, overrides: list[str] = ()) -> tuple[BenchConfig, Path]
         raise ConfigError(f"{file}: bench key launcher={bench.launcher!r}: one of {', '.join(LAUNCHERS)}")
     if min(bench.slurm.gpus_per_run, bench.slurm.cpus_per_run, bench.slurm.mem_gb) < 0 or bench.slurm.time_min < 1:
         raise ConfigError(f"{file}: bench key slurm: gpus_per_run, cpus_per_run, mem_gb >= 0 and time_min >= 1")
+    for tname, task in bench.tasks.items():
+        for dname, dom in task.domains.items():
+            check_selection(dom.select, f"{file}: bench key tasks.{tname}.domains.{dname}.select")
     if bench.keep not in ("best", "sources"):
         raise ConfigError(f"{file}: bench key keep={bench.keep!r}: best or sources")
     return bench, file.parent
+
+
+def check_selection(sel: Selection, where: str) -> None:
+    """A selection names an advise strategy of its level and exactly one of budget >= 1 and regions in (0, 100]."""
+    if not sel.strategy:
+        if sel.budget or sel.regions or sel.draw:
+            raise ConfigError(f"{where}: budget, regions or draw without a strategy")
+        return
+    if (sel.budget > 0) == (sel.regions > 0):
+        raise ConfigError(f"{where}: give budget (images) or regions (% of the pixels), one of the two")
+    allowed = STRATEGIES if sel.budget else REGION_STRATEGIES
+    if sel.strategy not in allowed:
+        raise ConfigError(f"{where}.strategy={sel.strategy!r}: one of {', '.join(allowed)}")
+    if sel.regions > 100.0 or sel.budget < 0 or sel.draw < 0:
+        raise ConfigError(f"{where}: regions in (0, 100], budget >= 1, draw >= 0")
 
 
 def task_files(task: TaskSpec, base: Path) -> list[str]:

@@ -208,7 +208,8 @@ def plot(table: Table, out: Path, *, baseline: str) -> list[Path]:
         ax.set_ylabel(ylabel)
         if name == "delta.png":
             ax.axhline(0, color="black", lw=0.8)
-        ax.legend(fontsize=7, ncol=min(len(methods), 6), loc="best")
+        if methods:  # a bench of the baseline alone (the advise bench's quick profile) has no delta to draw
+            ax.legend(fontsize=7, ncol=min(len(methods), 6), loc="best")
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
