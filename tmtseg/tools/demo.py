@@ -1,7 +1,8 @@
 """The built-in default job, `tmtseg demo`: the workflow a user follows, end to end, on synthetic street scenes and in
 minutes. A source model on "day"; `tmtseg advise` picks, with that model, the dusk images worth labelling; the three
-adaptations to "dusk" a user chooses between (`recommended`, `tmt`, `finetune`), each trained on those images; a table that ranks them beside the ranking the real benches measured, pictures, the ONNX export
-of the recommended model and the line of Python that loads it, run to prove that it does.
+adaptations to "dusk" a user chooses between (`recommended`, `tmt`, `finetune`), each trained on those images; a table
+that ranks them beside the ranking the real benches measured; pictures; the ONNX export of the recommended model and
+the line of Python that loads it, run to prove that it does.
 
 The training is the packaged `demo` bench (configs/bench/demo.yaml): finished runs are reused and unfinished ones
 resumed, so an interrupted demo continues. The data are synthetic: the numbers show the workflow, not the methods;
@@ -16,6 +17,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -78,10 +80,13 @@ def demo_bench(out: Path, *, quick: bool = False, overrides: list[str] = ()) -> 
 def run_demo(out: Path, *, quick: bool = False, overrides: list[str] = (), progress: bool = True, say=print):
     """The whole workflow into `out`; `say` prints each step. Returns a DemoResult."""
     say(SYNTHETIC)
+    lap = Laps()
     bench, base = demo_bench(out, quick=quick, overrides=overrides)
     say("1. source model: trained on synthetic day, scored on dusk as it is (source-only)")
-    first = dataclasses.replace(bench, methods=["source-only"], baseline="source-only")
+    # one chain of runs (the source model, then its score on dusk): one at a time, on every core
+    first = dataclasses.replace(bench, methods=["source-only"], baseline="source-only", jobs=1)
     run_bench(first, base, progress=progress, write_report=False)
+    lap("source model")
     # ---- ADVISE: the source model says which dusk images to label; the adaptations train on those only ----
     budget = QUICK_BUDGET if quick else BUDGET
     advice = advise_labels(bench, _source_run(first, base), out / "advice", budget=budget)
@@ -89,23 +94,48 @@ def run_demo(out: Path, *, quick: bool = False, overrides: list[str] = (), progr
         f"2. advise: {budget} of the {advice.pool} dusk images to label ({', '.join(advice.chosen)}), chosen by "
         f"{advice.why}\n   {advice.folder / 'advice.csv'}, {advice.folder / 'contact_sheet.png'}"
     )
+    lap("advise")
     bench = _labelled(bench, advice.files)
     say(f"3. adaptation to dusk on the {budget} advised images (their labels kept, the others' dropped): "
         f"{', '.join(ADAPTATIONS)}")  # fmt: skip
     report = run_bench(bench, base, progress=progress)
+    lap("adaptations")
     scores, checkpoints, eval_split = _scores(bench, base)
     table = ranking(scores, quick=quick)
     say(f"4. results on dusk (bench report: {report})\n{table}")
     pictures = write_pictures(checkpoints, out / "pictures", eval_split=eval_split)
+    lap("pictures")
     say(f"5. pictures: {', '.join(map(str, pictures))}")
     model = _copy_model(Path(checkpoints["recommended"]), out / "recommended")
     onnx = _export(model, out / "recommended.onnx", say)
+    lap("ONNX")
     path = json.dumps(str(model))  # quoted for Python
     line = f'import tmtseg; m = tmtseg.load({path}); print(m, "dusk mIoU", round(m.evaluate()["mIoU"], 2))'
     say(f"7. load it in Python:\n    {line}")
     printed = prove(line)
     say(f"   ran it: {printed}")
+    lap("load line")
+    say(f"done in {lap.total()} ({lap.parts()}; finished runs are reused when the demo is run again)")
     return DemoResult(report, table, pictures, model, onnx, line, printed, advice)
+
+
+class Laps:
+    """Wall-clock time per step of the demo: where its minutes go."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.last = now - self.last, now
+
+    def total(self) -> str:
+        m, s = divmod(round(time.perf_counter() - self.start), 60)
+        return f"{m} min {s} s"
+
+    def parts(self) -> str:
+        return ", ".join(f"{name} {t:.0f} s" for name, t in self.laps.items())
 
 
 def _source_run(bench: BenchConfig, base: Path) -> Path:
