@@ -109,6 +109,8 @@ def test_demo_quick_runs_the_whole_workflow(tmp_path, capsys):
     assert line.startswith("import tmtseg; m = tmtseg.load(") and str(out / "recommended") in line
     ran = next(x for x in lines if x.strip().startswith("ran it: "))
     assert "SegmentationModel(" in ran and "method=lora" in ran and "dusk mIoU" in ran  # the line's own print
+    done = lines[-1]  # where the minutes went, step by step
+    assert done.startswith("done in ") and all(f"{step} " in done for step in ("source model", "advise", "ONNX"))
     # the advise step: its files, what it chose said, and the adaptations trained on exactly those images
     advice = out / "advice"
     rows = list(csv.DictReader((advice / "advice.csv").open()))
