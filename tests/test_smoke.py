@@ -1,10 +1,12 @@
 """End to end on synthetic data with a tiny model: train, eval, predict, viz, resume, adapt, the demo."""
 
+import csv
 import json
 from pathlib import Path
 
+import yaml
+
 from tmtseg.cli import main
-from tmtseg.tools import demo
 from tmtseg.tools.demo import ranking
 
 from .tiny import TINY
@@ -103,11 +105,27 @@ def test_demo_quick_runs_the_whole_workflow(tmp_path, capsys):
     onnx = out / "recommended.onnx"
     assert onnx.stat().st_size > 0 and json.loads(onnx.with_suffix(".json").read_text())["method"] == "lora"
     lines = text.splitlines()
-    line = lines[lines.index("6. load it in Python:") + 1].strip()
+    line = lines[lines.index("7. load it in Python:") + 1].strip()
     assert line.startswith("import tmtseg; m = tmtseg.load(") and str(out / "recommended") in line
     ran = next(x for x in lines if x.strip().startswith("ran it: "))
     assert "SegmentationModel(" in ran and "method=lora" in ran and "dusk mIoU" in ran  # the line's own print
-    assert "# ---- ADVISE" in Path(demo.__file__).read_text()  # the marked place of the advise step
+    done = lines[-1]  # where the minutes went, step by step
+    assert done.startswith("done in ") and all(f"{step} " in done for step in ("source model", "advise", "ONNX"))
+    # the advise step: its files, what it chose said, and the adaptations trained on exactly those images
+    advice = out / "advice"
+    rows = list(csv.DictReader((advice / "advice.csv").open()))
+    chosen = [x for x in (advice / "chosen.txt").read_text().splitlines() if x and not x.startswith("#")]
+    assert len(rows) == 4 and sorted(r["file"] for r in rows if r["chosen"] == "1") == sorted(chosen)
+    assert len(chosen) == 2 and (advice / "contact_sheet.png").stat().st_size > 0
+    assert any(x.startswith("2. advise: 2 of the 4 dusk images to label (" + ", ".join(chosen)) for x in lines)
+    assert "3. adaptation to dusk on the 2 advised images" in text
+    runs = [json.loads(x) for x in (out / "bench" / "results.jsonl").read_text().splitlines()]
+    adapted = [r for r in runs if r["method"] in ("recommended", "tmt", "finetune")]
+    assert len(adapted) == 3
+    for r in adapted:
+        cfg = yaml.safe_load((Path(r["dir"]) / "config.yaml").read_text())
+        labelled = Path(cfg["data"]["train"]["files"])
+        assert labelled.parent == advice and labelled.read_text() == (advice / "chosen.txt").read_text()
 
 
 def test_demo_ranking_says_where_it_differs_from_the_real_benches():

@@ -94,10 +94,10 @@ HELP: dict[str, tuple[str, str]] = {
         "tmtseg advise runs/camvid/source configs/camvid_dusk.yaml --regions 5 --out advice_regions/",
     ),
     "demo": (
-        "The built-in demo, offline, on synthetic data, as the workflow a user follows: a source model, adapted with"
-        " `recommended`, `tmt` and fine-tuning, a results table set beside the real benches' ranking, pictures, an"
-        " ONNX export and the line of Python that loads the result. The data are synthetic; the real benches give"
-        " the real numbers (docs/results.md).",
+        "The built-in demo, offline, on synthetic data, as the workflow a user follows: a source model, `advise` on"
+        " which target images to label, adaptation on those with `recommended`, `tmt` and fine-tuning, a results"
+        " table set beside the real benches' ranking, pictures, an ONNX export and the line of Python that loads the"
+        " result. The data are synthetic; the real benches give the real numbers (docs/results.md).",
         "tmtseg demo --out runs/demo\ntmtseg demo --quick --out runs/demo_quick",
     ),
 }

@@ -1,7 +1,8 @@
 """The built-in default job, `tmtseg demo`: the workflow a user follows, end to end, on synthetic street scenes and in
-minutes. A source model on "day", then the three adaptations to "dusk" a user chooses between (`recommended`,
-`tmt`, `finetune`), a table that ranks them beside the ranking the real benches measured, pictures, the ONNX export
-of the recommended model and the line of Python that loads it, run to prove that it does.
+minutes. A source model on "day"; `tmtseg advise` picks, with that model, the dusk images worth labelling; the three
+adaptations to "dusk" a user chooses between (`recommended`, `tmt`, `finetune`), each trained on those images; a table
+that ranks them beside the ranking the real benches measured; pictures; the ONNX export of the recommended model and
+the line of Python that loads it, run to prove that it does.
 
 The training is the packaged `demo` bench (configs/bench/demo.yaml): finished runs are reused and unfinished ones
 resumed, so an interrupted demo continues. The data are synthetic: the numbers show the workflow, not the methods;
@@ -10,17 +11,20 @@ docs/results.md holds the real ones.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from tmtseg.errors import MissingExtra, TrainingError
 from tmtseg.tools.bench import BenchConfig, load_bench, plan, run_bench
 from tmtseg.tools.bench.results import finished_runs
+from tmtseg.tools.demo_advise import DemoAdvice, advise_labels
 from tmtseg.tools.demo_pictures import write_pictures
 
 SYNTHETIC = (
@@ -29,6 +33,8 @@ SYNTHETIC = (
 )
 ADAPTATIONS = ("recommended", "tmt", "finetune")  # the choice a user makes, in the order the real benches rank them
 REAL_RANKING = "recommended > tmt ~ finetune"  # docs/results.md §0.1 / §0.2, DINOv2-S sources, 3 seeds
+BUDGET = 12  # images of the dusk pool advise picks to label; the adaptations train on these
+QUICK_BUDGET = 2
 NEAR = 1.0  # mIoU: tmt and finetune closer than this count as equal here (on the real benches, within the seed spread)
 # --quick: a tiny model for a few steps on a few images. It runs every step of the workflow in seconds (the test of
 # the demo); its numbers mean nothing
@@ -55,6 +61,7 @@ class DemoResult:
     onnx: Path | None  # its ONNX export (None without the export extra)
     load_line: str  # the Python line that loads the model
     load_output: str  # what that line printed when the demo ran it
+    advice: DemoAdvice | None = None  # what advise chose, the files it wrote, the list the adaptations read
 
 
 def demo_bench(out: Path, *, quick: bool = False, overrides: list[str] = ()) -> tuple[BenchConfig, Path]:
@@ -73,29 +80,75 @@ def demo_bench(out: Path, *, quick: bool = False, overrides: list[str] = ()) -> 
 def run_demo(out: Path, *, quick: bool = False, overrides: list[str] = (), progress: bool = True, say=print):
     """The whole workflow into `out`; `say` prints each step. Returns a DemoResult."""
     say(SYNTHETIC)
+    lap = Laps()
     bench, base = demo_bench(out, quick=quick, overrides=overrides)
     say("1. source model: trained on synthetic day, scored on dusk as it is (source-only)")
-    first = dataclasses.replace(bench, methods=["source-only"], baseline="source-only")
+    # one chain of runs (the source model, then its score on dusk): one at a time, on every core
+    first = dataclasses.replace(bench, methods=["source-only"], baseline="source-only", jobs=1)
     run_bench(first, base, progress=progress, write_report=False)
-    # ---- ADVISE (a later issue): `tmtseg advise` reads the source model and the target images and says which
-    # method to use; its step goes here, between the source model and the adaptation. Until then the demo adapts with
-    # the three methods a user chooses between and compares them. ----
-    labelled = bench.tasks["synthetic"].domains["dusk"].adapt.num_images
-    say(f"2. adaptation to dusk ({labelled} labelled images): {', '.join(ADAPTATIONS)}")
+    lap("source model")
+    # ---- ADVISE: the source model says which dusk images to label; the adaptations train on those only ----
+    budget = QUICK_BUDGET if quick else BUDGET
+    advice = advise_labels(bench, _source_run(first, base), out / "advice", budget=budget)
+    say(
+        f"2. advise: {budget} of the {advice.pool} dusk images to label ({', '.join(advice.chosen)}), chosen by "
+        f"{advice.why}\n   {advice.folder / 'advice.csv'}, {advice.folder / 'contact_sheet.png'}"
+    )
+    lap("advise")
+    bench = _labelled(bench, advice.files)
+    say(f"3. adaptation to dusk on the {budget} advised images (their labels kept, the others' dropped): "
+        f"{', '.join(ADAPTATIONS)}")  # fmt: skip
     report = run_bench(bench, base, progress=progress)
+    lap("adaptations")
     scores, checkpoints, eval_split = _scores(bench, base)
     table = ranking(scores, quick=quick)
-    say(f"3. results on dusk (bench report: {report})\n{table}")
+    say(f"4. results on dusk (bench report: {report})\n{table}")
     pictures = write_pictures(checkpoints, out / "pictures", eval_split=eval_split)
-    say(f"4. pictures: {', '.join(map(str, pictures))}")
+    lap("pictures")
+    say(f"5. pictures: {', '.join(map(str, pictures))}")
     model = _copy_model(Path(checkpoints["recommended"]), out / "recommended")
     onnx = _export(model, out / "recommended.onnx", say)
+    lap("ONNX")
     path = json.dumps(str(model))  # quoted for Python
     line = f'import tmtseg; m = tmtseg.load({path}); print(m, "dusk mIoU", round(m.evaluate()["mIoU"], 2))'
-    say(f"6. load it in Python:\n    {line}")
+    say(f"7. load it in Python:\n    {line}")
     printed = prove(line)
     say(f"   ran it: {printed}")
-    return DemoResult(report, table, pictures, model, onnx, line, printed)
+    lap("load line")
+    say(f"done in {lap.total()} ({lap.parts()}; finished runs are reused when the demo is run again)")
+    return DemoResult(report, table, pictures, model, onnx, line, printed, advice)
+
+
+class Laps:
+    """Wall-clock time per step of the demo: where its minutes go."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name], self.last = now - self.last, now
+
+    def total(self) -> str:
+        m, s = divmod(round(time.perf_counter() - self.start), 60)
+        return f"{m} min {s} s"
+
+    def parts(self) -> str:
+        return ", ".join(f"{name} {t:.0f} s" for name, t in self.laps.items())
+
+
+def _source_run(bench: BenchConfig, base: Path) -> Path:
+    """The source model's run folder (trained by now)."""
+    return next(r.out for r in plan(bench, base).runs if r.method == "source")
+
+
+def _labelled(bench: BenchConfig, files: Path) -> BenchConfig:
+    """The bench with the target's labelled split (dusk `adapt`) cut to the images listed in `files`."""
+    bench = copy.deepcopy(bench)
+    dusk = bench.tasks["synthetic"].domains["dusk"]
+    dusk.adapt = dataclasses.replace(dusk.adapt, files=str(files.resolve()))
+    return bench
 
 
 def _scores(bench: BenchConfig, base: Path) -> tuple[dict[str, float], dict[str, str], object]:
@@ -155,16 +208,16 @@ def _export(model: Path, out: Path, say) -> Path | None:
     info = out.with_suffix(".json")
     weights = sha256(model / "model.safetensors")
     if out.exists() and info.exists() and json.loads(info.read_text()).get("checkpoint_sha256") == weights:
-        say(f"5. ONNX: {out} (already exported from this model)")
+        say(f"6. ONNX: {out} (already exported from this model)")
         return out
     out.unlink(missing_ok=True)
     info.unlink(missing_ok=True)
     try:
         facts = export_checkpoint(model, out)
     except MissingExtra as err:
-        say(f"5. ONNX export skipped: {err}")
+        say(f"6. ONNX export skipped: {err}")
         return None
-    say(f"5. ONNX: {out} (onnxruntime matches PyTorch: max |diff| {facts['parity']['max_abs_diff']:.1e})")
+    say(f"6. ONNX: {out} (onnxruntime matches PyTorch: max |diff| {facts['parity']['max_abs_diff']:.1e})")
     return out
 
 
