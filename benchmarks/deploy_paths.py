@@ -9,7 +9,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -79,9 +78,7 @@ def ours(name: str, trainer, *, onnx_dir: Path, threads: int):
         sess = session(int8 if name == "ort-int8" else fp32, threads)
 
         def run_ort(x: Tensor) -> Tensor:
-            # the export traces a batch of one (its batch dimension is static: 1), so a batch is one call per frame
-            frames = [sess.run(["scores"], {"image": x[i : i + 1].float().numpy()})[0] for i in range(x.shape[0])]
-            return torch.from_numpy(np.concatenate(frames))  # [B, K, H, W]
+            return torch.from_numpy(sess.run(["scores"], {"image": x.float().numpy()})[0])  # [B, K, H, W]: B dynamic
 
         return run_ort
     model = deployed(trainer)

@@ -80,6 +80,14 @@ def _matches_pytorch_at_other_sizes(trainer, model: Path) -> tuple:
     scores, logits, masks = session.run(None, {"image": x.numpy()})
     np.testing.assert_allclose(scores, ref.numpy(), atol=ATOL, rtol=0)
     assert logits.shape == (1, 6, 6) and masks.shape == (1, 6, 20, 12)  # Q = 6, K + 1 = 6, ceil(77/4) x ceil(45/4)
+    # the batch dimension is dynamic: three frames in one call give each frame's own scores
+    assert isinstance(session.get_inputs()[0].shape[0], str)
+    three = torch.cat([x, x.flip(-1), 255 - x])  # [3, 3, 77, 45]
+    batched = session.run(["scores"], {"image": three.numpy()})[0]
+    for i in range(3):
+        alone = session.run(["scores"], {"image": three[i : i + 1].numpy()})[0]
+        np.testing.assert_allclose(batched[i : i + 1], alone, atol=ATOL, rtol=0)
+    assert any(c.get("batch") == 2 for c in checks)  # and parity checks a batch too
     return x, scores
 
 
@@ -112,7 +120,7 @@ def exported(tmp_path_factory, checkpoint) -> dict:
 def test_cli_export_then_predict_onnx_reproduces_predict(tmp_path, checkpoint, exported):
     images, model, result = exported["images"], exported["model"], exported["result"]
     assert result.returncode == 0, result.stderr
-    assert "parity on 5 images" in result.stdout and "model.int8.onnx" in result.stdout
+    assert "parity on 5 images and a batch of 2" in result.stdout and "model.int8.onnx" in result.stdout
     info = json.loads(model.with_suffix(".json").read_text())
     # the graph is the LayerScale-folded model (depth 1: two folds), checked against the checkpoint's model
     assert info["fusions"] == {"layerscale": 2} and info["variants"] == {"int8": "model.int8.onnx"}
@@ -127,7 +135,8 @@ def test_cli_export_then_predict_onnx_reproduces_predict(tmp_path, checkpoint, e
 
     assert info["checkpoint_sha256"] == hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()
     assert info["parity"]["max_abs_diff"] <= ATOL and info["parity"]["min_argmax_agreement_seen"] >= 0.999
-    assert [c["image"] for c in info["parity"]["checks"]][-2:] == ["im0.png", "im1.png"]
+    assert [c["image"] for c in info["parity"]["checks"]][-3:-1] == ["im0.png", "im1.png"]
+    assert info["parity"]["checks"][-1]["batch"] == 2
 
     torch_out, onnx_out = tmp_path / "torch", tmp_path / "onnx"
     assert cli("predict", str(checkpoint), str(images), "--out", str(torch_out)).returncode == 0

@@ -98,6 +98,19 @@ def parity(graph: nn.Module, session, images: list[tuple[str, np.ndarray]]) -> l
         diff = float(np.abs(got - ref).max())
         agree = float((got.argmax(1) == ref.argmax(1)).mean())
         checks.append({"image": name, "size": list(image.shape[:2]), "max_abs_diff": diff, "argmax_agreement": agree})
+    if images:  # the batch dimension is dynamic too: the first image and its mirror image as one batch of 2
+        name, image = images[0]
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+        x = torch.cat([x, x.flip(-1)])  # [2, 3, H, W]
+        with torch.no_grad():
+            ref = graph(x)
+        ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()  # [2, K, H, W]
+        got = session.run(None, {"image": x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise ExportError(f"parity on a batch of 2 ({name}): onnxruntime gives {got.shape}, PyTorch {ref.shape}")
+        checks.append({"image": name, "batch": 2, "size": list(image.shape[:2]),
+                       "max_abs_diff": float(np.abs(got - ref).max()),
+                       "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean())})  # fmt: skip
     return checks
 
 
@@ -177,7 +190,7 @@ def export_graph(graph: nn.Module, path: Path, *, opset: int = OPSET, with_masks
     import logging
     import warnings
 
-    example = torch.rand(1, 3, *EXPORT_SIZE) * 255
+    example = torch.rand(2, 3, *EXPORT_SIZE) * 255  # a batch of 2: torch.export specialises a dimension of size 1
     dyn = torch.export.Dim.DYNAMIC
     names = ["scores", "pred_logits", "pred_masks"] if with_masks else ["scores"]
     quiet = logging.getLogger("torch.onnx")  # it logs a line per missing torchvision op it would register
@@ -188,7 +201,9 @@ def export_graph(graph: nn.Module, path: Path, *, opset: int = OPSET, with_masks
         try:
             # captured here, not by torch.onnx.export: its capture turns on size-oblivious shape checks, under which a
             # transposed attention output is viewed instead of copied (a ValueError in the decoder's attention)
-            program = torch.export.export(graph, (example,), dynamic_shapes={"image": {2: dyn, 3: dyn}}, strict=False)
+            program = torch.export.export(
+                graph, (example,), dynamic_shapes={"image": {0: dyn, 2: dyn, 3: dyn}}, strict=False
+            )
             program = program.run_decompositions()  # as well: the exporter decomposes under the same checks
             torch.onnx.export(
                 program,
