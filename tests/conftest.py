@@ -1,7 +1,9 @@
-"""Shared fixtures: the real data folder (skip only if absent) and a tiny generated Cityscapes layout."""
+"""Shared fixtures: the real data folder (skip only if absent) and a tiny generated Cityscapes layout; and how the
+suite shares 2 cores between pytest-xdist's workers (pyproject's addopts run `-n auto --dist loadgroup`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,36 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Modules whose tests take tens of seconds each (trainings, exports, benches, DDP): handed out first, so that the
+# last minutes of a parallel run are not one worker finishing a long test while the other waits.
+HEAVY_FIRST = ("test_export.py", "test_bench.py", "test_smoke.py", "test_bench_launch.py", "test_ddp.py",
+               "test_driving.py", "test_failures.py", "test_inputs.py", "test_faults.py", "test_resume.py")  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, one torch thread per worker (and per process a test starts): the workers share the cores, and
+    two threads each would only wait for each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group marks into work units
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep a module's tests on one worker when they share a module-scoped fixture (a checkpoint trained once, an
+    export made once: built once, not once per worker), and put the heavy modules first. Every worker sorts the same
+    collection the same way, as xdist requires."""
+    for item in items:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {d.scope for ds in (defs.name2fixturedefs.values() if defs else ()) for d in ds}
+        if "module" in scopes:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module is kept
 
 
 @pytest.fixture(scope="session")

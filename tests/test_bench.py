@@ -22,6 +22,7 @@ def _bench_file(tmp_path: Path, **changes) -> Path:
         "name": "tiny",
         "output_dir": str(tmp_path / "out"),
         "methods": ["source-only", "finetune", "tmt", "target-only"],
+        "threads": 1,  # one torch thread per run: pytest-xdist's workers share the cores (not part of a run's hash)
         "profiles": {"quick": {"seeds": [0], "overrides": [*TINY, "train.log_every=1"]}},
         "tasks": {
             "synthetic": {
