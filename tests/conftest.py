@@ -1,5 +1,6 @@
 """Shared fixtures: the real data folder (skip only if absent) and a tiny generated Cityscapes layout; and how the
-suite shares 2 cores between pytest-xdist's workers (pyproject's addopts run `-n auto --dist loadgroup`)."""
+suite shares 2 cores between pytest-xdist's workers (pyproject's addopts: `-n auto --dist loadfile`, a module's tests
+on one worker, so that a module-scoped fixture, a checkpoint trained once or an export made once, is built once)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Modules whose tests take tens of seconds each (trainings, exports, benches, DDP): handed out first, so that the
-# last minutes of a parallel run are not one worker finishing a long test while the other waits.
-HEAVY_FIRST = ("test_export.py", "test_bench.py", "test_smoke.py", "test_bench_launch.py", "test_ddp.py",
-               "test_driving.py", "test_failures.py", "test_inputs.py", "test_faults.py", "test_resume.py")  # fmt: skip
+# Modules of a minute or more (trainings, exports, benches, DDP), slowest first: handed out first, so that the last
+# minutes of a parallel run are not one worker finishing a long module while the other waits.
+HEAVY_FIRST = ("test_export.py", "test_export_msdeform.py", "test_bench.py", "test_bench_budget.py", "test_smoke.py",
+               "test_adversarial.py", "test_bench_launch.py", "test_ddp.py", "test_inputs.py", "test_driving.py",
+               "test_failures.py", "test_faults.py", "test_resume.py", "test_cli.py")  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,16 +31,8 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group marks into work units
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep a module's tests on one worker when they share a module-scoped fixture (a checkpoint trained once, an
-    export made once: built once, not once per worker), and put the heavy modules first. Every worker sorts the same
-    collection the same way, as xdist requires."""
-    for item in items:
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {d.scope for ds in (defs.name2fixturedefs.values() if defs else ()) for d in ds}
-        if "module" in scopes:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    """The heavy modules first; every worker sorts the same collection the same way, as xdist requires."""
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module is kept
 
