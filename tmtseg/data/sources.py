@@ -214,9 +214,10 @@ def _folder_resolver() -> Callable[[Path], Path]:
 def _refuse_outside(manifest: Path, root: Path, line: int, row: dict, resolve: Callable[[Path], Path]) -> None:
     """A row's files must resolve inside the manifest's folder: a shared manifest must not make a run read (and a
     prediction or an error message show) files elsewhere on the machine, by `..`, an absolute path or a symlink."""
+    inside = str(root).rstrip("/") + "/"  # root in real.parents, as text: both are absolute and resolved
     for column in ("image", "label", "mask", "fov"):
         value = row.get(column) or ""
-        if value and root not in resolve(manifest.parent / value).parents:
+        if value and not str(resolve(manifest.parent / value)).startswith(inside):
             raise DataError(f"{manifest}: line {line}: {column} {value} leads outside the manifest's folder {root}")
 
 
