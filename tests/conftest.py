@@ -1,7 +1,10 @@
-"""Shared fixtures: the real data folder (skip only if absent) and a tiny generated Cityscapes layout."""
+"""Shared fixtures: the real data folder (skip only if absent) and a tiny generated Cityscapes layout; and how the
+suite shares 2 cores between pytest-xdist's workers (pyproject's addopts: `-n auto --dist loadfile`, a module's tests
+on one worker, so that a module-scoped fixture, a checkpoint trained once or an export made once, is built once)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,29 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Modules of a minute or more (trainings, exports, benches, DDP), slowest first: handed out first, so that the last
+# minutes of a parallel run are not one worker finishing a long module while the other waits.
+HEAVY_FIRST = ("test_export.py", "test_export_msdeform.py", "test_bench.py", "test_bench_budget.py", "test_smoke.py",
+               "test_adversarial.py", "test_bench_launch.py", "test_ddp.py", "test_inputs.py", "test_driving.py",
+               "test_failures.py", "test_faults.py", "test_resume.py", "test_cli.py")  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist, one torch thread per worker (and per process a test starts): the workers share the cores, and
+    two threads each would only wait for each other."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heavy modules first; every worker sorts the same collection the same way, as xdist requires."""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module is kept
 
 
 @pytest.fixture(scope="session")

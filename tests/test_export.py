@@ -3,8 +3,9 @@
 predict --onnx == predict); refusals; issue 30's variants: the LayerScale-folded graph within the same tolerance,
 --quantize int8 with an argmax agreement >= INT8_MIN_AGREEMENT with the fp32 model. An export takes most of a minute
 on a shared 2-core CPU (torch.export's symbolic shapes), so the run covers each pixel decoder once and TMA once:
-msdeform with TMT (one encoder and one decoder layer, random init), and fpn with a DINOv2-shaped ViT, whose export is
-the CLI's (with masks and int8), made once and read by the tests that follow."""
+msdeform with TMT (one encoder and one decoder layer, random init: tests/test_export_msdeform.py, a module of its own
+so that pytest-xdist runs the two exports at once), and fpn with a DINOv2-shaped ViT, whose export is the CLI's (with
+masks and int8), made once and read by the tests that follow."""
 
 from __future__ import annotations
 
@@ -16,11 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tmtseg.adapt.build import build_model_with_loss
-from tmtseg.config import load_config
 from tmtseg.modeling.inference import image_scores
-from tmtseg.tools.export import ATOL, InferenceGraph, _session, check_parity, export_graph, parity, smooth_images
-from tmtseg.tools.ort import INT8_MIN_AGREEMENT, write_int8
+from tmtseg.tools.export import ATOL, InferenceGraph, _session, check_parity, parity, smooth_images
+from tmtseg.tools.ort import INT8_MIN_AGREEMENT
 
 from .test_resume import cli
 from .tiny import TINY
@@ -34,26 +33,6 @@ SIZES = [(64, 96), (77, 45), (150, 97), (224, 224)]  # the export traces 100x140
 # a DINOv2-shaped ViT: patch 14 resized to one token per 8 px, LayerScale, a register token
 DINO = ["model.backbone.patch_size=14", "model.backbone.token_stride=8", "model.backbone.layerscale=1e-5",
         "model.backbone.num_registers=1"]  # fmt: skip
-
-
-def test_export_of_msdeform_and_tmt_matches_pytorch_at_other_sizes(tmp_path):
-    # one deformable-encoder layer and one decoder layer: the export's minutes go to symbolic shapes, per layer
-    tiny = ["model.pixel_decoder=msdeform", "adapt.method=tmt", "model.enc_layers=1", "model.dec_layers=1"]
-    cfg = load_config([], [*SMALL, *tiny])
-    torch.manual_seed(0)
-    trainer = build_model_with_loss(cfg).eval()
-    graph = InferenceGraph(model=trainer.model, method=trainer.method, with_masks=True).eval()
-    export_graph(graph, tmp_path / "m.onnx", with_masks=True)
-    x, scores = _matches_pytorch_at_other_sizes(trainer, tmp_path / "m.onnx")
-    # --quantize int8 (issue 30): the same file's linear layers as int8 MatMuls, the argmax kept on every size
-    named = [(str(s), im) for s, im in zip(SIZES, smooth_images(SIZES), strict=True)]
-    record = write_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", named)
-    assert record["per_channel"] and record["op_types"] == ["MatMul"]
-    assert record["parity_vs_fp32"]["min_argmax_agreement_seen"] >= INT8_MIN_AGREEMENT
-    ops = [n.op_type for n in onnx.load(tmp_path / "m.int8.onnx").graph.node]
-    assert ops.count("MatMulInteger") >= 10 and "Gemm" not in ops  # every weight product quantised
-    got = _session(tmp_path / "m.int8.onnx").run(["scores"], {"image": x.numpy()})[0]
-    assert 0 < np.abs(got - scores).max() < 0.1  # int8 differs from fp32, a little
 
 
 def test_cli_export_of_fpn_and_a_dinov2_shaped_vit_matches_pytorch_at_other_sizes(checkpoint, exported):

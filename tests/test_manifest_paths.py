@@ -31,6 +31,7 @@ def _fake_camvid(tmp_path):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside)
     (folder / "day" / "link_out.png").symlink_to(outside)
     (folder / "day" / "link_in.png").symlink_to(folder / "day" / "a.png")
+    (folder / "day" / "out").symlink_to(tmp_path, target_is_directory=True)  # a folder leading out
     return folder, outside
 
 
@@ -52,7 +53,13 @@ def _train(tmp_path, run_dir):
 
 @pytest.mark.parametrize(
     "column,value",
-    [("image", "../../secret.png"), ("label", "../../secret.png"), ("image", "ABS"), ("label", "day/link_out.png")],
+    [
+        ("image", "../../secret.png"),
+        ("label", "../../secret.png"),
+        ("image", "ABS"),
+        ("label", "day/link_out.png"),
+        ("image", "day/out/secret.png"),
+    ],
 )
 def test_a_manifest_row_leading_outside_its_folder_is_refused_before_any_step(tmp_path, column, value):
     folder, outside = _fake_camvid(tmp_path)

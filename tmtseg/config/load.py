@@ -57,7 +57,25 @@ def load_config(files: list[str] | tuple[str, ...] = (), overrides: list[str] | 
 
 
 def load_config_over(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply ``a.b=value`` overrides to an existing config (e.g. one read from a checkpoint)."""
+    """Apply ``a.b=value`` overrides to an existing config (e.g. one read from a checkpoint).
+
+    All at once, the config copied once (OmegaConf.merge of several configs merges them in order, as one merge each
+    would); only when that fails are they applied one by one, so that the error names the override. A merge copies
+    the whole config: one per override was most of a bench's planning and of a command's start."""
+    try:
+        if not all("=" in item for item in overrides):
+            raise ValueError("an override without '='")  # said by the one-by-one pass, at its place in the list
+        merged = OmegaConf.merge(OmegaConf.structured(cfg), *(OmegaConf.from_dotlist([item]) for item in overrides))
+        cfg = _as_config(merged)  # always a new object, as callers may edit it
+    except (ValueError, OmegaConfBaseException, yaml.YAMLError):
+        cfg = _merge_one_by_one(cfg, overrides)
+    if cfg.adapt.method in METHOD_ALIASES:
+        cfg = _resolve_alias(cfg)
+    return validate(cfg)
+
+
+def _merge_one_by_one(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """The overrides merged in order, each checked: the first that fails is a ConfigError naming it."""
     merged = OmegaConf.structured(cfg)
     for item in overrides:
         if "=" not in item:
@@ -69,10 +87,7 @@ def load_config_over(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Con
             raise ConfigError(f"override {item!r}: {_omega_message(err)}") from None
         except yaml.YAMLError as err:  # a YAML tag (!!python/...) in the value: never constructed
             raise ConfigError(f"override {item!r}: not a plain value ({str(err).splitlines()[0]})") from None
-    cfg = cfg if overrides else _as_config(merged)  # always a new object, as callers may edit it
-    if cfg.adapt.method in METHOD_ALIASES:
-        cfg = _resolve_alias(cfg)
-    return validate(cfg)
+    return _as_config(merged)
 
 
 def _resolve_alias(cfg: Config) -> Config:

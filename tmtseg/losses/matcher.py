@@ -7,8 +7,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+
+
+def linear_sum_assignment(cost):
+    """scipy's Hungarian solver, imported at the first match, not at the top: scipy.optimize is a third of a second
+    of every start, and predict, eval, export and the data commands never match."""
+    from scipy.optimize import linear_sum_assignment as solve
+
+    return solve(cost)
 
 
 def uniform_coords(*shape: int, low: float = 0.0, high: float = 1.0, device=None) -> Tensor:
