@@ -1,9 +1,10 @@
 """Peak memory of `tmtseg predict`, `tmtseg eval` and `tmtseg advise` (image level and `--regions`) against the
-number of images (issue 29): it must not grow with the folder. Generates N small images (64x64 PNG, with 2-class masks) into a temporary folder, trains a tiny model for
-one step to have a checkpoint, then runs each command over N images in a fresh process and reads that process's peak
-resident memory (ru_maxrss of the one child, from os.wait4) and its wall time.
+number of images (issue 29): it must not grow with the folder. Generates N small images (64x64 PNG, with 2-class
+masks) into a temporary folder, trains a tiny model for one step to have a checkpoint, then runs each command over N
+images in a fresh process and reads that process's peak resident memory (ru_maxrss of the one child, from os.wait4)
+and its wall time.
 
-    python benchmarks/memory_bounded.py        # predict, advise at N = 500, 2000, 10000; eval, advise --regions at 500, 2000
+    python benchmarks/memory_bounded.py     # predict, advise: N = 500, 2000, 10000; eval, advise --regions: 500, 2000
     python benchmarks/memory_bounded.py --sizes 50 400 --eval-sizes 50 400 --advise-sizes 50 400 --region-sizes 50 400
     python benchmarks/memory_bounded.py --sizes --eval-sizes 10000 --advise-sizes 500 2000 10000   # skip predict
 
@@ -80,10 +81,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[500, 2000, 10000], help="image counts for predict")
     ap.add_argument("--eval-sizes", type=int, nargs="*", default=[500, 2000], help="image counts for eval")
-    ap.add_argument("--advise-sizes", type=int, nargs="*", default=[500, 2000, 10000],
-                    help="image counts for advise --budget 50 (image level)")
-    ap.add_argument("--region-sizes", type=int, nargs="*", default=[500, 2000],
-                    help="image counts for advise --regions 5")
+    ap.add_argument(
+        "--advise-sizes",
+        type=int,
+        nargs="*",
+        default=[500, 2000, 10000],
+        help="image counts for advise --budget 50 (image level)",
+    )
+    ap.add_argument(
+        "--region-sizes", type=int, nargs="*", default=[500, 2000], help="image counts for advise --regions 5"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep", help="generate into this folder and keep it (default: a temporary folder)")
     args = ap.parse_args()
@@ -99,21 +106,19 @@ def main() -> None:
         run(["train", *TINY, *folder, *small, "train.iters=1", "train.warmup_iters=0", f"output_dir={root / 'run'}"],
             args.threads)  # fmt: skip
         ckpt = root / "run" / "checkpoints" / "iter_0000001"
-        commands = {  # name -> (sizes, the command's arguments over a folder of n images)
-            "predict": (args.sizes, lambda d, n: ["predict", str(ckpt), str(d / "images"), "--out", str(root / f"out{n}"),
-                                                  "--jsonl"]),
-            "eval": (args.eval_sizes, lambda d, n: ["eval", str(ckpt), f"data.val.path={d}", "--out",
-                                                    str(root / f"eval{n}.json")]),
-            "advise": (args.advise_sizes, lambda d, n: ["advise", str(ckpt), str(d / "images"), "--budget", str(min(50, n)),
-                                                        "--out", str(root / f"advise{n}")]),
-            "regions": (args.region_sizes, lambda d, n: ["advise", str(ckpt), str(d / "images"), "--regions", "5",
-                                                         "--out", str(root / f"regions{n}")]),
+        commands = {  # name -> (sizes, the command's arguments over a folder d of n images)
+            "predict": (args.sizes, lambda d, n: ["predict", str(ckpt), str(d / "images"), "--jsonl"]),
+            "eval": (args.eval_sizes, lambda d, n: ["eval", str(ckpt), f"data.val.path={d}"]),
+            "advise": (args.advise_sizes, lambda d, n: ["advise", str(ckpt), str(d / "images"), "--budget",
+                                                        str(min(50, n))]),
+            "regions": (args.region_sizes, lambda d, n: ["advise", str(ckpt), str(d / "images"), "--regions", "5"]),
         }  # fmt: skip
         rows = []
         for command, (sizes, argv) in commands.items():
             for n in sizes:
                 data = root / f"n{n}" if (root / f"n{n}").exists() else first(root / "all", root / f"n{n}", n)
-                rss, seconds = run(argv(data, n), args.threads)
+                out = root / f"{command}{n}{'.json' if command == 'eval' else ''}"
+                rss, seconds = run([*argv(data, n), "--out", str(out)], args.threads)
                 rows.append((command, n, rss, seconds))
                 print(f"{command:8} N={n:>6}  peak RSS {rss:7.1f} MiB  {seconds:6.1f} s", flush=True)
     for command in commands:
