@@ -1,6 +1,7 @@
 """SIGTERM outside training (issue 29 §2; training's own stops are in test_faults.py and test_failures.py): `tmtseg
-eval` and `tmtseg predict` stop cleanly with exit 143 and one line, leave no partial output (eval.json as it was, every
-PNG written whole), and the same command run again gives what an uninterrupted one gives."""
+eval`, `tmtseg predict` and `tmtseg bench` stop cleanly with exit 143 and one line, leave no partial output (eval.json
+as it was, every PNG written whole, no bench record of an unfinished run), and the same command run again gives what
+an uninterrupted one gives (the bench's interrupted run resumed from its checkpoint)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tmtseg.io.checkpoint import list_checkpoints
+from tmtseg.tools.bench import load_bench, plan
+
+from .test_bench import _bench_file
 from .test_faults import sigterm_line
-from .test_resume import cli, start, wait_for
+from .test_resume import cli, logged_step, start, wait_for
 from .tiny import TINY
 
 VAL_IMAGES = 120  # enough synthetic scenes that the scoring still runs when the signal comes (about 20 ms each)
@@ -70,3 +75,30 @@ def test_sigterm_during_predict_stops_in_one_line_and_leaves_only_whole_files(ch
     records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["name"] for r in records] == [p.stem for p in ids]  # a whole line for each image done, in order
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+def test_sigterm_to_a_bench_stops_its_runs_with_a_checkpoint_and_the_same_command_ends_as_if_never_stopped(tmp_path):
+    """The tiny bench of test_bench.py with two methods (the source scored on the target, and fine-tuned on it): SIGTERM to the bench's
+    process group mid-way through the source's training; its results then equal an uninterrupted bench's, bitwise."""
+    longer = ["profiles.quick.source=[train.iters=8]"]  # the source's 8 steps: time to be stopped in the middle
+    for name in ("reference", "stopped"):
+        (tmp_path / name).mkdir()
+    reference = _bench_file(tmp_path / "reference", methods=["source-only", "finetune"])
+    assert cli("bench", str(reference), *longer).returncode == 0
+    spec = _bench_file(tmp_path / "stopped", methods=["source-only", "finetune"])
+    source = plan(*load_bench(str(spec), longer)).runs[0]
+    assert source.method == "source"
+    proc = start("bench", str(spec), *longer)
+    wait_for(lambda: logged_step(source.out) >= 2, proc)
+    line = sigterm_line(proc, what="the bench")
+    assert line == (
+        "tmtseg: error: SIGTERM: stopped with 0 of 3 runs finished, 1 interrupted (checkpoint saved); continue with"
+        " the same command"
+    )
+    results = tmp_path / "stopped" / "out" / "results.jsonl"
+    assert not results.exists() or results.read_text() == ""  # nothing recorded for a run that did not finish
+    assert list_checkpoints(source.out) and logged_step(source.out) < 8  # stopped mid-way, with a checkpoint
+    again = cli("bench", str(spec), *longer)
+    assert again.returncode == 0, again.stderr
+    scores = lambda path: {r["method"]: r["metrics"] for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
+    assert scores(results) == scores(tmp_path / "reference" / "out" / "results.jsonl")  # equal floats: bitwise
