@@ -96,10 +96,10 @@ def ended(proc: subprocess.Popen, *, what: str, timeout: float = 90) -> tuple[st
         raise AssertionError(f"{what} hung") from None
 
 
-def sigterm_line(proc: subprocess.Popen, *, what: str = "the run") -> str:
+def sigterm_line(proc: subprocess.Popen, *, what: str = "the run", timeout: float = 90) -> str:
     """SIGTERM the whole process group (as a scheduler does) and wait: exit 143 and one line on stderr, returned."""
     os.killpg(proc.pid, signal.SIGTERM)
-    _, err = ended(proc, what=f"{what}, after SIGTERM,")
+    _, err = ended(proc, what=f"{what}, after SIGTERM,", timeout=timeout)
     lines = err.strip().splitlines()
     assert proc.returncode == 143 and len(lines) == 1 and "Traceback" not in err, (proc.returncode, err)
     return lines[0]

@@ -21,6 +21,8 @@ from .test_resume import cli, logged_step, start, wait_for
 from .tiny import TINY
 
 VAL_IMAGES = 120  # enough synthetic scenes that the scoring still runs when the signal comes (about 20 ms each)
+# the bench test starts 10 processes (3 benches, 7 runs): about a minute of CPU; bounds for a loaded machine
+LOADED = 900
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +80,20 @@ def test_sigterm_during_predict_stops_in_one_line_and_leaves_only_whole_files(ch
 
 
 def test_sigterm_to_a_bench_stops_its_runs_with_a_checkpoint_and_the_same_command_ends_as_if_never_stopped(tmp_path):
-    """The tiny bench of test_bench.py with two methods (the source scored on the target, and fine-tuned on it): SIGTERM to the bench's
-    process group mid-way through the source's training; its results then equal an uninterrupted bench's, bitwise."""
+    """The tiny bench of test_bench.py with two methods (the source scored on the target, and fine-tuned on it):
+    SIGTERM to the bench's process group mid-way through the source's training; then the same command, whose results
+    equal an uninterrupted bench's, bitwise."""
     longer = ["profiles.quick.source=[train.iters=8]"]  # the source's 8 steps: time to be stopped in the middle
     for name in ("reference", "stopped"):
         (tmp_path / name).mkdir()
     reference = _bench_file(tmp_path / "reference", methods=["source-only", "finetune"])
-    assert cli("bench", str(reference), *longer).returncode == 0
+    assert cli("bench", str(reference), *longer, timeout=LOADED).returncode == 0
     spec = _bench_file(tmp_path / "stopped", methods=["source-only", "finetune"])
     source = plan(*load_bench(str(spec), longer)).runs[0]
     assert source.method == "source"
     proc = start("bench", str(spec), *longer)
-    wait_for(lambda: logged_step(source.out) >= 2, proc)
-    line = sigterm_line(proc, what="the bench")
+    wait_for(lambda: logged_step(source.out) >= 2, proc, timeout=LOADED)
+    line = sigterm_line(proc, what="the bench", timeout=LOADED)
     assert line == (
         "tmtseg: error: SIGTERM: stopped with 0 of 3 runs finished, 1 interrupted (checkpoint saved); continue with"
         " the same command"
@@ -98,7 +101,7 @@ def test_sigterm_to_a_bench_stops_its_runs_with_a_checkpoint_and_the_same_comman
     results = tmp_path / "stopped" / "out" / "results.jsonl"
     assert not results.exists() or results.read_text() == ""  # nothing recorded for a run that did not finish
     assert list_checkpoints(source.out) and logged_step(source.out) < 8  # stopped mid-way, with a checkpoint
-    again = cli("bench", str(spec), *longer)
+    again = cli("bench", str(spec), *longer, timeout=LOADED)
     assert again.returncode == 0, again.stderr
     scores = lambda path: {r["method"]: r["metrics"] for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
     assert scores(results) == scores(tmp_path / "reference" / "out" / "results.jsonl")  # equal floats: bitwise
