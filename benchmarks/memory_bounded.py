@@ -1,10 +1,15 @@
-"""Peak memory of `tmtseg predict` and `tmtseg eval` against the number of images (issue 29): it must not grow with
-the folder. Generates N small images (64x64 PNG, with 2-class masks) into a temporary folder, trains a tiny model for
-one step to have a checkpoint, then runs each command over N images in a fresh process and reads that process's peak
-resident memory (ru_maxrss of the one child, from os.wait4) and its wall time.
+"""Peak memory of `tmtseg predict`, `tmtseg eval` and `tmtseg advise` (image level and `--regions`) against the
+number of images (issue 29): it must not grow with the folder. Generates N small images (64x64 PNG, with 2-class
+masks) into a temporary folder, trains a tiny model for one step to have a checkpoint, then runs each command over N
+images in a fresh process and reads that process's peak resident memory (ru_maxrss of the one child, from os.wait4)
+and its wall time.
 
-    python benchmarks/memory_bounded.py                         # predict at N = 500, 2000, 10000; eval at 500, 2000
-    python benchmarks/memory_bounded.py --sizes 50 400 --eval-sizes 50 400 --threads 1
+    python benchmarks/memory_bounded.py     # predict, advise: N = 500, 2000, 10000; eval, advise --regions: 500, 2000
+    python benchmarks/memory_bounded.py --sizes 50 400 --eval-sizes 50 400 --advise-sizes 50 400 --region-sizes 50 400
+    python benchmarks/memory_bounded.py --sizes --eval-sizes 10000 --advise-sizes 500 2000 10000   # skip predict
+
+Memory figures do not depend on the machine's load (a process's peak RSS is what it allocated, whoever else runs);
+the wall times do, and are only comparable on an idle machine.
 """
 
 from __future__ import annotations
@@ -74,37 +79,49 @@ def run(args: list[str], threads: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 10000], help="image counts for predict")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[500, 2000, 10000], help="image counts for predict")
     ap.add_argument("--eval-sizes", type=int, nargs="*", default=[500, 2000], help="image counts for eval")
+    ap.add_argument(
+        "--advise-sizes",
+        type=int,
+        nargs="*",
+        default=[500, 2000, 10000],
+        help="image counts for advise --budget 50 (image level)",
+    )
+    ap.add_argument(
+        "--region-sizes", type=int, nargs="*", default=[500, 2000], help="image counts for advise --regions 5"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep", help="generate into this folder and keep it (default: a temporary folder)")
     args = ap.parse_args()
     print(f"torch threads {args.threads}, python {platform.python_version()}, load average {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
-        tic = time.perf_counter()
-        make_images(root / "all", max([*args.sizes, *args.eval_sizes]))
+        tic, largest = time.perf_counter(), max([*args.sizes, *args.eval_sizes, *args.advise_sizes, *args.region_sizes])
+        make_images(root / "all", largest)
         make_images(root / "small", 4, seed=1)
-        print(f"generated {max([*args.sizes, *args.eval_sizes])} images in {time.perf_counter() - tic:.0f} s")
+        print(f"generated {largest} images in {time.perf_counter() - tic:.0f} s")
         folder = ["data.train.kind=folder", "data.val.kind=folder", "data.num_classes=2"]
         small = [f"data.train.path={root / 'small'}", f"data.val.path={root / 'small'}"]
         run(["train", *TINY, *folder, *small, "train.iters=1", "train.warmup_iters=0", f"output_dir={root / 'run'}"],
             args.threads)  # fmt: skip
         ckpt = root / "run" / "checkpoints" / "iter_0000001"
+        commands = {  # name -> (sizes, the command's arguments over a folder d of n images)
+            "predict": (args.sizes, lambda d, n: ["predict", str(ckpt), str(d / "images"), "--jsonl"]),
+            "eval": (args.eval_sizes, lambda d, n: ["eval", str(ckpt), f"data.val.path={d}"]),
+            "advise": (args.advise_sizes, lambda d, n: ["advise", str(ckpt), str(d / "images"), "--budget",
+                                                        str(min(50, n))]),
+            "regions": (args.region_sizes, lambda d, n: ["advise", str(ckpt), str(d / "images"), "--regions", "5"]),
+        }  # fmt: skip
         rows = []
-        for n in args.sizes:
-            data = first(root / "all", root / f"n{n}", n)
-            rss, seconds = run(["predict", str(ckpt), str(data / "images"), "--out", str(root / f"out{n}"), "--jsonl"],
-                               args.threads)  # fmt: skip
-            rows.append(("predict", n, rss, seconds))
-            print(f"predict  N={n:>6}  peak RSS {rss:7.1f} MiB  {seconds:6.1f} s", flush=True)
-        for n in args.eval_sizes:
-            data = first(root / "all", root / f"n{n}", n) if not (root / f"n{n}").exists() else root / f"n{n}"
-            rss, seconds = run(["eval", str(ckpt), f"data.val.path={data}", "--out", str(root / f"eval{n}.json")],
-                               args.threads)  # fmt: skip
-            rows.append(("eval", n, rss, seconds))
-            print(f"eval     N={n:>6}  peak RSS {rss:7.1f} MiB  {seconds:6.1f} s", flush=True)
-    for command in ("predict", "eval"):
+        for command, (sizes, argv) in commands.items():
+            for n in sizes:
+                data = root / f"n{n}" if (root / f"n{n}").exists() else first(root / "all", root / f"n{n}", n)
+                out = root / f"{command}{n}{'.json' if command == 'eval' else ''}"
+                rss, seconds = run([*argv(data, n), "--out", str(out)], args.threads)
+                rows.append((command, n, rss, seconds))
+                print(f"{command:8} N={n:>6}  peak RSS {rss:7.1f} MiB  {seconds:6.1f} s", flush=True)
+    for command in commands:
         mine = [r for r in rows if r[0] == command]
         if len(mine) > 1:
             growth = (mine[-1][2] - mine[0][2]) / (mine[-1][1] - mine[0][1]) * 1024

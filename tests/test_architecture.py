@@ -18,7 +18,8 @@ LAYERS = [
         "tmtseg.metrics",
         "tmtseg.hashing",
     ),  # foundations
-    ("tmtseg.io.checkpoint", "tmtseg.io.runlock", "tmtseg.io.pictures"),  # files: checkpoints, locks, pictures
+    # files: checkpoints, locks, pictures, whole files (written beside and renamed)
+    ("tmtseg.io.checkpoint", "tmtseg.io.runlock", "tmtseg.io.pictures", "tmtseg.io.files"),
     ("tmtseg.modeling", "tmtseg.losses"),  # the segmenter (with its backbones' pretrained weights) and its losses
     ("tmtseg.adapt",),  # the adaptation pieces and their tables
     ("tmtseg.config",),  # the typed config: validated against the tables below it

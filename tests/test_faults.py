@@ -49,11 +49,7 @@ def test_a_data_loader_worker_killed_with_sigkill_ends_the_run_in_one_line_then_
     proc = start("train", *RUN, f"output_dir={run_dir}", "data.num_workers=1", f"train.iters={ITERS * 4}")
     wait_for(lambda: logged_step(run_dir) >= 4 and bool(_children(proc.pid)), proc)
     os.kill(_children(proc.pid)[0], signal.SIGKILL)
-    try:
-        _, err = proc.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        kill9(proc)
-        raise AssertionError("the run hung after its data-loader worker was killed") from None
+    _, err = ended(proc, what="the run, after its data-loader worker was killed,")
     lines = err.strip().splitlines()
     assert proc.returncode not in (0, None) and len(lines) == 1, (proc.returncode, err)
     assert proc.returncode == 1 and lines[0].startswith("tmtseg: error: DataLoader worker (pid "), lines[0]
@@ -91,18 +87,29 @@ def test_a_disk_that_fills_during_a_checkpoint_write_keeps_the_last_good_one_and
     assert logged_step(run_dir) == ITERS and latest_valid(run_dir).name == f"iter_{ITERS:07d}"
 
 
-def _stopped_by_sigterm(proc) -> str:
-    """Wait (bounded) for a run sent SIGTERM: exit 143 and the one line naming the checkpoint it saved."""
-    os.killpg(proc.pid, signal.SIGTERM)  # the whole group, as a scheduler does
+def ended(proc: subprocess.Popen, *, what: str, timeout: float = 90) -> tuple[str, str]:
+    """Wait (bounded) for `proc` to end and return its (stdout, stderr); a hang is killed and fails, naming `what`."""
     try:
-        _, err = proc.communicate(timeout=90)
+        return proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill9(proc)
-        raise AssertionError("the run hung after SIGTERM") from None
+        raise AssertionError(f"{what} hung") from None
+
+
+def sigterm_line(proc: subprocess.Popen, *, what: str = "the run", timeout: float = 90) -> str:
+    """SIGTERM the whole process group (as a scheduler does) and wait: exit 143 and one line on stderr, returned."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = ended(proc, what=f"{what}, after SIGTERM,", timeout=timeout)
     lines = err.strip().splitlines()
-    assert proc.returncode == 143 and len(lines) == 1, (proc.returncode, err)
-    assert lines[0].startswith("tmtseg: error: SIGTERM at step ") and lines[0].endswith("continue with --resume")
+    assert proc.returncode == 143 and len(lines) == 1 and "Traceback" not in err, (proc.returncode, err)
     return lines[0]
+
+
+def _stopped_by_sigterm(proc) -> str:
+    """A training run sent SIGTERM: the one line names the step and the checkpoint it saved."""
+    line = sigterm_line(proc)
+    assert line.startswith("tmtseg: error: SIGTERM at step ") and line.endswith("continue with --resume"), line
+    return line
 
 
 def test_sigterm_during_an_evaluation_and_inside_a_save_stops_cleanly_then_resumes_exactly(tmp_path_factory, tmp_path):

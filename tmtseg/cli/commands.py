@@ -83,6 +83,7 @@ def _cmd_eval(args) -> int:
     from tmtseg.engine.evaluate import evaluate_checkpoint
     from tmtseg.errors import DataError
     from tmtseg.io.checkpoint import MODEL_FILE
+    from tmtseg.io.files import write_atomically
     from tmtseg.metrics import format_table
     from tmtseg.tools.predict import make_out_dir, refuse_overwrite
 
@@ -108,8 +109,9 @@ def _cmd_eval(args) -> int:
         title = f"{args.checkpoint} on data.val"
     print(format_table(metrics, title=title))
     make_out_dir(out.parent, option="--out")
-    try:
-        out.write_text(json.dumps({"checkpoint": str(ckpt), "val": _split_dict(cfg), **metrics}, indent=1))
+    text = json.dumps({"checkpoint": str(ckpt), "val": _split_dict(cfg), **metrics}, indent=1)
+    try:  # whole or not at all: a kill or a full disk mid-write leaves the previous eval.json as it was
+        write_atomically(out, lambda tmp: tmp.write_text(text))
     except OSError as err:
         raise DataError(f"--out {out}: cannot write ({err.strerror})") from None
     print(f"metrics: {out}")

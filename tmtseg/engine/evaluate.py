@@ -19,8 +19,8 @@ from tmtseg.data import build_dataset, data_report
 from tmtseg.engine.compiled import compile_model
 from tmtseg.engine.inputs import changed_inputs, refuse_changed, split_input
 from tmtseg.engine.restore import model_with_loss_from_checkpoint
-from tmtseg.engine.step import amp_context
-from tmtseg.errors import DataError
+from tmtseg.engine.step import StopRequested, amp_context
+from tmtseg.errors import DataError, Preempted
 from tmtseg.metrics import SegMetrics
 from tmtseg.modeling.feature_cache import FeatureCache
 from tmtseg.modeling.inference import eval_mode, predict_logits
@@ -54,10 +54,15 @@ def evaluate(
     hooks_fn: Callable[[], object] | None = None,
     progress: bool = False,
     amp: str = "none",
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Score a labelled dataset at label resolution, under bf16 autocast if amp is "bf16"; shards over processes and
     all-reduces the confusion matrix. `model` is put in eval mode for the call; the modules behind `hooks_fn` (a
-    method's pieces) are the caller's to put there (`evaluate_model_with_loss` does)."""
+    method's pieces) are the caller's to put there (`evaluate_model_with_loss` does).
+
+    `stop` (SIGTERM seen, for `tmtseg eval`) is asked before each image and after the last: when it holds, Preempted
+    says how far the scoring got and no metric is returned, so that no partial score can be written. The evaluation
+    inside training passes none: there a SIGTERM lets the evaluation finish, then the loop saves and stops."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(
@@ -66,29 +71,38 @@ def evaluate(
         class_names=dataset.class_names,
         binary=binary,
     )
-    world = dist.world_size()
-    indices = range(dist.rank(), len(dataset), world)
-    for i in tqdm(indices, desc="eval", disable=not (progress and dist.is_main()), leave=False):
-        item = dataset[i]
-        label = item["label"]
-        with amp_context(amp, device):
-            logits = predict_logits(
-                model,
-                item["image"].to(device),
-                out_size=tuple(label.shape[-2:]),
-                mode=mode,
-                crop=crop,
-                stride=stride,
-                hooks=hooks_fn() if hooks_fn else None,
-            )  # [1, K, H, W]
-        metrics.update(logits.argmax(1)[0].cpu(), label)
-    if dist.is_distributed():
-        metrics.confusion = dist.all_reduce_sum(metrics.confusion)
-        # rank r scored images r, r + W, ...: interleave the per-image scores back into dataset order
-        shards = dist.all_gather_lists(metrics.image_dice)
-        metrics.image_dice = [shards[i % world][i // world] for i in range(sum(len(x) for x in shards))]
-    model.train(was_training)
+    try:
+        world = dist.world_size()
+        indices = range(dist.rank(), len(dataset), world)
+        for done, i in enumerate(tqdm(indices, desc="eval", disable=not (progress and dist.is_main()), leave=False)):
+            _check_stop(stop, done, len(indices))
+            item = dataset[i]
+            label = item["label"]
+            with amp_context(amp, device):
+                logits = predict_logits(
+                    model,
+                    item["image"].to(device),
+                    out_size=tuple(label.shape[-2:]),
+                    mode=mode,
+                    crop=crop,
+                    stride=stride,
+                    hooks=hooks_fn() if hooks_fn else None,
+                )  # [1, K, H, W]
+            metrics.update(logits.argmax(1)[0].cpu(), label)
+        _check_stop(stop, len(indices), len(indices))
+        if dist.is_distributed():
+            metrics.confusion = dist.all_reduce_sum(metrics.confusion)
+            # rank r scored images r, r + W, ...: interleave the per-image scores back into dataset order
+            shards = dist.all_gather_lists(metrics.image_dice)
+            metrics.image_dice = [shards[i % world][i // world] for i in range(sum(len(x) for x in shards))]
+    finally:
+        model.train(was_training)
     return metrics.compute()
+
+
+def _check_stop(stop: Callable[[], bool] | None, done: int, total: int) -> None:
+    if stop is not None and stop():
+        raise Preempted(f"stopped after {done}/{total} images")
 
 
 def evaluate_checkpoint(
@@ -96,16 +110,25 @@ def evaluate_checkpoint(
 ) -> tuple[dict, Config]:
     """Score a checkpoint on its config's data.val (overrides may point it at another split or data root). The split
     the run recorded (data.val, same split config) must still hold the same files (their hash), unless
-    `allow_changed_inputs`: then the metrics carry the change (`changed_inputs`)."""
-    model_with_loss, cfg, meta = model_with_loss_from_checkpoint(path, overrides)
-    recorded = meta.get("inputs") or {}
-    changes = changed_inputs(recorded, {"data.val": split_input(cfg, "val")}) if "data.val" in recorded else []
-    refuse_changed(changes, where=f"{path} was trained", allow=allow_changed_inputs)
-    metrics = evaluate_on_val(model_with_loss, cfg, progress=progress)
+    `allow_changed_inputs`: then the metrics carry the change (`changed_inputs`).
+
+    A SIGTERM from here on (loading included) stops the scoring before its next image: Preempted (exit 143) names the
+    checkpoint and how far it got, and nothing is returned to write (`tmtseg eval`, a bench's evaluation run)."""
+    with StopRequested() as stop:
+        model_with_loss, cfg, meta = model_with_loss_from_checkpoint(path, overrides)
+        recorded = meta.get("inputs") or {}
+        changes = changed_inputs(recorded, {"data.val": split_input(cfg, "val")}) if "data.val" in recorded else []
+        refuse_changed(changes, where=f"{path} was trained", allow=allow_changed_inputs)
+        try:
+            metrics = evaluate_on_val(model_with_loss, cfg, progress=progress, stop=lambda: stop.flag)
+        except Preempted as err:
+            raise Preempted(f"SIGTERM during evaluation of {path}: {err}; nothing written; run it again") from None
     return ({**metrics, "changed_inputs": changes} if changes else metrics), cfg
 
 
-def evaluate_on_val(model_with_loss: ModelWithLoss, cfg: Config, *, device=None, progress: bool = True) -> dict:
+def evaluate_on_val(
+    model_with_loss: ModelWithLoss, cfg: Config, *, device=None, progress: bool = True, stop=None
+) -> dict:
     """Score a loaded model on `cfg`'s data.val as `tmtseg eval` does: the data checked first, on `device` (default:
     train.device), compiled if train.compile."""
     check_data(cfg, ("val",))
@@ -114,10 +137,12 @@ def evaluate_on_val(model_with_loss: ModelWithLoss, cfg: Config, *, device=None,
     if cfg.train.compile:
         compile_model(model_with_loss.model, backend=cfg.train.compile_backend)
     val_ds = build_dataset(cfg.data.val, cfg.data, train=False)
-    return evaluate_model_with_loss(model_with_loss, cfg, val_ds, device, progress=progress)
+    return evaluate_model_with_loss(model_with_loss, cfg, val_ds, device, progress=progress, stop=stop)
 
 
-def evaluate_model_with_loss(model_with_loss: ModelWithLoss, cfg: Config, dataset, device, *, progress: bool) -> dict:
+def evaluate_model_with_loss(
+    model_with_loss: ModelWithLoss, cfg: Config, dataset, device, *, progress: bool, stop=None
+) -> dict:
     """Score the segmenter on `dataset` as `cfg` infers (mode, crop, stride; the method's inference hooks; the ViT's
     outputs from infer.feature_cache if set). Every module takes part in eval mode (a method's discriminators whose T
     biases attention would otherwise add dropout noise), whatever mode the caller left them in; their modes are put
@@ -137,6 +162,7 @@ def evaluate_model_with_loss(model_with_loss: ModelWithLoss, cfg: Config, datase
             hooks_fn=model_with_loss.method.inference_hooks,
             progress=progress,
             amp=cfg.train.amp,
+            stop=stop,
         )
 
 

@@ -276,19 +276,21 @@ def _refusals(trainer, cfg, pool: Pool, target: Path, out: Path, *, budget, regi
 def score_pool(trainer, cfg, pool: Pool, *, amp: str, progress, each=None) -> Scores:
     """Score every image once, in order, keeping only its means and pooled feature (`each(i, score)` may look at
     its maps before they are dropped: the region mode's use)."""
-    rows, features = [], []
+    table = np.full((len(pool), 3), np.nan)  # [N, 3]: mean U, 1 - T, W; NaN where the map is absent
+    features = None  # [N, C], allocated at the first image: numbers in arrays, not a Python object per image
     for i in progress(range(len(pool))) if progress else range(len(pool)):
         s = score_image(trainer, pool.read[i](), cfg=cfg, scale=pool.scale, amp=amp)
-        rows.append((float(s.u.mean()), _mean(s.t, lambda t: 1.0 - t), _mean(s.w)))
-        features.append(s.feature)
+        table[i] = (float(s.u.mean()), _mean(s.t, lambda t: 1.0 - t), _mean(s.w))
+        if features is None:
+            features = np.empty((len(pool), *s.feature.shape), s.feature.dtype)
+        features[i] = s.feature
         if each is not None:
             each(i, s)
-    table = np.array(rows, dtype=np.float64)  # [N, 3]: mean U, 1 - T, W; NaN where the map is absent
 
     def column(j: int) -> np.ndarray | None:
         return None if np.isnan(table[:, j]).any() else table[:, j]
 
-    return Scores(u=table[:, 0], one_minus_t=column(1), w=column(2), features=np.stack(features))
+    return Scores(u=table[:, 0], one_minus_t=column(1), w=column(2), features=features)
 
 
 def _mean(x: np.ndarray | None, f=None) -> float:

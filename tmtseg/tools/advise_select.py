@@ -115,26 +115,44 @@ def choose(strategy: str, scores: Scores, k: int, *, seed: int = 0) -> list[int]
 # --------------------------------------------------------------------------------------------------- regions
 
 
-@dataclass
 class RegionTable:
     """Every region of the pool, flattened: its image's index, its id in that image's region map, its pixel count and
-    its score (the mean of the strategy's map over it)."""
+    its score (the mean of the strategy's map over it).
 
-    image: list[int] = field(default_factory=list)
-    region: list[int] = field(default_factory=list)
-    pixels: list[int] = field(default_factory=list)
-    score: list[float] = field(default_factory=list)
+    The columns are numpy arrays grown by doubling (20 bytes a region), not Python lists (about 100 bytes a region in
+    boxed numbers): a pool of 10 000 64x64 images in token-sized cells holds 640 000 regions, and this table is what
+    the region mode keeps per image (benchmarks/memory_bounded.py)."""
+
+    _COLUMNS = (("image", np.int32), ("region", np.int32), ("pixels", np.int32), ("score", np.float64))
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._cols = {name: np.empty(1024, dtype) for name, dtype in self._COLUMNS}
+
+    def __len__(self) -> int:
+        return self._n
+
+    image = property(lambda self: self._cols["image"][: self._n])
+    region = property(lambda self: self._cols["region"][: self._n])
+    pixels = property(lambda self: self._cols["pixels"][: self._n])
+    score = property(lambda self: self._cols["score"][: self._n])
 
     def add(self, image: int, ids: np.ndarray, values: np.ndarray) -> None:
         """One image's regions: `ids` [H, W] region ids (>= 0), `values` [H, W] the map whose mean scores them."""
         flat = ids.reshape(-1)
         count = np.bincount(flat)
         total = np.bincount(flat, weights=values.reshape(-1).astype(np.float64), minlength=len(count))
-        for r in np.flatnonzero(count):
-            self.image.append(image)
-            self.region.append(int(r))
-            self.pixels.append(int(count[r]))
-            self.score.append(float(total[r] / count[r]))
+        present = np.flatnonzero(count)
+        rows = {"image": image, "region": present, "pixels": count[present], "score": total[present] / count[present]}
+        end = self._n + len(present)
+        if end > len(self._cols["image"]):
+            for name, col in self._cols.items():
+                grown = np.empty(max(end, 2 * len(col)), col.dtype)
+                grown[: self._n] = col[: self._n]
+                self._cols[name] = grown
+        for name, col in self._cols.items():
+            col[self._n : end] = rows[name]
+        self._n = end
 
 
 def choose_regions(table: RegionTable, percent: float, *, strategy: str = "u", seed: int = 0) -> dict[int, set[int]]:
@@ -144,19 +162,19 @@ def choose_regions(table: RegionTable, percent: float, *, strategy: str = "u", s
         raise ConfigError(f"--regions {percent}: a percentage of the pool's pixels in (0, 100]")
     if strategy not in REGION_STRATEGIES:
         raise ConfigError(f"--strategy {strategy} with --regions: choose from {', '.join(REGION_STRATEGIES)}")
-    n = len(table.score)
+    n = len(table)
     if strategy == "random":
         order = np.random.default_rng(seed).permutation(n)
     else:
-        order = top_k(np.array(table.score), n)
-    goal = percent / 100.0 * sum(table.pixels)
+        order = np.argsort(-table.score, kind="stable")  # top_k's order, without a list of n Python ints
+    goal = percent / 100.0 * int(table.pixels.sum(dtype=np.int64))
     chosen: dict[int, set[int]] = {}
     taken = 0
     for i in order:
         if taken >= goal:
             break
-        chosen.setdefault(table.image[i], set()).add(table.region[i])
-        taken += table.pixels[i]
+        chosen.setdefault(int(table.image[i]), set()).add(int(table.region[i]))
+        taken += int(table.pixels[i])
     return chosen
 
 

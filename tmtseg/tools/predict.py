@@ -16,8 +16,9 @@ from PIL import Image
 
 from tmtseg.data.decode import open_image, rgb_array
 from tmtseg.data.transforms import resize_image, scaled_size
-from tmtseg.engine.step import amp_context
-from tmtseg.errors import ConfigError, DataError
+from tmtseg.engine.step import StopRequested, amp_context
+from tmtseg.errors import ConfigError, DataError, Preempted
+from tmtseg.io.files import write_atomically
 from tmtseg.io.pictures import (  # noqa: F401 (re-exported)
     VOID,
     binary_png,
@@ -138,9 +139,11 @@ def make_out_dir(out_dir: Path, *, option: str) -> None:
 
 
 def save_png(arr, target: Path, *, option: str = "--out") -> None:
-    """An array or a PIL image -> a PNG at `target`; a failure is a DataError naming it."""
+    """An array or a PIL image -> a PNG at `target`, whole or not at all (written beside it, then renamed: a kill
+    mid-write leaves no half PNG); a failure is a DataError naming it."""
+    picture = arr if isinstance(arr, Image.Image) else Image.fromarray(arr)
     try:
-        (arr if isinstance(arr, Image.Image) else Image.fromarray(arr)).save(target)
+        write_atomically(target, lambda tmp: picture.save(tmp, format="PNG"))
     except OSError as err:
         raise DataError(f"{option} {target}: cannot write ({err.strerror or err})") from None
 
@@ -194,9 +197,9 @@ def _write_one(outputs: Outputs, files: dict[str, Path], image: np.ndarray, scor
     colours = colorize(ids, outputs.palette)
     for kind, target in files.items():
         if kind == "npy":  # the scores normalised to sum 1 per pixel: the argmax is the ids written beside them
-            probs = class_probabilities(scores)
+            probs = class_probabilities(scores).numpy()
             try:
-                np.save(target, probs.numpy())
+                write_atomically(target, lambda tmp, probs=probs: _save_npy(tmp, probs))
             except OSError as err:
                 raise DataError(f"--out {target}: cannot write ({err.strerror or err})") from None
             continue
@@ -210,6 +213,11 @@ def _write_one(outputs: Outputs, files: dict[str, Path], image: np.ndarray, scor
             picture = palette_png(ids, outputs.palette) if kind == "palette" else ids16_png(ids)
         save_png(picture, target)
     return ids
+
+
+def _save_npy(target: Path, array: np.ndarray) -> None:
+    with open(target, "wb") as f:  # a file object: np.save would add ".npy" to the temporary name
+        np.save(f, array)
 
 
 def _stats_line(path: Path, name: str, ids: np.ndarray, scores: torch.Tensor, names: list[str]) -> str:
@@ -244,6 +252,9 @@ def write_predictions(
     none replaces an input (or a `protected` file such as the checkpoint), no image is above MAX_PIXELS. Images above
     WHOLE_MAX_PIXELS are predicted by sliding windows, each announced through `note(line)`.
 
+    A SIGTERM stops the loop before its next image: Preempted (exit 143) says how many images were done; their
+    files are whole (each is written beside its name and renamed), predictions.jsonl has one whole line for each.
+
     Memory stays bounded over any number of images (issue 29): one image is held at a time, its JSON line goes to
     predictions.jsonl as soon as it is predicted, and what is kept per image is its path and output name only (the
     targets and pixel counts are recomputed where needed, never listed).
@@ -267,8 +278,11 @@ def write_predictions(
     make_out_dir(out_dir, option="--out")
     device = torch.device(device or "cpu")
     written = 0
-    with _lines_to(stats if outputs.jsonl else None) as write_line:
-        for path in progress(files) if progress else files:
+    with StopRequested() as stop, _lines_to(stats if outputs.jsonl else None) as write_line:
+        for done, path in enumerate(progress(files) if progress else files):
+            if stop.flag:
+                raise Preempted(f"SIGTERM during prediction: stopped after {done}/{len(files)} images (their files"
+                                f" are whole); run the same command again")  # fmt: skip
             image = read_image(path)  # [H, W, 3]
             pixels = round(image.shape[0] * scale) * round(image.shape[1] * scale)  # as image_pixels reads it
             how = inference_window(mode, crop, stride, pixels)

@@ -10,13 +10,19 @@ report do not depend on it.
 
 A job that dies (killed, cut off by its time limit, its node lost) comes back as a failed run; running the bench
 again resumes it from its last checkpoint, as after any kill.
+
+A SIGTERM to the bench reaches the runs through `stop()`: local processes are sent it (each training run finishes its
+step, saves a checkpoint and comes back as Preempted, exit 143) and the bench waits for them; submitit jobs are left
+running, as when the bench is killed.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -31,6 +37,13 @@ def local_threads(bench: BenchConfig) -> int:
     return bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)
 
 
+def _ignore_sigterm() -> None:
+    """A local worker ignores SIGTERM until a run inside it installs its own handler (training and evaluation do, and
+    put this back when they end): a SIGTERM sent to the bench's whole process group must stop the runs, not kill an
+    idle worker, which would break the pool and lose the results of the others."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class LocalLauncher:
     """Fresh processes (spawned, one run each: clean peak memory, nothing shared between runs), `jobs` at a time."""
 
@@ -40,7 +53,8 @@ class LocalLauncher:
         self.slots, self.threads = bench.jobs, local_threads(bench)
 
     def __enter__(self) -> LocalLauncher:
-        self.pool = ProcessPoolExecutor(max_workers=self.slots, mp_context=get_context("spawn"), max_tasks_per_child=1)
+        self.pool = ProcessPoolExecutor(max_workers=self.slots, mp_context=get_context("spawn"), max_tasks_per_child=1,
+                                        initializer=_ignore_sigterm)  # fmt: skip
         return self
 
     def __exit__(self, *exc) -> None:
@@ -53,7 +67,21 @@ class LocalLauncher:
         return wait(handles, timeout=timeout, return_when=FIRST_COMPLETED)[0] if handles else set()
 
     def result(self, handle, run) -> dict:
-        return handle.result()
+        try:
+            return handle.result()
+        except BrokenProcessPool as err:  # a worker died (killed; SIGTERM before it could ignore it): the others too
+            return {"key": run.key, "exit_code": TrainingError.exit_code, "died": True,
+                    "error": f"its process ended without a result ({_first_line(err)}); run the bench again to resume"
+                             " it"}  # fmt: skip
+
+    def stop(self) -> bool:
+        """Send SIGTERM to the worker processes (a worker between runs ignores it); True: wait for their results."""
+        for process in list(self.pool._processes.values()):  # the executor's own table of its live workers
+            try:
+                os.kill(process.pid, signal.SIGTERM)
+            except (ProcessLookupError, AttributeError):  # ended meanwhile
+                pass
+        return True
 
 
 class SubmititLauncher:
@@ -91,6 +119,10 @@ class SubmititLauncher:
             return self.executor.submit(fn, run, self.threads)
         except Exception as err:  # sbatch missing or refusing the job: one line, the bench stops
             raise TrainingError(f"launcher {self.name}: submitting {run.key} failed: {_first_line(err)}") from None
+
+    def stop(self) -> bool:
+        """Jobs are not signalled (Slurm sends its own SIGTERM at a time limit): False, do not wait for them."""
+        return False
 
     def finished(self, handles, timeout: float = POLL_S) -> set:
         end = time.monotonic() + timeout

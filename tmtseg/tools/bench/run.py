@@ -13,8 +13,9 @@ from pathlib import Path
 
 from tmtseg import config as config_mod
 from tmtseg.config import Config
-from tmtseg.errors import TmtsegError
-from tmtseg.tools.bench.launch import make_launcher
+from tmtseg.engine.step import StopRequested
+from tmtseg.errors import Preempted, TmtsegError, TrainingError
+from tmtseg.tools.bench.launch import POLL_S, make_launcher
 from tmtseg.tools.bench.plan import Run, plan
 from tmtseg.tools.bench.progress import BenchProgress
 from tmtseg.tools.bench.results import SessionLog, finished_runs, provenance, report
@@ -124,62 +125,97 @@ def run_bench(bench: BenchConfig, base: Path, *, progress: bool = True, write_re
     Returns the report's path (None when `write_report` is False: a first stage of the demo). Finished runs (recorded
     in results.jsonl with the same config hash) are skipped; a run folder with checkpoints is resumed. A failed run is
     reported and the others go on (those that need it are skipped); then TrainingError names the first failure.
+
+    A SIGTERM starts nothing new and is passed on to the running runs (`launcher.stop`): each training run saves a
+    checkpoint and comes back interrupted, which is not recorded; then Preempted (exit 143) says how many finished
+    and how many were interrupted, and the same command resumes them, from their checkpoints, to the same scores.
     """
     from tqdm import tqdm
 
     p = plan(bench, base)
     out_dir = Path(bench.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_file = out_dir / "results.jsonl"
-    done = finished_runs(p, bench)
-    # sources first: each unblocks several runs, so the parallel lanes never wait for one at the end
-    queue = sorted((r for r in p.runs if r.key not in done), key=lambda r: r.method != "source")
-    launcher = make_launcher(bench)
-    prov = provenance()
-    cost = {r.key: max(r.iters, 10) for r in queue}  # work in steps (an evaluation counts as 10)
-    failed: dict[str, str] = {}
+    state = _Bench(bench, p, out_dir)
+    if progress and state.done:
+        tqdm.write(f"{bench.name}: {len(state.done)} of {len(p.runs)} runs already finished")
     # to a log file (`nohup tmtseg bench ... > bench.log`): a line when a run ends or a minute passed, each once
-    bar = BenchProgress(sum(cost.values()), bench.name, enabled=progress)
-    if progress and done:
-        tqdm.write(f"{bench.name}: {len(done)} of {len(p.runs)} runs already finished")
-    active: dict = {}  # a launcher's handle (future or job) -> its run
-    finished_units = 0
-    session = SessionLog(out_dir / "sessions.jsonl", jobs=bench.jobs, threads=launcher.threads)
-    with launcher:
-        while queue or active:
-            waiting = {r.key for r in queue} | {r.key for r in active.values()}
-            for r in list(queue):
-                if r.after in failed:
-                    queue.remove(r)
-                    failed[r.key] = f"skipped: {r.after} failed"
-                elif len(active) < launcher.slots and r.after not in waiting:
-                    queue.remove(r)
-                    active[launcher.submit(execute, r)] = r
-            finished = launcher.finished(set(active))
+    bar = BenchProgress(sum(state.cost.values()), bench.name, enabled=progress)
+    with StopRequested() as stop, state.launcher as launcher:
+        while state.active or (state.queue and not stop.flag):  # after a SIGTERM, until the running ones are back
+            if stop.flag and not launcher.stop():  # submitit jobs go on; the next invocation finds their runs
+                break
+            if not stop.flag:
+                state.submit()
+            finished = launcher.finished(set(state.active), timeout=STOP_POLL_S if stop.flag else POLL_S)
             for handle in finished:
-                r = active.pop(handle)
-                rec = launcher.result(handle, r)
-                finished_units += cost[r.key]
-                if "error" in rec:
-                    failed[r.key] = rec["error"]
-                    tqdm.write(f"tmtseg bench: {r.key} failed: {rec['error']} (run folder {r.out})")
-                    continue
-                _record(rec, prov, results_file)
-                done[r.key] = rec
-                _prune(r, keep=bench.keep)
-                session.ran(rec)
-            units = finished_units + sum(min(_last_step(r), r.iters) for r in active.values())
-            running = "; ".join(f"{r.key} {_last_step(r)}/{r.iters}" for r in active.values())
+                state.collect(handle, stopping=stop.flag)
+            units = state.finished_units + sum(min(_last_step(r), r.iters) for r in state.active.values())
+            running = "; ".join(f"{r.key} {_last_step(r)}/{r.iters}" for r in state.active.values())
             bar.update(units, running, force=bool(finished))
     bar.close()
+    if stop.flag:
+        failed = f", {len(state.failed)} failed or skipped (named above)" if state.failed else ""
+        raise Preempted(f"SIGTERM: stopped with {len(state.done)} of {len(p.runs)} runs finished, {state.interrupted}"
+                        f" interrupted (checkpoint saved){failed}; continue with the same command")  # fmt: skip
     path = report(bench, base, p) if write_report else None
-    if failed:
-        from tmtseg.errors import TrainingError
-
-        first = next(iter(failed))
+    if state.failed:
+        first = next(iter(state.failed))
         rest = f" (report of the rest: {path})" if path else ""
-        raise TrainingError(f"{len(failed)} bench run(s) failed or skipped, first {first}: {failed[first]}{rest}")
+        raise TrainingError(
+            f"{len(state.failed)} bench run(s) failed or skipped, first {first}: {state.failed[first]}{rest}"
+        )
     return path
+
+
+STOP_POLL_S = 0.5  # after a SIGTERM: how often the runs are looked at (and sent it again, if one had not started yet)
+
+
+class _Bench:
+    """One invocation's runs: the queue, the running ones (a launcher's handle -> its run), the finished, failed and
+    interrupted ones, and the files a finished run is recorded in."""
+
+    def __init__(self, bench: BenchConfig, p, out_dir: Path) -> None:
+        self.bench, self.results_file = bench, out_dir / "results.jsonl"
+        self.done = finished_runs(p, bench)
+        # sources first: each unblocks several runs, so the parallel lanes never wait for one at the end
+        self.queue = sorted((r for r in p.runs if r.key not in self.done), key=lambda r: r.method != "source")
+        self.launcher = make_launcher(bench)
+        self.prov = provenance()
+        self.cost = {r.key: max(r.iters, 10) for r in self.queue}  # work in steps (an evaluation counts as 10)
+        self.failed: dict[str, str] = {}
+        self.active: dict = {}
+        self.finished_units = self.interrupted = 0
+        self.session = SessionLog(out_dir / "sessions.jsonl", jobs=bench.jobs, threads=self.launcher.threads)
+
+    def submit(self) -> None:
+        """Start what may start: a free slot, and the run it needs finished (skipped if that one failed)."""
+        waiting = {r.key for r in self.queue} | {r.key for r in self.active.values()}
+        for r in list(self.queue):
+            if r.after in self.failed:
+                self.queue.remove(r)
+                self.failed[r.key] = f"skipped: {r.after} failed"
+            elif len(self.active) < self.launcher.slots and r.after not in waiting:
+                self.queue.remove(r)
+                self.active[self.launcher.submit(execute, r)] = r
+
+    def collect(self, handle, *, stopping: bool) -> None:
+        """A run came back: recorded (and pruned) if it finished; after a SIGTERM, one that stopped is interrupted."""
+        from tqdm import tqdm
+
+        r = self.active.pop(handle)
+        rec = self.launcher.result(handle, r)
+        self.finished_units += self.cost[r.key]
+        if "error" in rec and stopping and (rec.get("exit_code") == Preempted.exit_code or rec.get("died")):
+            self.interrupted += 1  # its checkpoint saved (or, an evaluation, nothing written): resumed next time
+            return
+        if "error" in rec:
+            self.failed[r.key] = rec["error"]
+            tqdm.write(f"tmtseg bench: {r.key} failed: {rec['error']} (run folder {r.out})")
+            return
+        _record(rec, self.prov, self.results_file)
+        self.done[r.key] = rec
+        _prune(r, keep=self.bench.keep)
+        self.session.ran(rec)
 
 
 def _record(rec: dict, prov: dict, results_file: Path) -> None:
