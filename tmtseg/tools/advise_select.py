@@ -132,6 +132,18 @@ class RegionTable:
     def __len__(self) -> int:
         return self._n
 
+    @classmethod
+    def from_columns(cls, **columns: np.ndarray) -> RegionTable:
+        """A table of regions already scored (image, region, pixels, score columns of one length): a bench's saved
+        scores (tools/bench/selection.py)."""
+        table = cls()
+        n = len(columns["image"])
+        table._cols = {name: np.asarray(columns[name], dtype) for name, dtype in cls._COLUMNS}
+        if any(len(col) != n for col in table._cols.values()):
+            raise ValueError(f"RegionTable columns of different lengths: {[len(c) for c in table._cols.values()]}")
+        table._n = n
+        return table
+
     image = property(lambda self: self._cols["image"][: self._n])
     region = property(lambda self: self._cols["region"][: self._n])
     pixels = property(lambda self: self._cols["pixels"][: self._n])

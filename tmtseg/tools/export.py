@@ -85,33 +85,32 @@ def smooth_images(sizes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarra
 
 
 def parity(graph: nn.Module, session, images: list[tuple[str, np.ndarray]]) -> list[dict]:
-    """onnxruntime vs PyTorch on each image (name, [H, W, 3] uint8): max |diff| of the scores, argmax agreement."""
+    """onnxruntime vs PyTorch on each image (name, [H, W, 3] uint8), and on the first image with its mirror image as
+    one batch of 2 (the batch dimension is dynamic too): max |diff| of the scores, argmax agreement."""
     checks = []
-    for name, image in images:
+    for i, (name, image) in enumerate(images):
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()  # [1, 3, H, W]
-        with torch.no_grad():
-            ref = graph(x)
-        ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()  # [1, K, H, W]
-        got = session.run(None, {"image": x.numpy()})[0]
-        if got.shape != ref.shape:
-            raise ExportError(f"parity on {name}: onnxruntime gives scores {got.shape}, PyTorch {ref.shape}")
-        diff = float(np.abs(got - ref).max())
-        agree = float((got.argmax(1) == ref.argmax(1)).mean())
-        checks.append({"image": name, "size": list(image.shape[:2]), "max_abs_diff": diff, "argmax_agreement": agree})
-    if images:  # the batch dimension is dynamic too: the first image and its mirror image as one batch of 2
-        name, image = images[0]
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-        x = torch.cat([x, x.flip(-1)])  # [2, 3, H, W]
-        with torch.no_grad():
-            ref = graph(x)
-        ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()  # [2, K, H, W]
-        got = session.run(None, {"image": x.numpy()})[0]
-        if got.shape != ref.shape:
-            raise ExportError(f"parity on a batch of 2 ({name}): onnxruntime gives {got.shape}, PyTorch {ref.shape}")
-        checks.append({"image": name, "batch": 2, "size": list(image.shape[:2]),
-                       "max_abs_diff": float(np.abs(got - ref).max()),
-                       "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean())})  # fmt: skip
+        checks.append({"image": name, "size": list(image.shape[:2]), **_compare(graph, session, x, name)})
+        if i == len(images) - 1:
+            first, x0 = images[0][0], torch.from_numpy(np.ascontiguousarray(images[0][1])).permute(2, 0, 1)[None]
+            pair = torch.cat([x0, x0.flip(-1)]).float()  # [2, 3, H, W]
+            both = _compare(graph, session, pair, f"a batch of 2 ({first})")
+            checks.append({"image": first, "batch": 2, "size": list(images[0][1].shape[:2]), **both})
     return checks
+
+
+def _compare(graph: nn.Module, session, x: Tensor, name: str) -> dict:
+    """One input [B, 3, H, W] through both: max |diff| of the scores and the argmax agreement."""
+    with torch.no_grad():
+        ref = graph(x)
+    ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()  # [B, K, H, W]
+    got = session.run(None, {"image": x.numpy()})[0]
+    if got.shape != ref.shape:
+        raise ExportError(f"parity on {name}: onnxruntime gives scores {got.shape}, PyTorch {ref.shape}")
+    return {
+        "max_abs_diff": float(np.abs(got - ref).max()),
+        "argmax_agreement": float((got.argmax(1) == ref.argmax(1)).mean()),
+    }
 
 
 def _refuse_overwrite(out: Path, inputs: list[Path]) -> None:

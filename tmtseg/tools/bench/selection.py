@@ -60,7 +60,7 @@ def score(run) -> dict:
     none = np.full(len(pool), np.nan)
     np.savez(tmp / "scores.npz", u=scores.u, one_minus_t=none if scores.one_minus_t is None else scores.one_minus_t,
              w=none if scores.w is None else scores.w, features=scores.features, shapes=np.array(shapes))  # fmt: skip
-    columns = {f"score_{m}": np.array(t.score) for m, t in table.items() if t.score}
+    columns = {f"score_{m}": np.array(t.score) for m, t in table.items() if len(t)}
     t = table["u"]
     np.savez(tmp / "regions.npz", image=np.array(t.image), region=np.array(t.region), pixels=np.array(t.pixels),
              **columns)  # fmt: skip
@@ -88,8 +88,7 @@ def region_table(folder: Path, strategy: str) -> RegionTable:
     column = f"score_{'u' if strategy == 'random' else strategy}"
     if column not in z:  # advise refuses the same: the source model has no ACTE (1 - T) or TMA (W)
         raise ConfigError(f"select.strategy={strategy}: the source model has no ACTE / TMA map to rank regions by")
-    return RegionTable(image=list(z["image"]), region=list(z["region"]), pixels=[int(p) for p in z["pixels"]],
-                       score=list(z[column]))  # fmt: skip
+    return RegionTable.from_columns(image=z["image"], region=z["region"], pixels=z["pixels"], score=z[column])
 
 
 def select(run) -> dict:
