@@ -138,3 +138,37 @@ def test_a_frozen_linear_casts_its_weight_once_and_computes_what_autocast_comput
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast(x).float().sum().backward()
     assert cast._cast is None and cast.weight.grad is not None
+
+
+def test_group_norm_of_a_bf16_channels_last_map_equals_nn_group_norm_and_leaves_float32_alone():
+    from tmtseg.modeling.layers import group_norm
+
+    torch.manual_seed(0)
+    norm, plain = group_norm(64), torch.nn.GroupNorm(32, 64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    plain.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 64, 12, 10).contiguous(memory_format=torch.channels_last)  # as the pyramid's convs return
+    grad = torch.randn(2, 64, 12, 10)
+    # float32: the same kernel on the same layout, bit for bit (the float32 step does not change)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((norm, plain), xs)]
+    assert outs[0].is_contiguous(memory_format=torch.channels_last) and torch.equal(outs[0], outs[1])
+    for out in outs:
+        out.backward(grad)
+    assert torch.equal(xs[0].grad, xs[1].grad)
+    # bf16: normalised in the standard layout, equal to the channels-last kernel within bf16 rounding, both against
+    # the float64 reference
+    xb = [x.bfloat16().requires_grad_(True) for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((norm, plain), xb)]
+    assert outs[0].dtype == torch.bfloat16 and outs[0].is_contiguous()
+    ref_x = xb[0].detach().double().requires_grad_(True)
+    ref = torch.nn.functional.group_norm(ref_x, 32, norm.weight.double(), norm.bias.double(), norm.eps)
+    ref.backward(grad.double())
+    for out in outs:
+        assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
+        out.backward(grad.bfloat16())
+    for xi in xb:
+        assert (xi.grad.double() - ref_x.grad).abs().max() < 0.05 * ref_x.grad.abs().max()
+    assert torch.allclose(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.02)
+    assert torch.allclose(xb[0].grad.float(), xb[1].grad.float(), rtol=0.05, atol=0.05)
