@@ -172,3 +172,28 @@ def test_group_norm_of_a_bf16_channels_last_map_equals_nn_group_norm_and_leaves_
         assert (xi.grad.double() - ref_x.grad).abs().max() < 0.05 * ref_x.grad.abs().max()
     assert torch.allclose(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.02)
     assert torch.allclose(xb[0].grad.float(), xb[1].grad.float(), rtol=0.05, atol=0.05)
+
+
+def test_fused_attention_of_bf16_inputs_on_cpu_is_float32_attention_of_the_same_values():
+    import torch.nn.functional as F
+
+    from tmtseg.modeling.layers import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 8)
+    bias = torch.zeros(2, 1, 6, 10).masked_fill(torch.rand(2, 1, 6, 10) < 0.4, float("-inf"))
+    bias[..., 0] = 0.0  # every query sees a key
+    # float32 inputs: the plain fused call, bit for bit
+    assert torch.equal(attention(q, k, v, bias=bias)[0], F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    # bf16 inputs under autocast (as the decoder's projections return them): float32 attention of those bf16 values
+    xs = [t.bfloat16().requires_grad_(True) for t in (q, k, v)]
+    refs = [t.detach().float().requires_grad_(True) for t in xs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, probs = attention(*xs, bias=bias)
+    want = F.scaled_dot_product_attention(*refs, attn_mask=bias)
+    assert probs is None and out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
+    grad = torch.randn(out.shape)
+    out.backward(grad.bfloat16())
+    want.backward(grad.bfloat16().float())
+    for x, ref in zip(xs, refs, strict=True):
+        assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, ref.grad.bfloat16())
