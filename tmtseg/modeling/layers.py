@@ -73,7 +73,8 @@ def attention(
     On CPU the fused call runs in float32 whatever the autocast: at the decoder's sizes (32 queries, head dim 32, 32 to
     560 keys) CPU's bf16 SDPA is 1.5-6x slower than float32's, forward + backward (the backward above all: 2.6 ms
     against 0.4 ms for the self-attention, one thread), and float32 is the more exact of the two. The output comes
-    back in q's dtype, as the bf16 call would have returned it.
+    back in q's dtype, as the bf16 call would have returned it. (The frozen ViT's attention, its own module with 141
+    tokens of head dim 64, forward only, keeps bf16: 2.5 ms there against 3.6 ms in float32.)
     """
     if scale is None and not return_probs:
         if q.device.type != "cpu" or q.dtype == torch.float32:
