@@ -138,3 +138,62 @@ def test_a_frozen_linear_casts_its_weight_once_and_computes_what_autocast_comput
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cast(x).float().sum().backward()
     assert cast._cast is None and cast.weight.grad is not None
+
+
+def test_group_norm_of_a_bf16_channels_last_map_equals_nn_group_norm_and_leaves_float32_alone():
+    from tmtseg.modeling.layers import group_norm
+
+    torch.manual_seed(0)
+    norm, plain = group_norm(64), torch.nn.GroupNorm(32, 64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5), norm.bias.uniform_(-0.5, 0.5)
+    plain.load_state_dict(norm.state_dict())
+    x = torch.randn(2, 64, 12, 10).contiguous(memory_format=torch.channels_last)  # as the pyramid's convs return
+    grad = torch.randn(2, 64, 12, 10)
+    # float32: the same kernel on the same layout, bit for bit (the float32 step does not change)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((norm, plain), xs)]
+    assert outs[0].is_contiguous(memory_format=torch.channels_last) and torch.equal(outs[0], outs[1])
+    for out in outs:
+        out.backward(grad)
+    assert torch.equal(xs[0].grad, xs[1].grad)
+    # bf16: normalised in the standard layout, equal to the channels-last kernel within bf16 rounding, both against
+    # the float64 reference
+    xb = [x.bfloat16().requires_grad_(True) for _ in range(2)]
+    outs = [m(xi) for m, xi in zip((norm, plain), xb)]
+    assert outs[0].dtype == torch.bfloat16 and outs[0].is_contiguous()
+    ref_x = xb[0].detach().double().requires_grad_(True)
+    ref = torch.nn.functional.group_norm(ref_x, 32, norm.weight.double(), norm.bias.double(), norm.eps)
+    ref.backward(grad.double())
+    for out in outs:
+        assert (out.double() - ref).abs().max() < 0.05 * ref.abs().max()
+        out.backward(grad.bfloat16())
+    for xi in xb:
+        assert (xi.grad.double() - ref_x.grad).abs().max() < 0.05 * ref_x.grad.abs().max()
+    assert torch.allclose(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.02)
+    assert torch.allclose(xb[0].grad.float(), xb[1].grad.float(), rtol=0.05, atol=0.05)
+
+
+def test_fused_attention_of_bf16_inputs_on_cpu_is_float32_attention_of_the_same_values():
+    import torch.nn.functional as F
+
+    from tmtseg.modeling.layers import attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 10, 8), torch.randn(2, 4, 10, 8)
+    bias = torch.zeros(2, 1, 6, 10).masked_fill(torch.rand(2, 1, 6, 10) < 0.4, float("-inf"))
+    bias[..., 0] = 0.0  # every query sees a key
+    # float32 inputs: the plain fused call, bit for bit
+    assert torch.equal(attention(q, k, v, bias=bias)[0], F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    # bf16 inputs under autocast (as the decoder's projections return them): float32 attention of those bf16 values
+    xs = [t.bfloat16().requires_grad_(True) for t in (q, k, v)]
+    refs = [t.detach().float().requires_grad_(True) for t in xs]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, probs = attention(*xs, bias=bias)
+    want = F.scaled_dot_product_attention(*refs, attn_mask=bias)
+    assert probs is None and out.dtype == torch.bfloat16 and torch.equal(out, want.bfloat16())
+    grad = torch.randn(out.shape)
+    out.backward(grad.bfloat16())
+    want.backward(grad.bfloat16().float())
+    for x, ref in zip(xs, refs, strict=True):
+        assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, ref.grad.bfloat16())
