@@ -13,13 +13,13 @@ computed again and rewritten; files are written atomically, so parallel runs can
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from tmtseg.io.files import write_atomically
 
 
 def hooked(module: nn.Module) -> bool:
@@ -90,14 +90,10 @@ class FeatureCache:
                 pass
         self.misses += 1
         tokens, hw = compute()
-        tmp = None
+        stored = {"tokens": tokens.detach().contiguous().cpu(), "hw": torch.tensor(hw)}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            os.close(fd)
-            save_file({"tokens": tokens.detach().contiguous().cpu(), "hw": torch.tensor(hw)}, tmp)
-            os.replace(tmp, path)
-        except OSError:  # a full or read-only disk costs speed, never the evaluation
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+            write_atomically(path, lambda tmp: save_file(stored, str(tmp)))
+        except OSError:  # a full or read-only disk costs speed, never the evaluation (no temporary file is left)
+            pass
         return tokens, hw
