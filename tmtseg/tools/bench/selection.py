@@ -114,7 +114,7 @@ def select(run) -> dict:
     advice = Advice(pool.names, scores, sel["strategy"], regions=regions)
     write.region_advice(advice, pool, run.out, ids_of=lambda i: np.load(folder / "ids" / f"{i}.npz")["ids"])
     # the U of the labelled pixels against the pool's (pixel-weighted means of the regions' mean U): a diagnostic
-    u = region_table(folder, "u")
+    u = table if sel["strategy"] in ("u", "random") else region_table(folder, "u")  # random's table holds U too
     taken = np.array([r in regions.get(i, ()) for i, r in zip(u.image, u.region, strict=True)])
     px, mean_u = np.array(u.pixels, dtype=np.float64), np.array(u.score)
     return {"labelled_images": len(regions), "labelled_pixels": int(px[taken].sum()), "pool_images": len(pool),
