@@ -90,7 +90,9 @@ def _worker_died(run: Run, err: RuntimeError) -> TmtsegError:
     """A data-loader worker that died (SIGKILL, most often the kernel's out-of-memory killer): torch raises a
     RuntimeError saying so (from its SIGCHLD handler, at any point of a step); one line naming the step and the
     checkpoint to resume from instead (exit 1)."""
-    reason = str(err).splitlines()[0].rstrip(".")
+    # torch words it two ways: "(pid 123) is killed by signal" from that handler, "(pid(s) 123) exited unexpectedly"
+    # when the loader finds the worker gone first; one form for the line a user (and a script) reads
+    reason = str(err).splitlines()[0].rstrip(".").replace("DataLoader worker (pid(s) ", "DataLoader worker (pid ", 1)
     return TmtsegError(
         f"{reason} at step {run.state.step + 1} (out of memory? fewer data.num_workers use less); last good"
         f" checkpoint: {run.last_good or 'none'}; continue with --resume"
