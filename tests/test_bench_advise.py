@@ -108,6 +108,8 @@ def test_a_selection_names_a_strategy_of_its_level_and_one_size(tmp_path):
         ({"strategy": "u", "budget": 2, "regions": 5}, "one of the two"),
         ({"strategy": "coreset", "regions": 5}, "strategy='coreset'"),
         ({"budget": 3}, "without a strategy"),
+        ({"strategy": "u", "budget": 2, "fill": "pseudo"}, "pseudo only at region level"),
+        ({"strategy": "u", "regions": 5, "fill": "teacher"}, "fill='teacher'"),
     ):
         with pytest.raises(ConfigError, match=match):
             load_bench(str(_bench_file(tmp_path, {"t": sel})))
@@ -143,6 +145,34 @@ def test_label_regions_keep_the_ground_truth_only_inside_the_mask(tmp_path):
         cut.decoder(full.records[1])
 
 
+def test_pseudo_labels_fill_the_pixels_outside_the_mask_and_need_label_regions(tmp_path):
+    data = DataConfig()
+    split = SplitConfig(kind="synthetic", domain="dusk", seed=2, num_images=2)
+    full = list_source(split, data)
+    names = [r.name for r in full.records]
+    shape = full.decoder(full.records[0])[1].shape
+    _masks(tmp_path / "masks", names, shape)
+    (tmp_path / "pseudo").mkdir()
+    for k, n in enumerate(names):  # a constant "prediction" per image, none (255) in the bottom rows
+        fill = np.full(shape, k + 1, dtype=np.uint8)
+        fill[-3:] = 255
+        Image.fromarray(fill).save(tmp_path / "pseudo" / f"{n}.png")
+    keys = {"label_regions": str(tmp_path / "masks"), "pseudo_labels": str(tmp_path / "pseudo")}
+    cut = list_source(SplitConfig(**{**split.__dict__, **keys}), data)
+    left = shape[1] // 2
+    for k, rec in enumerate(full.records):
+        label, filled = full.decoder(rec)[1], cut.decoder(rec)[1]
+        assert np.array_equal(filled[:, :left], label[:, :left])  # the labeller's part: the ground truth
+        assert (filled[:-3, left:] == k + 1).all() and (filled[-3:, left:] == 255).all()  # outside: the fill
+    with pytest.raises(ConfigError, match="pseudo_labels: fills the pixels outside"):
+        list_source(SplitConfig(**{**split.__dict__, "pseudo_labels": str(tmp_path / "pseudo")}), data)
+    with pytest.raises(ConfigError, match="pseudo_labels=.*not a folder"):
+        list_source(SplitConfig(**{**split.__dict__, **keys, "pseudo_labels": str(tmp_path / "no")}), data)
+    (tmp_path / "pseudo" / f"{names[0]}.png").unlink()
+    with pytest.raises(DataError, match=f"no pseudo-label for image '{names[0]}'"):
+        cut.decoder(full.records[0])
+
+
 class InProcess:
     """A launcher running each run here, at once (the process launchers are tested in test_bench*.py): the bench's
     logic without a process start per run."""
@@ -173,12 +203,13 @@ def _records(out: Path) -> list[dict]:
 
 def test_a_tiny_advise_bench_selects_once_and_adapts_on_the_chosen_images_and_regions(tmp_path, monkeypatch):
     monkeypatch.setattr("tmtseg.tools.bench.run.make_launcher", lambda bench: InProcess())
-    targets = {"ud2": {"strategy": "u+diversity", "budget": 2}, "reg": {"strategy": "u", "regions": 20}}
+    targets = {"ud2": {"strategy": "u+diversity", "budget": 2}, "reg": {"strategy": "u", "regions": 20},
+               "regfill": {"strategy": "u", "regions": 20, "fill": "pseudo"}}  # fmt: skip
     bench, base = load_bench(str(_bench_file(tmp_path, targets)))
     report = run_bench(bench, base, progress=False)
     out = Path(bench.output_dir)
     recs = {r["key"]: r for r in _records(out)}
-    assert Counter(r["kind"] for r in recs.values()) == {"train": 3, "score": 1, "select": 2}
+    assert Counter(r["kind"] for r in recs.values()) == {"train": 4, "score": 1, "select": 3}
     runs = {r.key: r for r in plan(bench, base).runs}
     # image level: the adaptation reads exactly the two images the selection chose
     ud = runs["synthetic/day->ud2/finetune/seed0"]
@@ -194,6 +225,15 @@ def test_a_tiny_advise_bench_selects_once_and_adapts_on_the_chosen_images_and_re
     kept = sum(int((source.decoder(r)[1] != 255).sum()) for r in source.records)
     assert 0 < kept <= m["labelled_pixels"]  # the synthetic scenes have void of their own
     assert recs["synthetic/day->reg/finetune/seed0"]["metrics"]["mIoU"] >= 0.0
+    # the same regions filled with the source model's prediction: one more selection from the same scores, and
+    # its labels are the ground truth inside the regions and the prediction (a class id) everywhere outside them
+    fill = runs["synthetic/day->regfill/finetune/seed0"]
+    assert fill.cfg.data.train.pseudo_labels == str(Path(fill.cfg.data.train.label_regions).parent / "pseudo")
+    src = list_source(fill.cfg.data.train, fill.cfg.data)
+    for r in src.records:
+        filled, cut = src.decoder(r)[1], source.decoder(r)[1]
+        mask = np.asarray(Image.open(Path(fill.cfg.data.train.label_regions) / f"{r.name}.png"))
+        assert np.array_equal(filled[mask > 0], cut[mask > 0]) and (filled[mask == 0] < 5).all()
     text = report.read_text()
     assert "## The advise bench" in text and "| day | finetune | regions u | 20% |" in text
     assert (out / "advise.png").stat().st_size > 1000

@@ -34,6 +34,10 @@ class SplitConfig:
     # --regions` writes: the labels are kept inside the masks only, data.ignore_index elsewhere (the advise bench's
     # simulated region labelling); "" = whole labels
     label_regions: str = ""
+    # with label_regions: a folder of pseudo-labels, one <image name>.png per image (class ids, 255 = none), e.g. the
+    # pseudo/ `tmtseg advise --regions` writes (the model's own prediction): the pixels outside the regions take them
+    # instead of the ignore index, so that the classes the regions leave out stay targets; "" = ignored there
+    pseudo_labels: str = ""
 
 
 @dataclass

@@ -297,7 +297,11 @@ def list_source(split: SplitConfig, data: DataConfig, *, key: str = "split", che
         source.palette = default_palette(len(source.class_names))  # one palette for every dataset mapped to the task
     if split.label_regions:  # the ground truth inside the chosen regions only (data/label_regions.py)
         cut = split.label_regions
-        source.decoder = with_region_labels(source.decoder, cut, ignore_index=data.ignore_index, key=key)
+        source.decoder = with_region_labels(
+            source.decoder, cut, ignore_index=data.ignore_index, key=key, pseudo=split.pseudo_labels
+        )
+    elif split.pseudo_labels:
+        raise ConfigError(f"config key {key}.pseudo_labels: fills the pixels outside {key}.label_regions; set that too")
     num_classes = len(source.class_names)
     if check_classes and data.num_classes != num_classes:
         raise ConfigError(f"config key data.num_classes={data.num_classes}: {source.where} has {num_classes} classes")

@@ -58,6 +58,9 @@ def split_input(cfg: Config, name: str) -> dict:
     if split.label_regions:  # the region masks the labels are cut to: their content, as a rewritten mask keeps its size
         masks = Path(split.label_regions)
         listed = [listed, [[r.name, _mask_hash(masks / f"{r.name}.png")] for r in source.records]]
+        if split.pseudo_labels:  # and the pseudo-labels around them
+            fill = Path(split.pseudo_labels)
+            listed.append([[r.name, _mask_hash(fill / f"{r.name}.png")] for r in source.records])
     return {"file": f"data.{name} ({what})", "sha256": sha256_text(json.dumps(listed)), "split": asdict(split)}
 
 

@@ -113,13 +113,16 @@ def split_pool(split: SplitConfig, data, *, key: str) -> Pool:
 @dataclass
 class ImageScore:
     """One image's maps at its own resolution ([H, W] float32; t and w None without ACTE / TMA), its pooled ViT
-    feature [C] and, where ACTE ran on the whole image at once, its region ids [H, W]."""
+    feature [C], where ACTE ran on the whole image at once its region ids [H, W], and the model's prediction [H, W]
+    (uint8 class ids) with its probability [H, W] (the pseudo-labels of the region mode)."""
 
     u: np.ndarray
     t: np.ndarray | None
     w: np.ndarray | None
     feature: np.ndarray
     regions: np.ndarray | None = None
+    pred: np.ndarray | None = None
+    conf: np.ndarray | None = None
 
 
 def _hooks(method):
@@ -171,7 +174,9 @@ def score_image(trainer, image: np.ndarray, *, cfg: Config, scale: float, amp: s
     with eval_mode(trainer), amp_context(amp, device):
         scores = window_scores(score_fn, x, out_size=image.shape[:2], mode=how[0], crop=how[1], stride=how[2])[0]
     k = cfg.data.num_classes
-    u = _entropy(class_probabilities(scores[:k]))  # [H, W]
+    probs = class_probabilities(scores[:k])  # [K, H, W]
+    u = _entropy(probs)  # [H, W]
+    conf, pred = probs.max(0)  # [H, W] each
     t = scores[k].clamp(0.0, 1.0) if scores.shape[0] > k else None
     tma = next((p for p in method.attention if isinstance(p, TMA)), None)
     w = tma.mix(1.0 - t, u) if t is not None and tma is not None else None
@@ -184,6 +189,8 @@ def score_image(trainer, image: np.ndarray, *, cfg: Config, scale: float, amp: s
         w=None if w is None else w.cpu().numpy(),
         feature=torch.stack(pooled).mean(0).cpu().numpy(),
         regions=None if regions is None else regions.long().cpu().numpy(),
+        pred=pred.to(torch.uint8).cpu().numpy(),
+        conf=conf.float().cpu().numpy(),
     )
 
 
@@ -297,6 +304,16 @@ def _mean(x: np.ndarray | None, f=None) -> float:
     return float("nan") if x is None else float((f(x) if f else x).mean())
 
 
+def quantise_prob(conf: np.ndarray) -> np.ndarray:
+    """A probability map [H, W] in [0, 1] as uint8 (steps of 1/255): a region-mode pool's predictions wait on disk."""
+    return np.round(np.clip(conf, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def stored_prediction(z) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction [H, W] uint8, probability [H, W] float32) from an npz holding `pred` and a quantised `conf`."""
+    return z["pred"], z["conf"].astype(np.float32) / 255.0
+
+
 def region_cell(cfg: Config, scale: float) -> int:
     """The grid cell in image pixels: one ViT token (patch_size at the model's input, i.e. / data.scale here)."""
     return max(1, round(getattr(cfg.model.backbone, "patch_size", 16) / max(scale, 1e-6)))
@@ -312,7 +329,7 @@ def _advise_regions(trainer, cfg, pool: Pool, out: Path, percent, strategy, seed
     def add(i: int, s: ImageScore) -> None:
         ids = s.regions if s.regions is not None else grid_regions(s.u.shape, region_cell(cfg, pool.scale))
         table.add(i, ids, {"1-t": None if s.t is None else 1.0 - s.t, "w": s.w}.get(strategy, s.u))
-        np.save(tmp / f"{i}.npy", ids.astype(np.int32))
+        np.savez(tmp / f"{i}.npz", ids=ids.astype(np.int32), pred=s.pred, conf=quantise_prob(s.conf))
 
     try:
         scores = score_pool(trainer, cfg, pool, amp=amp, progress=progress, each=add)
@@ -320,7 +337,10 @@ def _advise_regions(trainer, cfg, pool: Pool, out: Path, percent, strategy, seed
         advice = Advice(
             pool.names, scores, strategy, regions=choose_regions(table, percent, strategy=strategy, seed=seed)
         )
-        advice.files = write.region_advice(advice, pool, out, ids_of=lambda i: np.load(tmp / f"{i}.npy"))
+        advice.files = write.region_advice(
+            advice, pool, out, ids_of=lambda i: np.load(tmp / f"{i}.npz")["ids"],
+            pseudo_of=lambda i: stored_prediction(np.load(tmp / f"{i}.npz")),
+        )  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return advice

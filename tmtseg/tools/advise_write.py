@@ -127,11 +127,22 @@ def contact_sheet(advice, pool, target: Path, *, strategy: str, draw) -> Path:
     return target
 
 
-def region_advice(advice, pool, out: Path, *, ids_of) -> list[Path]:
+def pseudo_labels(mask: np.ndarray, pred: np.ndarray, conf: np.ndarray, *, min_prob: float = 0.0) -> np.ndarray:
+    """The pseudo-label [H, W] uint8 of one image: the model's prediction `pred` outside the chosen regions (mask 0)
+    where its probability `conf` is at least `min_prob`, 255 (none) elsewhere and inside the regions (the
+    labeller's part)."""
+    return np.where((mask == 0) & (conf >= min_prob), pred, 255).astype(np.uint8)
+
+
+def region_advice(advice, pool, out: Path, *, ids_of, pseudo_of=None, min_prob: float = 0.0) -> list[Path]:
     """Region mode: masks/<name>.png for every image (255 = label this region), overlays/<name>.png for the images
-    with a chosen region, advice.csv (file, chosen_share, chosen_regions, the scores) and the lists."""
+    with a chosen region, advice.csv (file, chosen_share, chosen_regions, the scores) and the lists; with
+    `pseudo_of(i)` -> (prediction, probability) also pseudo/<name>.png (`pseudo_labels`: what
+    data.train.pseudo_labels reads to fill the pixels outside the regions)."""
     (out / "masks").mkdir(exist_ok=True)
     (out / "overlays").mkdir(exist_ok=True)
+    if pseudo_of is not None:
+        (out / "pseudo").mkdir(exist_ok=True)
     cols, values = _score_columns(advice)
     rows, written, picked = [], [], []
     for i, name in enumerate(pool.names):
@@ -140,6 +151,10 @@ def region_advice(advice, pool, out: Path, *, ids_of) -> list[Path]:
         mask = region_mask(ids, chosen)
         save_png(mask, out / "masks" / f"{name}.png")
         written.append(out / "masks" / f"{name}.png")
+        if pseudo_of is not None:
+            pred, conf = pseudo_of(i)
+            save_png(pseudo_labels(mask, pred, conf, min_prob=min_prob), out / "pseudo" / f"{name}.png")
+            written.append(out / "pseudo" / f"{name}.png")
         if chosen:
             picked.append(i)
             save_png(region_overlay(pool.read[i](), mask), out / "overlays" / f"{name}.png")

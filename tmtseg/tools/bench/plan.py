@@ -161,7 +161,7 @@ def _selection(runs: dict, src: Run, cfg: Config, sel: Selection, name: str, out
         run = Run(score_key, "score", src.task, src.pair, "advise-scores", src.seed, cfg, after=src.key,
                   init=str(source_checkpoint(src.out)), out=score_out)  # fmt: skip
         runs[score_key] = run
-    choice = dataclasses.asdict(sel)
+    choice = {k: v for k, v in dataclasses.asdict(sel).items() if k != "fill" or v}  # "": as before fill existed
     sel_hash = _short_hash({"scores": score_hash, "select": choice, "seed": src.seed})
     key = f"{name}/select/seed{src.seed}"
     out = out_dir / "selections" / sel_hash
@@ -172,6 +172,8 @@ def _selection(runs: dict, src: Run, cfg: Config, sel: Selection, name: str, out
     labelled = dataclasses.replace(pool, files=str(out / "chosen.txt"))
     if sel.regions:
         labelled.label_regions = str(out / "masks")
+        if sel.fill:
+            labelled.pseudo_labels = str(out / "pseudo")
     return key, labelled
 
 

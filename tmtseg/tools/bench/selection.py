@@ -20,7 +20,7 @@ import numpy as np
 
 from tmtseg.errors import ConfigError, DataError
 from tmtseg.tools import advise_write as write
-from tmtseg.tools.advise import Advice, region_cell, score_pool, split_pool
+from tmtseg.tools.advise import Advice, quantise_prob, region_cell, score_pool, split_pool, stored_prediction
 from tmtseg.tools.advise_select import RegionTable, Scores, choose, choose_regions, grid_regions
 
 MAPS = ("u", "1-t", "w")  # the region scores kept: the maps a region strategy ranks by
@@ -50,7 +50,8 @@ def score(run) -> dict:
 
     def add(i: int, s) -> None:
         ids = s.regions if s.regions is not None else grid_regions(s.u.shape, region_cell(cfg, pool.scale))
-        np.savez_compressed(tmp / "ids" / f"{i}.npz", ids=ids.astype(np.int32))
+        np.savez_compressed(tmp / "ids" / f"{i}.npz", ids=ids.astype(np.int32), pred=s.pred,
+                            conf=quantise_prob(s.conf))  # fmt: skip
         shapes.append(s.u.shape)
         for m, values in (("u", s.u), ("1-t", None if s.t is None else 1.0 - s.t), ("w", s.w)):
             if values is not None:
@@ -91,6 +92,15 @@ def region_table(folder: Path, strategy: str) -> RegionTable:
     return RegionTable.from_columns(image=z["image"], region=z["region"], pixels=z["pixels"], score=z[column])
 
 
+def _prediction(folder: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """The source model's prediction and probability of pool image i, kept by the score run."""
+    z = np.load(folder / "ids" / f"{i}.npz")
+    if "pred" not in z:
+        raise DataError(f"{folder}: scores without the model's predictions (made before select.fill); delete the"
+                        " folder and its line in results.jsonl, then rerun the bench")  # fmt: skip
+    return stored_prediction(z)
+
+
 def select(run) -> dict:
     """One choice from the score run's folder, written as `tmtseg advise` writes it (no contact sheet)."""
     sel, folder = run.select, Path(run.select["scores"])
@@ -112,7 +122,8 @@ def select(run) -> dict:
     regions = choose_regions(table, sel["regions"], strategy=sel["strategy"], seed=sel["random_seed"])
     scores.features = None
     advice = Advice(pool.names, scores, sel["strategy"], regions=regions)
-    write.region_advice(advice, pool, run.out, ids_of=lambda i: np.load(folder / "ids" / f"{i}.npz")["ids"])
+    write.region_advice(advice, pool, run.out, ids_of=lambda i: np.load(folder / "ids" / f"{i}.npz")["ids"],
+                        pseudo_of=(lambda i: _prediction(folder, i)) if sel.get("fill") else None)  # fmt: skip
     # the U of the labelled pixels against the pool's (pixel-weighted means of the regions' mean U): a diagnostic
     u = table if sel["strategy"] in ("u", "random") else region_table(folder, "u")  # random's table holds U too
     taken = np.array([r in regions.get(i, ()) for i, r in zip(u.image, u.region, strict=True)])

@@ -32,6 +32,9 @@ class Selection:
     budget: int = 0  # images (image level)
     regions: float = 0.0  # % of the pool's pixels (region level); 100 = every pixel (the ceiling)
     draw: int = 0
+    # region level: "pseudo" = the pixels outside the chosen regions take the source model's prediction
+    # (data.train.pseudo_labels), "" = they are ignored
+    fill: str = ""
 
 
 @dataclass
@@ -216,6 +219,8 @@ def check_selection(sel: Selection, where: str) -> None:
         raise ConfigError(f"{where}.strategy={sel.strategy!r}: one of {', '.join(allowed)}")
     if sel.regions > 100.0 or sel.budget < 0 or sel.draw < 0:
         raise ConfigError(f"{where}: regions in (0, 100], budget >= 1, draw >= 0")
+    if sel.fill not in ("", "pseudo") or (sel.fill and not sel.regions):
+        raise ConfigError(f"{where}.fill={sel.fill!r}: '' or pseudo, and pseudo only at region level (regions)")
 
 
 def task_files(task: TaskSpec, base: Path) -> list[str]:
