@@ -150,7 +150,9 @@ def _selection(runs: dict, src: Run, cfg: Config, sel: Selection, name: str, out
     hash, the pool, and the strategy, budget or share, draw and seed. Returns the select run's key and the labelled
     split the adaptations read: the chosen images (files) and, at region level, their masks (label_regions)."""
     pool = cfg.data.train
-    ident = {"version": SELECT_VERSION, "source": src.out.name, "pool": dataclasses.asdict(pool),
+    # a split key added later is no part of the pool's identity at its default (as identity.ADDED_AT does for runs)
+    pooled = {k: v for k, v in dataclasses.asdict(pool).items() if k != "pseudo_labels" or v}
+    ident = {"version": SELECT_VERSION, "source": src.out.name, "pool": pooled,
              "root": cfg.data.root, "scale": cfg.data.scale}  # fmt: skip
     score_hash = _short_hash(ident)
     score_key = f"{src.task}/{src.pair}/advise-scores/seed{src.seed}"
