@@ -54,20 +54,21 @@ def _bench_file(tmp_path: Path, targets: dict) -> Path:
 
 
 def _select(sel: dict) -> tuple:
-    return sel["strategy"], sel["budget"] or sel["regions"], sel["draw"]
+    return sel["strategy"], sel["budget"] or sel["regions"], sel["draw"], sel.get("fill", "")
 
 
 def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the_same_steps_per_size():
     bench, base = load_bench("advise", ["profile=full"])
     runs = plan(bench, base).runs
     kinds = Counter(r.kind for r in runs)
-    assert kinds == {"train": 6 + 300, "score": 6, "select": 150}  # 2 sources x 3 seeds
+    assert kinds == {"train": 6 + 348, "score": 6, "select": 174}  # 2 sources x 3 seeds
     selects = [r for r in runs if r.kind == "select"]
     by_choice = Counter(_select(r.select) for r in selects)
-    expected = {("u+diversity", 16, 0), ("u", 16, 0), ("coreset", 16, 0), ("first", 16, 0)}
-    expected |= {(s, 64, 0) for s in ("u+diversity", "u", "coreset", "first")}
-    expected |= {("random", k, d) for k in (16, 32, 64, 128) for d in (0, 1, 2)}
-    expected |= {(s, pct, 0) for s in ("u", "random") for pct in (1, 5)} | {("u", 100, 0)}
+    expected = {("u+diversity", 16, 0, ""), ("u", 16, 0, ""), ("coreset", 16, 0, ""), ("first", 16, 0, "")}
+    expected |= {(s, 64, 0, "") for s in ("u+diversity", "u", "coreset", "first")}
+    expected |= {("random", k, d, "") for k in (16, 32, 64, 128) for d in (0, 1, 2)}
+    expected |= {(s, pct, 0, f) for s in ("u", "random") for pct in (1, 5) for f in ("", "pseudo")}
+    expected |= {("u", 100, 0, "")}
     assert set(by_choice) == expected and set(by_choice.values()) == {6}
     by_key = {r.key: r for r in runs}
     for r in runs:
@@ -77,6 +78,7 @@ def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the
         assert sel.kind == "select" and by_key[sel.after].kind == "score" and sel.seed == r.seed
         assert r.cfg.data.train.files == str(sel.out / "chosen.txt") and sel.out.parent.name == "selections"
         assert r.cfg.data.train.label_regions == (str(sel.out / "masks") if sel.select["regions"] else "")
+        assert r.cfg.data.train.pseudo_labels == (str(sel.out / "pseudo") if sel.select.get("fill") else "")
         size = sel.select["budget"]
         assert r.cfg.train.iters == (60 if size in (16, 32) else 120)  # random 2K trains the steps of K
     # the draws of random are seeded apart, the same draw of another seed too
@@ -85,19 +87,21 @@ def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the
 
     bench, base = load_bench("advise")  # quick: day, seed 0, K = 16, regions 5 % and the ceiling, finetune only
     runs = plan(bench, base).runs
-    assert Counter(r.kind for r in runs) == {"train": 1 + 9, "score": 1, "select": 9}
+    assert Counter(r.kind for r in runs) == {"train": 1 + 11, "score": 1, "select": 11}
     assert {r.method for r in runs if r.kind == "train"} == {"source", "finetune"}
     assert sorted(_select(r.select) for r in runs if r.kind == "select") == sorted(
         [
-            ("first", 16, 0),
-            ("random", 16, 0),
-            ("random", 16, 1),
-            ("random", 16, 2),
-            ("random", 5, 0),
-            ("u", 5, 0),
-            ("u", 16, 0),
-            ("u", 100, 0),
-            ("u+diversity", 16, 0),
+            ("first", 16, 0, ""),
+            ("random", 16, 0, ""),
+            ("random", 16, 1, ""),
+            ("random", 16, 2, ""),
+            ("random", 5, 0, ""),
+            ("random", 5, 0, "pseudo"),
+            ("u", 5, 0, ""),
+            ("u", 5, 0, "pseudo"),
+            ("u", 16, 0, ""),
+            ("u", 100, 0, ""),
+            ("u+diversity", 16, 0, ""),
         ]  # fmt: skip
     )
     assert {r.cfg.train.iters for r in runs if r.method == "finetune"} == {24, 48}
