@@ -90,6 +90,25 @@ def test_diversity_skips_a_duplicate_and_coreset_spreads_over_the_features():
     assert choose("coreset", Scores(u=np.zeros(4), features=feats), 2) == [3, 2]
 
 
+def test_typical_takes_the_densest_image_of_each_cluster_largest_first_and_no_outlier():
+    rng = np.random.default_rng(0)
+    centres = np.array([[10.0, 0.0, 0.0], [0.0, 10.0, 0.0], [0.0, 0.0, 10.0]])
+    sizes = (30, 20, 10)
+    feats = [c + rng.normal(0.0, 0.3, (n, 3)) for c, n in zip(centres, sizes, strict=True)]
+    feats = np.concatenate([*feats, [[7.0, 7.0, 0.5], [0.5, 7.0, 7.0]]])  # two outliers between clusters
+    scores = Scores(u=np.zeros(len(feats)), features=feats)
+    chosen = choose("typical", scores, 3)
+    assert len(chosen) == 3 and max(chosen) < sum(sizes)  # neither outlier
+    cluster = [int(np.argmin(np.linalg.norm(centres - feats[i], axis=1))) for i in chosen]
+    assert cluster == [0, 1, 2]  # one a cluster, the largest first
+    for i, j in zip(chosen, cluster, strict=True):  # each the member of its cluster nearest its mean: the densest
+        start = sum(sizes[:j])
+        members = feats[start : start + sizes[j]]
+        assert np.linalg.norm(feats[i] - members.mean(0)) < np.median(np.linalg.norm(members - members.mean(0), axis=1))
+    assert choose("typical", scores, 3) == chosen  # seeded: the same pool gives the same choice
+    assert max(choose("coreset", scores, 3)) >= sum(sizes)  # k-center, by contrast, takes an outlier
+
+
 def test_regions_are_taken_by_score_until_the_share_of_pixels_is_reached():
     table = RegionTable()
     ids = grid_regions((8, 8), 4)  # 4 cells of 16 pixels

@@ -61,11 +61,11 @@ def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the
     bench, base = load_bench("advise", ["profile=full"])
     runs = plan(bench, base).runs
     kinds = Counter(r.kind for r in runs)
-    assert kinds == {"train": 6 + 348, "score": 6, "select": 174}  # 2 sources x 3 seeds
+    assert kinds == {"train": 6 + 372, "score": 6, "select": 186}  # 2 sources x 3 seeds
     selects = [r for r in runs if r.kind == "select"]
     by_choice = Counter(_select(r.select) for r in selects)
     expected = {("u+diversity", 16, 0, ""), ("u", 16, 0, ""), ("coreset", 16, 0, ""), ("first", 16, 0, "")}
-    expected |= {(s, 64, 0, "") for s in ("u+diversity", "u", "coreset", "first")}
+    expected |= {("typical", 16, 0, "")} | {(s, 64, 0, "") for s in ("u+diversity", "u", "coreset", "typical", "first")}
     expected |= {("random", k, d, "") for k in (16, 32, 64, 128) for d in (0, 1, 2)}
     expected |= {(s, pct, 0, f) for s in ("u", "random") for pct in (1, 5) for f in ("", "pseudo")}
     expected |= {("u", 100, 0, "")}
@@ -87,7 +87,7 @@ def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the
 
     bench, base = load_bench("advise")  # quick: day, seed 0, K = 16, regions 5 % and the ceiling, finetune only
     runs = plan(bench, base).runs
-    assert Counter(r.kind for r in runs) == {"train": 1 + 11, "score": 1, "select": 11}
+    assert Counter(r.kind for r in runs) == {"train": 1 + 12, "score": 1, "select": 12}
     assert {r.method for r in runs if r.kind == "train"} == {"source", "finetune"}
     assert sorted(_select(r.select) for r in runs if r.kind == "select") == sorted(
         [
@@ -101,6 +101,7 @@ def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the
             ("u", 5, 0, "pseudo"),
             ("u", 16, 0, ""),
             ("u", 100, 0, ""),
+            ("typical", 16, 0, ""),
             ("u+diversity", 16, 0, ""),
         ]  # fmt: skip
     )

@@ -14,7 +14,7 @@ import numpy as np
 from tmtseg.data.label_regions import partial_labels  # noqa: F401  (the region cut, here for the bench's callers)
 from tmtseg.errors import ConfigError
 
-STRATEGIES = ("u+diversity", "u", "1-t", "w", "coreset", "random", "first")
+STRATEGIES = ("u+diversity", "u", "1-t", "w", "coreset", "typical", "random", "first")
 DEFAULT_STRATEGY = "u+diversity"  # for now: the advise bench decides
 REGION_STRATEGIES = ("u", "1-t", "w", "random")  # a region is ranked by the mean of a map, or at random
 
@@ -79,6 +79,54 @@ def k_center(features: np.ndarray, k: int, *, weights: np.ndarray | None = None)
     return chosen, np.clip(out, 0.0, 1.0)
 
 
+def k_means(x: np.ndarray, k: int, *, seed: int = 0, iters: int = 50) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding on [N, C] points: each point's cluster id [N] (an emptied cluster takes
+    the point farthest from its centre)."""
+    rng = np.random.default_rng(seed)
+    centres = [x[int(rng.integers(len(x)))]]
+    d2 = ((x - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        centres.append(x[int(rng.choice(len(x), p=d2 / d2.sum()))] if d2.sum() > 0 else x[int(rng.integers(len(x)))])
+        d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(1))
+    c = np.stack(centres)  # [k, C]
+    ids = np.zeros(len(x), dtype=np.int64)
+    for _ in range(iters):
+        dist = ((x[:, None] - c[None]) ** 2).sum(-1)  # [N, k]
+        new = dist.argmin(1)
+        for j in range(k):
+            members = x[new == j]
+            if len(members):
+                c[j] = members.mean(0)
+            else:  # an empty cluster restarts at the worst-served point
+                far = int(dist[np.arange(len(x)), new].argmax())
+                c[j], new[far] = x[far], j
+        if np.array_equal(new, ids):
+            break
+        ids = new
+    return ids
+
+
+def typical(features: np.ndarray, k: int, *, neighbours: int = 20, seed: int = 0) -> list[int]:
+    """TypiClust (Hacohen et al., ICML 2022, "Active Learning on a Budget"): at small budgets labelling typical
+    images beats labelling uncertain ones. The pool's L2-normalised features are cut into k clusters (k-means); from
+    each cluster, largest first, the image of highest typicality (1 / the mean distance to its `neighbours` nearest
+    images in the cluster) is taken: dense, representative frames rather than outliers or near-duplicates."""
+    x = np.asarray(features, dtype=np.float64)
+    x = x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
+    k = min(k, len(x))
+    ids = k_means(x, k, seed=seed)
+    chosen = []
+    for j in sorted(range(k), key=lambda j: (-int((ids == j).sum()), j)):
+        members = np.flatnonzero(ids == j)
+        if not len(members):
+            continue
+        dist = np.linalg.norm(x[members, None] - x[None, members], axis=-1)  # [m, m]
+        m = min(neighbours, len(members) - 1)
+        mean_nn = np.sort(dist, axis=1)[:, 1 : m + 1].mean(1) if m else np.zeros(len(members))
+        chosen.append(int(members[int(np.argmin(mean_nn))]))  # the highest typicality: the smallest mean distance
+    return chosen
+
+
 def _need(scores: Scores, strategy: str) -> np.ndarray:
     values = {"u": scores.u, "1-t": scores.one_minus_t, "w": scores.w}[strategy]
     if values is None:
@@ -93,7 +141,8 @@ def choose(strategy: str, scores: Scores, k: int, *, seed: int = 0) -> list[int]
     """The k images `strategy` picks from the pool, best first (see STRATEGIES and docs/advise.md):
 
     u, 1-t, w: the k largest means; u+diversity: k-center weighted by U; coreset: plain k-center on the features;
-    random: k at random with `seed`; first: the first k in the pool's order."""
+    typical: the most typical image of each of k feature clusters (TypiClust); random: k at random with `seed`;
+    first: the first k in the pool's order."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy}: choose from {', '.join(STRATEGIES)}")
     n = len(scores)
@@ -107,6 +156,8 @@ def choose(strategy: str, scores: Scores, k: int, *, seed: int = 0) -> list[int]
         return [int(i) for i in np.random.default_rng(seed).permutation(n)[:k]]
     if scores.features is None:
         raise ConfigError(f"--strategy {strategy}: needs the images' pooled features")
+    if strategy == "typical":
+        return typical(scores.features, k, seed=seed)
     weights = np.clip(scores.u, 0.0, None) if strategy == "u+diversity" else None
     chosen, scores.distance = k_center(scores.features, k, weights=weights)
     return chosen
