@@ -288,6 +288,13 @@ def test_the_targets_pair_by_seed_average_random_draws_and_say_why_when_missed()
     assert "-1.00" in k32 and "not met" in k32 and "chosen U 0.500 vs pool 0.400" in k32
     assert "80.0 ± 0.0" in rows["regions u 5% / all pixels (%)"] and "not met" in rows["regions u 5% / all pixels (%)"]
     assert "not run" in rows["u+diversity K=64 − random K=64"]
+    # the filled regions are checked on their own, against random regions filled alike
+    pts += [_pt("regions u + pseudo", 1, s, 45.0) for s in (0, 1)] + [_pt("regions random", 1, s, 44.0) for s in (0, 1)]
+    pts += [_pt("regions random + pseudo", 1, s, 41.0) for s in (0, 1)]
+    rows = {r.split(" | ")[1]: r for r in target_rows(pts, "finetune")}
+    filled = rows["regions u + pseudo 1% − regions random + pseudo 1%"]
+    assert "+4.00" in filled and "| met |" in filled
+    assert "not run" in rows["regions u 1% − regions random 1%"] and "not run" in rows["regions u + pseudo 5% / all pixels (%)"]
 
 
 def test_a_changed_region_mask_changes_the_splits_recorded_input(tmp_path):
