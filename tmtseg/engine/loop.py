@@ -36,6 +36,7 @@ from tmtseg.engine.step import (
 )
 from tmtseg.errors import ConfigError, Preempted, TmtsegError, TrainingError
 from tmtseg.io.checkpoint import checkpoint_path, list_checkpoints, save_checkpoint
+from tmtseg.io.files import write_atomically
 from tmtseg.io.runlock import RunLock
 from tmtseg.losses.criterion import is_aux_loss
 
@@ -176,12 +177,14 @@ def _open_log(cfg: Config, run_dir: Path, state: LoopState, *, resume: bool) -> 
     """metrics.jsonl trimmed to the resumed step (or started afresh), and the resolved config beside it."""
     metrics_log = run_dir / "metrics.jsonl"
     if resume and metrics_log.exists() and dist.is_main():  # drop what the interrupted run logged after its checkpoint
-        metrics_log.write_text("".join(ln + "\n" for ln in read_jsonl(metrics_log, upto_step=state.step)))
+        kept = "".join(ln + "\n" for ln in read_jsonl(metrics_log, upto_step=state.step))
+        write_atomically(metrics_log, lambda tmp: tmp.write_text(kept))
     elif not resume and dist.is_main():  # a fresh start (perhaps after a kill before the first checkpoint)
         metrics_log.unlink(missing_ok=True)
     log = TrainLog(run_dir, log_to=cfg.train.log_to, start_step=state.step, resume=resume, main=dist.is_main())
     if dist.is_main():  # written only now: a refused resume leaves the run's config as it was
-        (run_dir / "config.yaml").write_text(config_mod.to_yaml(cfg))
+        text = config_mod.to_yaml(cfg)
+        write_atomically(run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
     return log
 
 
@@ -238,7 +241,8 @@ def _train(run: Run, *, progress: bool) -> dict:
     skipped = {"skipped_steps": run.state.skipped} if run.state.skipped else {}
     if dist.is_main():
         summary = {"step": run.state.step, "split": "val", **skipped, **final}
-        (run.run_dir / "eval.json").write_text(json.dumps(summary, indent=1))
+        text = json.dumps(summary, indent=1)  # whole or not at all: a kill here leaves the file as it was
+        write_atomically(run.run_dir / "eval.json", lambda tmp: tmp.write_text(text))
         # the model card of the run: what `tmtseg eval` and tmtseg.load take is the run's best (or last) checkpoint
         best = run.run_dir / "checkpoints" / "best"
         ckpt = best if best.exists() else run.last_good
