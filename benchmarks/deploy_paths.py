@@ -12,12 +12,14 @@ from unittest import mock
 import torch
 from torch import Tensor, nn
 
-OURS = ("eager", "bf16", "compile", "ort", "ort-int8")
+OURS = ("eager", "bf16", "int8", "int8-bf16", "compile", "ort", "ort-int8")
 HF = ("hf", "hf-bf16")
 PATHS = OURS + HF
 LABELS = {
     "eager": "PyTorch eager fp32",
     "bf16": "PyTorch eager bf16 (autocast)",
+    "int8": "PyTorch eager, ViT linear layers int8",
+    "int8-bf16": "PyTorch eager, ViT linear int8 + bf16",
     "compile": "torch.compile fp32 (inductor)",
     "ort": "ONNX Runtime fp32",
     "ort-int8": "ONNX Runtime int8 (dynamic MatMul)",
@@ -82,9 +84,13 @@ def ours(name: str, trainer, *, onnx_dir: Path, threads: int):
 
         return run_ort
     model = deployed(trainer)
+    if name.startswith("int8"):  # `tmtseg predict --precision int8`: the ViT's qkv, proj, fc1, fc2 in int8
+        from tmtseg.modeling.quantize import quantize_vit_int8
+
+        quantize_vit_int8(model)
     if name == "compile":
         model = torch.compile(model, dynamic=False)  # static shapes, as train.compile (engine/compiled.py)
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if name == "bf16" else nullcontext
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if name in ("bf16", "int8-bf16") else nullcontext
 
     @torch.no_grad()
     def run(x: Tensor) -> Tensor:

@@ -58,25 +58,36 @@ def agreement(paths: dict, size: tuple[int, int], count: int) -> dict[str, float
 
 
 def miou(paths: dict, cfg, limit: int) -> dict[str, float]:
-    """mIoU of each of our paths on the config's data.val, as `tmtseg eval` infers (mode, crop, stride, scale)."""
+    """mIoU of each of our paths on the config's data.val, as `tmtseg eval` infers (mode, crop, stride, scale); each
+    path's per-class IoU (and Dice on a binary task) against eager fp32's is printed: which classes a path loses."""
     from tmtseg.data import build_dataset
     from tmtseg.metrics import SegMetrics
     from tmtseg.modeling.inference import window_scores
 
     ds = build_dataset(cfg.data.val, cfg.data, train=False)
-    out = {}
+    out, ref = {}, None
     for name, fn in paths.items():
         if name in HF:
             continue
-        m = SegMetrics(num_classes=ds.num_classes, ignore_index=ds.ignore_index, class_names=ds.class_names)
+        m = SegMetrics(
+            num_classes=ds.num_classes, ignore_index=ds.ignore_index, class_names=ds.class_names, binary=cfg.data.binary
+        )
         for i in range(min(limit or len(ds), len(ds))):
             item = ds[i]
             label = item["label"]
             kw = {"mode": cfg.infer.mode, "crop": tuple(cfg.data.crop_size), "stride": tuple(cfg.infer.stride)}
             scores = window_scores(fn, item["image"][None], out_size=tuple(label.shape[-2:]), **kw)
             m.update(scores.argmax(1)[0], label)
-        out[name] = m.compute()["mIoU"]
-        print(f"  {name:<9} mIoU {out[name]:.2f} on {i + 1} images of data.val", flush=True)
+        got = m.compute()
+        ref = ref or got  # eager, the first path
+        out[name] = got["mIoU"]
+        dice = f", Dice {got['dice']:.2f} ({got['dice'] - ref['dice']:+.2f})" if "dice" in got else ""
+        print(f"  {name:<9} mIoU {out[name]:.2f}{dice} on {i + 1} images of data.val", flush=True)
+        if got is not ref:
+            base = ref["per_class_iou"]
+            delta = {c: v - base[c] for c, v in got["per_class_iou"].items() if v is not None and base[c] is not None}
+            worst = sorted(delta.items(), key=lambda kv: kv[1])[:4]
+            print("    per-class IoU - eager's, the 4 lowest: " + ", ".join(f"{c} {d:+.2f}" for c, d in worst))
     return out
 
 

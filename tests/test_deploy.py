@@ -152,3 +152,28 @@ def test_int8_quantisation_names_checks_and_refuses(tmp_path, monkeypatch):
     refused = r"int8: argmax agreement with the fp32 model .* on (20x30|33x17), below 101%"
     with pytest.raises(ExportError, match=refused):
         ort.write_int8(fp32, tmp_path / "again.int8.onnx", images)
+
+
+def test_int8_vit_keeps_the_argmax_the_lora_branch_and_the_model_it_copies():
+    """`predict --precision int8`'s model: every ViT linear layer int8 (the decoders' float), the LoRA branch on qkv
+    kept as a float hook, the scores close to fp32's and the argmax nearly everywhere the same; the trainer's own
+    segmenter is left float."""
+    from tmtseg.modeling.quantize import Int8Linear, int8_copy
+
+    trainer, x = tiny("lora", *DINO, "model.backbone.layerscale=0.5")
+    with torch.no_grad():
+        for name, p in trainer.named_parameters():
+            if name.startswith("method.lora.b."):  # a trained update: dropping the branch would change the scores
+                p.normal_(0.0, 0.5)
+        ref = image_scores(trainer.model, x, None)
+        model = int8_copy(trainer.model)
+        got = image_scores(model, x, None)
+        model.backbone.vit.blocks[0].attn.qkv._forward_hooks.clear()  # without the LoRA branch: far from fp32
+        unbranched = image_scores(model, x, None)
+    int8 = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(int8) == 4 * len(model.backbone.vit.blocks)  # qkv, proj, fc1, fc2 of each block, nothing else
+    assert not any(isinstance(m, Int8Linear) for m in trainer.model.modules())
+    assert isinstance(model.backbone.vit.blocks[0].ls2, torch.nn.Identity)  # the exact fusions came first
+    err = (got - ref).abs().max().item()
+    assert 0 < err < 0.05 < (unbranched - ref).abs().max().item()
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.97

@@ -21,8 +21,10 @@ def _cmd_predict(args) -> int:
         from tmtseg.errors import ConfigError
         from tmtseg.tools.export import predict_onnx
 
-        if args.input is not None or args.overrides:
-            raise ConfigError("predict --onnx MODEL takes one IMAGE_OR_FOLDER, no checkpoint and no overrides")
+        if args.input is not None or args.overrides or args.precision != "checkpoint":
+            raise ConfigError(
+                "predict --onnx MODEL takes one IMAGE_OR_FOLDER, no checkpoint, no overrides and no --precision"
+            )
         print("inference precision: float32 (the ONNX graph's)")
         written = predict_onnx(
             args.onnx, Path(args.checkpoint), Path(args.out), formats=formats, jsonl=args.jsonl, progress=progress
@@ -30,8 +32,7 @@ def _cmd_predict(args) -> int:
         print(f"wrote {written} files to {args.out}")
         return 0
     from tmtseg.engine.restore import model_with_loss_from_checkpoint
-    from tmtseg.engine.step import precision_line
-    from tmtseg.tools.predict import outputs_of, predict_folder
+    from tmtseg.tools.predict import outputs_of, predict_folder, precision_of
 
     if args.input is None:
         from tmtseg.errors import ConfigError
@@ -39,7 +40,7 @@ def _cmd_predict(args) -> int:
         raise ConfigError("predict needs CHECKPOINT IMAGE_OR_FOLDER (or --onnx MODEL IMAGE_OR_FOLDER)")
     trainer, cfg, meta = model_with_loss_from_checkpoint(args.checkpoint, args.overrides)
     ckpt = Path(args.checkpoint)
-    print(precision_line(cfg.train.amp))
+    print(precision_of(cfg, args.precision)[1])
     written = predict_folder(
         trainer,
         cfg,
@@ -50,6 +51,7 @@ def _cmd_predict(args) -> int:
         progress=progress,
         protected=[ckpt, ckpt / "model.safetensors"],
         note=print,
+        precision=args.precision,
     )
     print(f"wrote {written} files to {args.out}")
     return 0

@@ -16,7 +16,7 @@ from PIL import Image
 
 from tmtseg.data.decode import open_image, rgb_array
 from tmtseg.data.transforms import resize_image, scaled_size
-from tmtseg.engine.step import StopRequested, amp_context
+from tmtseg.engine.step import StopRequested, amp_context, precision_line
 from tmtseg.errors import ConfigError, DataError, Preempted
 from tmtseg.io.files import write_atomically
 from tmtseg.io.pictures import (  # noqa: F401 (re-exported)
@@ -333,16 +333,45 @@ def outputs_of(cfg, meta: dict, *, formats=("palette",), jsonl: bool = False) ->
     return Outputs(palette, names, tuple(formats), binary=cfg.data.binary, jsonl=jsonl)
 
 
+def precision_of(cfg, precision: str = "checkpoint") -> tuple[str, str]:
+    """(autocast of the run, the line predict prints) for `--precision`: "checkpoint" is its train.amp (eval's
+    precision: the same ids to the pixel), fp32 and bf16 say it, int8 is the ViT's linear layers in int8
+    (tmtseg/modeling/quantize.py) with the rest in float32."""
+    if precision == "checkpoint":
+        return cfg.train.amp, precision_line(cfg.train.amp)
+    if precision == "int8":
+        return "none", "inference precision: int8 ViT linear layers (dynamic, per-channel weights), the rest float32"
+    amp = {"fp32": "none", "bf16": "bf16"}[precision]
+    return amp, f"inference precision: {'bfloat16 autocast' if amp == 'bf16' else 'float32'} (--precision {precision})"
+
+
 @torch.no_grad()
 def predict_folder(
-    trainer, cfg, meta: dict, inputs: Path, out_dir: Path, *, outputs=None, progress=None, protected=(), note=None
+    trainer,
+    cfg,
+    meta: dict,
+    inputs: Path,
+    out_dir: Path,
+    *,
+    outputs=None,
+    progress=None,
+    protected=(),
+    note=None,
+    precision: str = "checkpoint",
 ) -> int:
     """`write_predictions` with a checkpoint's trainer, as its config infers (scale, mode, crop, stride, hooks) and
-    at its precision (train.amp, as `eval` and the in-training evaluation: the same ids to the pixel)."""
+    at `precision` (`precision_of`; by default train.amp, as `eval` and the in-training evaluation: the same ids to
+    the pixel). int8 runs a quantised copy of the segmenter; the trainer is untouched."""
     device = next(trainer.model.parameters()).device
+    amp, _ = precision_of(cfg, precision)
+    model = trainer.model
+    if precision == "int8":
+        from tmtseg.modeling.quantize import int8_copy
+
+        model = int8_copy(trainer.model)
 
     def score_fn(x: torch.Tensor) -> torch.Tensor:
-        return image_scores(trainer.model, x, trainer.method.inference_hooks())
+        return image_scores(model, x, trainer.method.inference_hooks())
 
     with eval_mode(trainer):
         return write_predictions(
@@ -354,7 +383,7 @@ def predict_folder(
             mode=cfg.infer.mode,
             crop=tuple(cfg.data.crop_size),
             stride=tuple(cfg.infer.stride),
-            amp=cfg.train.amp,
+            amp=amp,
             device=device,
             progress=progress,
             protected=protected,
