@@ -7,7 +7,7 @@ Attention's own products, the LayerNorms, the patch embedding and everything aft
 Only for a model that is run, never for one that trains or is saved: the quantised layers hold packed weights, not
 the checkpoint's parameters. Built on torch's quantized ops (`torch.ops.quantized.linear_dynamic`, what
 torch.ao.quantization.quantize_dynamic swaps in) rather than quantize_dynamic itself, which takes exact nn.Linear
-types only (ours are FrozenCastLinear) and is deprecated. TORCHAO_NOTE"""
+types only (ours are FrozenCastLinear) and is deprecated."""
 
 from __future__ import annotations
 
