@@ -109,6 +109,16 @@ def test_typical_takes_the_densest_image_of_each_cluster_largest_first_and_no_ou
     assert max(choose("coreset", scores, 3)) >= sum(sizes)  # k-center, by contrast, takes an outlier
 
 
+def test_balanced_covers_the_predicted_classes_rare_ones_first():
+    two = np.array([[1.0, 0.0, 0.0]] * 5 + [[0.0, 1.0, 0.0]] * 5)  # five frames of class 0, five of class 1
+    scores = Scores(u=np.arange(10.0), classes=two)
+    assert choose("balanced", scores, 2) == [0, 5]  # one of each, not two alike (U plays no part)
+    rare = np.array([[0.5, 0.5, 0.0]] * 8 + [[0.45, 0.45, 0.1], [0.9, 0.1, 0.0]])  # a rare class in one frame
+    assert choose("balanced", Scores(u=np.zeros(10), classes=rare), 1) == [8]
+    with pytest.raises(ConfigError, match="balanced: needs the model's predicted class shares"):
+        choose("balanced", Scores(u=np.zeros(10)), 1)
+
+
 def test_regions_are_taken_by_score_until_the_share_of_pixels_is_reached():
     table = RegionTable()
     ids = grid_regions((8, 8), 4)  # 4 cells of 16 pixels
@@ -177,6 +187,10 @@ def test_u_plus_diversity_does_not_pick_the_same_image_twice(models, tmp_path, m
     header = (tmp_path / "out" / "advice.csv").read_text().splitlines()[0]
     assert header == "file,rank,chosen,u,one_minus_t,w,distance"
     assert not (tmp_path / "out" / "labelled.yaml").exists()  # a plain folder is no split until it is labelled
+    advice = model.advise(tmp_path / "frames", tmp_path / "bal", budget=2, strategy="balanced")
+    shares = advice.scores.classes  # [3, 5] from the model's predictions of the three frames
+    assert shares.shape == (3, 5) and np.allclose(shares.sum(1), 1.0)
+    assert advice.chosen == choose("balanced", Scores(u=np.zeros(3), classes=shares), 2)
 
 
 def test_budget_above_the_pool_and_out_inside_the_input_are_refused(models, tmp_path, capsys):

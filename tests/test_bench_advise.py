@@ -20,6 +20,7 @@ from tmtseg.data.sources import list_source
 from tmtseg.errors import ConfigError, DataError
 from tmtseg.tools.bench import load_bench, plan, run_bench
 from tmtseg.tools.bench.advise_report import Point, target_rows
+from tmtseg.tools.bench.selection import stored_class_shares
 
 POOL = {"kind": "synthetic", "domain": "dusk", "seed": 2, "num_images": 6}
 EVAL = {"kind": "synthetic", "domain": "dusk", "seed": 3, "num_images": 2}
@@ -61,11 +62,12 @@ def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the
     bench, base = load_bench("advise", ["profile=full"])
     runs = plan(bench, base).runs
     kinds = Counter(r.kind for r in runs)
-    assert kinds == {"train": 6 + 372, "score": 6, "select": 186}  # 2 sources x 3 seeds
+    assert kinds == {"train": 6 + 396, "score": 6, "select": 198}  # 2 sources x 3 seeds
     selects = [r for r in runs if r.kind == "select"]
     by_choice = Counter(_select(r.select) for r in selects)
     expected = {("u+diversity", 16, 0, ""), ("u", 16, 0, ""), ("coreset", 16, 0, ""), ("first", 16, 0, "")}
-    expected |= {("typical", 16, 0, "")} | {(s, 64, 0, "") for s in ("u+diversity", "u", "coreset", "typical", "first")}
+    expected |= {("typical", 16, 0, ""), ("balanced", 16, 0, "")}
+    expected |= {(s, 64, 0, "") for s in ("u+diversity", "u", "coreset", "typical", "balanced", "first")}
     expected |= {("random", k, d, "") for k in (16, 32, 64, 128) for d in (0, 1, 2)}
     expected |= {(s, pct, 0, f) for s in ("u", "random") for pct in (1, 5) for f in ("", "pseudo")}
     expected |= {("u", 100, 0, "")}
@@ -247,11 +249,18 @@ def test_a_tiny_advise_bench_selects_once_and_adapts_on_the_chosen_images_and_re
     scores = next((out / "selections").glob("scores-*")) / "scores.npz"
     stamp = scores.stat().st_mtime_ns
     targets["r2"] = {"strategy": "random", "budget": 2, "draw": 1}
+    targets["b2"] = {"strategy": "balanced", "budget": 2}  # reads the class shares the score run kept
     bench, base = load_bench(str(_bench_file(tmp_path, targets)))
     run_bench(bench, base, progress=False)
     new = _records(out)[len(recs) :]
-    assert sorted(r["key"] for r in new) == ["synthetic/day->r2/finetune/seed0", "synthetic/day->r2/select/seed0"]
+    assert sorted(r["key"] for r in new) == [f"synthetic/day->{t}/{k}/seed0" for t in ("b2", "r2")
+                                             for k in ("finetune", "select")]  # fmt: skip
     assert scores.stat().st_mtime_ns == stamp
+    shares = np.load(scores)["classes"]  # [6, 5]: every pixel of every pool image predicted as some class
+    assert shares.shape == (6, 5) and np.allclose(shares.sum(1), 1.0)
+    # scores made before the shares were kept: the same shares from the kept predictions (up to the last class seen)
+    old = stored_class_shares(scores.parent, 6)
+    assert np.allclose(old, shares[:, : old.shape[1]]) and not shares[:, old.shape[1] :].any()
 
 
 def test_random_draws_differ_by_draw_and_repeat_for_the_same_one(tmp_path):
@@ -294,7 +303,10 @@ def test_the_targets_pair_by_seed_average_random_draws_and_say_why_when_missed()
     rows = {r.split(" | ")[1]: r for r in target_rows(pts, "finetune")}
     filled = rows["regions u + pseudo 1% − regions random + pseudo 1%"]
     assert "+4.00" in filled and "| met |" in filled
-    assert "not run" in rows["regions u 1% − regions random 1%"] and "not run" in rows["regions u + pseudo 5% / all pixels (%)"]
+    assert (
+        "not run" in rows["regions u 1% − regions random 1%"]
+        and "not run" in rows["regions u + pseudo 5% / all pixels (%)"]
+    )
 
 
 def test_a_changed_region_mask_changes_the_splits_recorded_input(tmp_path):

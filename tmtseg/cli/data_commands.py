@@ -32,7 +32,7 @@ def _cmd_predict(args) -> int:
         print(f"wrote {written} files to {args.out}")
         return 0
     from tmtseg.engine.restore import model_with_loss_from_checkpoint
-    from tmtseg.tools.predict import outputs_of, predict_folder, precision_of
+    from tmtseg.tools.predict import outputs_of, precision_of, predict_folder
 
     if args.input is None:
         from tmtseg.errors import ConfigError

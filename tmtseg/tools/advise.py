@@ -285,9 +285,11 @@ def score_pool(trainer, cfg, pool: Pool, *, amp: str, progress, each=None) -> Sc
     its maps before they are dropped: the region mode's use)."""
     table = np.full((len(pool), 3), np.nan)  # [N, 3]: mean U, 1 - T, W; NaN where the map is absent
     features = None  # [N, C], allocated at the first image: numbers in arrays, not a Python object per image
+    classes = np.zeros((len(pool), cfg.data.num_classes))  # [N, K]: the predicted share of each class
     for i in progress(range(len(pool))) if progress else range(len(pool)):
         s = score_image(trainer, pool.read[i](), cfg=cfg, scale=pool.scale, amp=amp)
         table[i] = (float(s.u.mean()), _mean(s.t, lambda t: 1.0 - t), _mean(s.w))
+        classes[i] = class_shares(s.pred, cfg.data.num_classes)
         if features is None:
             features = np.empty((len(pool), *s.feature.shape), s.feature.dtype)
         features[i] = s.feature
@@ -297,7 +299,13 @@ def score_pool(trainer, cfg, pool: Pool, *, amp: str, progress, each=None) -> Sc
     def column(j: int) -> np.ndarray | None:
         return None if np.isnan(table[:, j]).any() else table[:, j]
 
-    return Scores(u=table[:, 0], one_minus_t=column(1), w=column(2), features=features)
+    return Scores(u=table[:, 0], one_minus_t=column(1), w=column(2), features=features, classes=classes)
+
+
+def class_shares(pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """[K]: the share of a prediction's pixels ([H, W] class ids) given to each class."""
+    counts = np.bincount(pred.reshape(-1).astype(np.int64), minlength=num_classes)[:num_classes]
+    return counts / max(pred.size, 1)
 
 
 def _mean(x: np.ndarray | None, f=None) -> float:

@@ -14,7 +14,7 @@ import numpy as np
 from tmtseg.data.label_regions import partial_labels  # noqa: F401  (the region cut, here for the bench's callers)
 from tmtseg.errors import ConfigError
 
-STRATEGIES = ("u+diversity", "u", "1-t", "w", "coreset", "typical", "random", "first")
+STRATEGIES = ("u+diversity", "u", "1-t", "w", "coreset", "typical", "balanced", "random", "first")
 DEFAULT_STRATEGY = "u+diversity"  # for now: the advise bench decides
 REGION_STRATEGIES = ("u", "1-t", "w", "random")  # a region is ranked by the mean of a map, or at random
 
@@ -28,6 +28,8 @@ class Scores:
     one_minus_t: np.ndarray | None = None
     w: np.ndarray | None = None
     features: np.ndarray | None = None
+    # [N, C]: the share of each image's pixels the model predicts as each class (the `balanced` strategy's input)
+    classes: np.ndarray | None = None
     # filled by `choose` for the distance-based strategies: each image's distance to the nearest chosen image (at the
     # moment it was chosen, for the chosen ones; 1 for the first), over twice the largest distance of a feature to the
     # pool's mean (a bound on any pairwise distance), so in [0, 1]
@@ -127,6 +129,34 @@ def typical(features: np.ndarray, k: int, *, neighbours: int = 20, seed: int = 0
     return chosen
 
 
+def balanced(classes: np.ndarray, k: int) -> list[int]:
+    """Class coverage: greedy, each step the image that adds most to sum_c sqrt(A_c / f_c), where A_c is the share of
+    class c summed over the images chosen so far (from the model's prediction) and f_c its mean share in the pool.
+    The square root gives diminishing returns per class, so that a class already covered weighs less than one not
+    yet seen, and dividing by f_c counts a class in units of its own frequency, so that the rare classes (people,
+    poles) are sought as much as road and sky. After class-balanced acquisition in active learning for segmentation
+    (Cai et al., CVPR 2021, "Revisiting Superpixels for Active Learning in Semantic Segmentation with Realistic
+    Annotation Costs"), which weighs uncertainty by the rarity of the predicted class; here uncertainty plays no
+    part, since the entropy-picked frames of docs/results.md §10.1 miss the rare classes. Ties go to the earlier
+    image."""
+    a = np.asarray(classes, dtype=np.float64)  # [N, C]
+    freq = a.mean(0)  # [C]
+    a = np.where(
+        freq > 0, a / np.where(freq > 0, freq, 1.0), 0.0
+    )  # a class the model never predicts counts for nothing
+    covered = np.zeros(a.shape[1])  # [C]
+    taken = np.zeros(len(a), dtype=bool)
+    chosen = []
+    for _ in range(min(k, len(a))):
+        gain = (np.sqrt(covered[None] + a) - np.sqrt(covered)[None]).sum(1)  # [N]
+        gain[taken] = -np.inf
+        best = top_k(gain, 1)[0]
+        chosen.append(best)
+        taken[best] = True
+        covered += a[best]
+    return chosen
+
+
 def _need(scores: Scores, strategy: str) -> np.ndarray:
     values = {"u": scores.u, "1-t": scores.one_minus_t, "w": scores.w}[strategy]
     if values is None:
@@ -141,7 +171,8 @@ def choose(strategy: str, scores: Scores, k: int, *, seed: int = 0) -> list[int]
     """The k images `strategy` picks from the pool, best first (see STRATEGIES and docs/advise.md):
 
     u, 1-t, w: the k largest means; u+diversity: k-center weighted by U; coreset: plain k-center on the features;
-    typical: the most typical image of each of k feature clusters (TypiClust); random: k at random with `seed`;
+    typical: the most typical image of each of k feature clusters (TypiClust); balanced: the images that cover the
+    predicted classes best, rare ones counted by their frequency (see `balanced`); random: k at random with `seed`;
     first: the first k in the pool's order."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy {strategy}: choose from {', '.join(STRATEGIES)}")
@@ -154,6 +185,10 @@ def choose(strategy: str, scores: Scores, k: int, *, seed: int = 0) -> list[int]
         return list(range(k))
     if strategy == "random":
         return [int(i) for i in np.random.default_rng(seed).permutation(n)[:k]]
+    if strategy == "balanced":
+        if scores.classes is None:
+            raise ConfigError("--strategy balanced: needs the model's predicted class shares of each image")
+        return balanced(scores.classes, k)
     if scores.features is None:
         raise ConfigError(f"--strategy {strategy}: needs the images' pooled features")
     if strategy == "typical":

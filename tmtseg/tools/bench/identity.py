@@ -22,7 +22,11 @@ ADDED_AT = {
     "adapt.tma.where": "decoder",
     "adapt.tma.vit_blocks": 4,
     "adapt.acte.vit_block": -1,
-    **{f"data.{split}.{key}": "" for split in ("train", "val", "source") for key in ("files", "label_regions", "pseudo_labels")},
+    **{
+        f"data.{split}.{key}": ""
+        for split in ("train", "val", "source")
+        for key in ("files", "label_regions", "pseudo_labels")
+    },
 }
 
 

@@ -20,7 +20,15 @@ import numpy as np
 
 from tmtseg.errors import ConfigError, DataError
 from tmtseg.tools import advise_write as write
-from tmtseg.tools.advise import Advice, quantise_prob, region_cell, score_pool, split_pool, stored_prediction
+from tmtseg.tools.advise import (
+    Advice,
+    class_shares,
+    quantise_prob,
+    region_cell,
+    score_pool,
+    split_pool,
+    stored_prediction,
+)
 from tmtseg.tools.advise_select import RegionTable, Scores, choose, choose_regions, grid_regions
 
 MAPS = ("u", "1-t", "w")  # the region scores kept: the maps a region strategy ranks by
@@ -60,7 +68,8 @@ def score(run) -> dict:
     scores = score_pool(trainer, cfg, pool, amp="none", progress=None, each=add)
     none = np.full(len(pool), np.nan)
     np.savez(tmp / "scores.npz", u=scores.u, one_minus_t=none if scores.one_minus_t is None else scores.one_minus_t,
-             w=none if scores.w is None else scores.w, features=scores.features, shapes=np.array(shapes))  # fmt: skip
+             w=none if scores.w is None else scores.w, features=scores.features, shapes=np.array(shapes),
+             classes=scores.classes)  # fmt: skip
     columns = {f"score_{m}": np.array(t.score) for m, t in table.items() if len(t)}
     t = table["u"]
     np.savez(tmp / "regions.npz", image=np.array(t.image), region=np.array(t.region), pixels=np.array(t.pixels),
@@ -80,7 +89,17 @@ def load_scores(folder: Path) -> tuple[Scores, np.ndarray]:
     def column(name: str) -> np.ndarray | None:
         return None if np.isnan(z[name]).any() else z[name]
 
-    return Scores(u=z["u"], one_minus_t=column("one_minus_t"), w=column("w"), features=z["features"]), z["shapes"]
+    classes = z["classes"] if "classes" in z else None
+    scores = Scores(u=z["u"], one_minus_t=column("one_minus_t"), w=column("w"), features=z["features"], classes=classes)
+    return scores, z["shapes"]
+
+
+def stored_class_shares(folder: Path, n: int) -> np.ndarray:
+    """[N, K] predicted class shares from the predictions a score run kept (for scores made before it saved them:
+    the classes the model never predicted in the pool are left out at the end, which counts them for nothing)."""
+    preds = [_prediction(folder, i)[0] for i in range(n)]
+    k = max(int(p.max()) for p in preds) + 1
+    return np.stack([class_shares(p, k) for p in preds])
 
 
 def region_table(folder: Path, strategy: str) -> RegionTable:
@@ -112,6 +131,8 @@ def select(run) -> dict:
     run.out.mkdir(parents=True)
     pixels = np.prod(shapes, axis=1)  # [N]
     if sel["budget"]:
+        if sel["strategy"] == "balanced" and scores.classes is None:
+            scores.classes = stored_class_shares(folder, len(scores))
         chosen = choose(sel["strategy"], scores, sel["budget"], seed=sel["random_seed"])
         advice = Advice(pool.names, scores, sel["strategy"], chosen)
         write.image_advice(advice, pool, run.out, strategy=sel["strategy"], draw=None)
