@@ -140,3 +140,27 @@ def test_a_binary_task_writes_0_255_masks_that_read_back_as_its_ids(tmp_path):
         assert mask.mode == "L" and set(np.unique(np.asarray(mask))) == {0, 255}
     assert np.array_equal(np.asarray(Image.open(files["palette"])) == 255, ids == 1)
     assert np.array_equal(read_ids(files["palette"]) > 0, ids == 1)  # what eval --predictions counts as foreground
+
+
+def test_predict_precision_int8_and_fp32_say_so_and_stay_near_the_checkpoints_ids(run, tmp_path):
+    """`predict --precision`: int8 (the ViT's linear layers quantised, tmtseg/modeling/quantize.py) and fp32 print
+    their precision and write ids that agree with the checkpoint's bf16 ids on most pixels; a wrong value is refused
+    by argparse (exit 2) before any image is read."""
+    ckpt, data = run
+    ids = {}
+    for precision, line in (("checkpoint", "bfloat16 autocast"), ("fp32", "float32 (--precision fp32)"),
+                            ("int8", "int8 ViT linear layers")):  # fmt: skip
+        out = tmp_path / precision
+        result = inproc("predict", str(ckpt), str(data / "images"), "--out", str(out), "--precision", precision)
+        assert result.returncode == 0, result.stderr
+        assert f"inference precision: {line}" in result.stdout
+        ids[precision] = np.stack([np.asarray(Image.open(out / f"im{i}.png")) for i in range(3)])
+    for precision in ("fp32", "int8"):
+        assert (ids[precision] == ids["checkpoint"]).mean() >= 0.9
+    assert (
+        inproc(
+            "predict", str(ckpt), str(data / "images"), "--out", str(tmp_path / "x"), "--precision", "int4"
+        ).returncode
+        == 2
+    )
+    assert not (tmp_path / "x").exists()
