@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Modules of a minute or more (trainings, exports, benches, DDP), slowest first: handed out first, so that the last
 # minutes of a parallel run are not one worker finishing a long module while the other waits.
-HEAVY_FIRST = ("test_export.py", "test_export_msdeform.py", "test_bench.py", "test_bench_budget.py", "test_smoke.py",
+HEAVY_FIRST = ("test_export.py", "test_smoke.py", "test_bench.py", "test_bench_budget.py",
                "test_adversarial.py", "test_bench_launch.py", "test_ddp.py", "test_inputs.py", "test_driving.py",
                "test_failures.py", "test_faults.py", "test_resume.py", "test_cli.py")  # fmt: skip
 

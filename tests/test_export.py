@@ -1,11 +1,12 @@
-"""ONNX export (issue 14 §1): tiny segmenters exported once at one size and run with onnxruntime at others
+"""ONNX export (issue 14 §1): a tiny segmenter exported once at one size and run with onnxruntime at others
 (non-multiples of 32 among them): scores within 1e-4 of PyTorch, the same argmax; the CLI end to end (export, JSON,
 predict --onnx == predict); refusals; issue 30's variants: the LayerScale-folded graph within the same tolerance,
 --quantize int8 with an argmax agreement >= INT8_MIN_AGREEMENT with the fp32 model. An export takes most of a minute
-on a shared 2-core CPU (torch.export's symbolic shapes), so the run covers each pixel decoder once and TMA once:
-msdeform with TMT (one encoder and one decoder layer, random init: tests/test_export_msdeform.py, a module of its own
-so that pytest-xdist runs the two exports at once), and fpn with a DINOv2-shaped ViT, whose export is the CLI's (with
-masks and int8), made once and read by the tests that follow."""
+on a shared 2-core CPU (torch.export's symbolic shapes, about the same for one layer or three), so the suite makes
+one here and shares it: the CLI's export (with masks and int8) of one checkpoint that holds everything an export has
+to carry, the msdeform pixel decoder (one encoder and one decoder layer), TMT's inference hooks (ACTE and TMA) and a
+DINOv2-shaped ViT; the tests that follow read it. The fpn pixel decoder's export is the demo's (tests/test_smoke.py:
+`tmtseg demo --quick` exports its fpn model through the same parity check, or fails)."""
 
 from __future__ import annotations
 
@@ -33,14 +34,27 @@ SIZES = [(64, 96), (77, 45), (150, 97), (224, 224)]  # the export traces 100x140
 # a DINOv2-shaped ViT: patch 14 resized to one token per 8 px, LayerScale, a register token
 DINO = ["model.backbone.patch_size=14", "model.backbone.token_stride=8", "model.backbone.layerscale=1e-5",
         "model.backbone.num_registers=1"]  # fmt: skip
+# the msdeform pixel decoder and TMT, one deformable-encoder layer and one decoder layer
+MSDEFORM_TMT = ["model.pixel_decoder=msdeform", "model.enc_layers=1", "model.dec_layers=1", "adapt.method=tmt",
+                "adapt.preserve.weight=0"]  # fmt: skip
 
 
-def test_cli_export_of_fpn_and_a_dinov2_shaped_vit_matches_pytorch_at_other_sizes(checkpoint, exported):
+def test_cli_export_of_msdeform_tmt_and_a_dinov2_shaped_vit_matches_pytorch_at_other_sizes(checkpoint, exported):
     from tmtseg.engine.restore import model_with_loss_from_checkpoint
 
     assert exported["result"].returncode == 0, exported["result"].stderr
     trainer, _, _ = model_with_loss_from_checkpoint(checkpoint)
-    _matches_pytorch_at_other_sizes(trainer.eval(), exported["model"])
+    assert trainer.method.inference_hooks()  # TMT's ACTE and TMA are in the graph
+    x, scores = _matches_pytorch_at_other_sizes(trainer.eval(), exported["model"])
+    # --quantize int8 (issue 30): the same file's linear layers as int8 MatMuls, the argmax kept on every size
+    int8 = exported["model"].parent / "model.int8.onnx"
+    record = json.loads(int8.with_suffix(".json").read_text())["quantization"]
+    assert record["per_channel"] and record["op_types"] == ["MatMul"]
+    assert record["parity_vs_fp32"]["min_argmax_agreement_seen"] >= INT8_MIN_AGREEMENT
+    ops = [n.op_type for n in onnx.load(int8).graph.node]
+    assert ops.count("MatMulInteger") >= 10 and "Gemm" not in ops  # every weight product quantised
+    got = _session(int8).run(["scores"], {"image": x.numpy()})[0]
+    assert 0 < np.abs(got - scores).max() < 0.1  # int8 differs from fp32, a little
 
 
 def _matches_pytorch_at_other_sizes(trainer, model: Path) -> tuple:
@@ -72,11 +86,11 @@ def _matches_pytorch_at_other_sizes(trainer, model: Path) -> tuple:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny fpn source model's checkpoint (2 steps) on a DINOv2-shaped ViT, with a LayerScale large enough for the
-    export's fold to matter."""
+    """A tiny TMT model's checkpoint (2 steps, trained without a source model: no preservation term) with the msdeform
+    pixel decoder on a DINOv2-shaped ViT, with a LayerScale large enough for the export's fold to matter."""
     out = tmp_path_factory.mktemp("run")
     args = [*SMALL, *DINO, "data.train.num_images=2", "data.val.num_images=1", "train.iters=2", "train.warmup_iters=0"]
-    args.append("model.backbone.layerscale=0.3")
+    args += ["model.backbone.layerscale=0.3", *MSDEFORM_TMT]
     result = cli("train", *args, f"output_dir={out}")
     assert result.returncode == 0, result.stderr
     return out / "checkpoints" / "iter_0000002"
