@@ -57,24 +57,36 @@ def _train_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
+# one class weight for every query: the class loss is then a plain mean over equal shards of the global batch (with
+# no-object down-weighted, each rank's weighted mean has its own denominator and the ranks' average differs); one ViT
+# block and one decoder layer: four processes start, and the compiled ones trace the whole model
+SMALL = ["model.backbone.depth=1", "model.dec_layers=1"]
+COMMON = ["--no-progress", "train", *RUN, *SMALL, "train.iters=6", "train.eval_every=0", "data.val.num_images=3",
+          "loss.no_object_weight=1.0"]  # fmt: skip
+
+
+def _run(cmd: list[str]) -> None:
+    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "train.compile" not in result.stderr  # no fallback to eager
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The one-process run with the doubled batch (eager): what both DDP runs below must end with, trained once."""
+    one = tmp_path_factory.mktemp("ddp") / "one"
+    _run([sys.executable, "-c", WORKER, *COMMON, "data.batch_size=4", f"output_dir={one}"])
+    return one
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_two_processes_end_with_the_weights_of_one_process_with_the_doubled_batch(tmp_path, compiled):
+def test_two_processes_end_with_the_weights_of_one_process_with_the_doubled_batch(tmp_path, one_process, compiled):
     """Also with train.compile (issue 12 §2): each rank's segmenter compiled in place, then wrapped by DDP (aot_eager:
     the joint forward/backward graph whose gradients DDP all-reduces, without inductor's minutes of code generation)."""
-    # one class weight for every query: the class loss is then a plain mean over equal shards of the global batch
-    # (with no-object down-weighted, each rank's weighted mean has its own denominator and the ranks' average differs)
-    # one ViT block and one decoder layer: four processes start, and the compiled ones trace the whole model
-    small = ["model.backbone.depth=1", "model.dec_layers=1"]
-    common = [*RUN, *small, "train.iters=6", "train.eval_every=0", "data.val.num_images=3", "loss.no_object_weight=1.0"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    args = ["--no-progress", "train", *common]
-    single = [sys.executable, "-c", WORKER, *args, "data.batch_size=4", f"output_dir={one}"]
-    ddp = [TORCHRUN, "--standalone", "--nproc-per-node=2", "--no-python", sys.executable, "-c", WORKER, *args]
+    one, two = one_process, tmp_path / "two"
+    ddp = [TORCHRUN, "--standalone", "--nproc-per-node=2", "--no-python", sys.executable, "-c", WORKER, *COMMON]
     ddp += ["train.compile=true", "train.compile_backend=aot_eager"] if compiled else []
-    for cmd in (single, [*ddp, "data.batch_size=2", f"output_dir={two}"]):
-        result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-        assert "train.compile" not in result.stderr  # no fallback to eager
+    _run([*ddp, "data.batch_size=2", f"output_dir={two}"])
     # only rank 0 wrote: one log record per step, the checkpoints once
     assert [r["step"] for r in _train_records(two)] == list(range(1, 7))
     assert [p.name for p in list_checkpoints(two)] == ["iter_0000003", "iter_0000006"]
