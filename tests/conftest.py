@@ -13,11 +13,12 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Modules of a minute or more (trainings, exports, benches, DDP), slowest first: handed out first, so that the last
-# minutes of a parallel run are not one worker finishing a long module while the other waits.
-HEAVY_FIRST = ("test_export.py", "test_smoke.py", "test_bench.py", "test_bench_budget.py",
-               "test_adversarial.py", "test_bench_launch.py", "test_ddp.py", "test_inputs.py", "test_driving.py",
-               "test_failures.py", "test_faults.py", "test_resume.py", "test_cli.py")  # fmt: skip
+# Modules of half a minute or more (exports, trainings, benches, DDP, compiles), slowest first as measured: handed out
+# first, so that the last minutes of a parallel run are not one worker finishing a long module while the other waits.
+HEAVY_FIRST = ("test_export.py", "test_smoke.py", "test_failures.py", "test_ddp.py", "test_compile.py", "test_bench.py",
+               "test_inputs.py", "test_sigterm.py", "test_faults.py", "test_resume.py", "test_cli.py",
+               "test_adversarial.py", "test_bench_launch.py", "test_bench_advise.py", "test_diagnose.py",
+               "test_api.py", "test_driving.py", "test_bench_budget.py")  # fmt: skip
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -19,8 +19,8 @@ from .test_resume import ITERS, RUN, cli, uninterrupted_dir
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A finished run folder of RUN (shared with test_resume and test_failures when they run in the same session)."""
-    return uninterrupted_dir(tmp_path_factory.mktemp("reference"))
+    """A finished run folder of RUN: the session's one reference run (tests/test_resume.py), read here, never changed."""
+    return uninterrupted_dir(tmp_path_factory)
 
 
 def _one_error_line(result, code: int) -> str:

@@ -60,7 +60,7 @@ def _every_saved_tensor_finite(run_dir) -> bool:
 
 
 def test_repeated_kills_inside_slowed_saves_never_lose_a_checkpoint(tmp_path_factory, tmp_path):
-    reference = uninterrupted(tmp_path_factory.mktemp("reference"))
+    reference = uninterrupted(tmp_path_factory)
     run_dir, slow = tmp_path / "run", 0.4
     rng = random.Random(61)
     newest = ""
@@ -91,9 +91,8 @@ def test_repeated_kills_inside_slowed_saves_never_lose_a_checkpoint(tmp_path_fac
 def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_resume_takes_the_previous(
     tmp_path_factory, tmp_path
 ):
-    root = tmp_path_factory.mktemp("reference")
-    reference, run_dir = uninterrupted(root), tmp_path / "run"
-    shutil.copytree(uninterrupted_dir(root), run_dir, symlinks=True)
+    reference, run_dir = uninterrupted(tmp_path_factory), tmp_path / "run"
+    shutil.copytree(uninterrupted_dir(tmp_path_factory), run_dir, symlinks=True)
     newest = run_dir / "checkpoints" / f"iter_{ITERS:07d}"
     data = (newest / MODEL_FILE).read_bytes()
     (newest / MODEL_FILE).write_bytes(data[: len(data) // 2])  # as by a full disk or a copy cut short
@@ -104,7 +103,7 @@ def test_truncated_newest_checkpoint_is_skipped_with_a_warning_and_resume_takes_
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_143_then_resumes_exactly(tmp_path_factory, tmp_path):
-    reference = uninterrupted(tmp_path_factory.mktemp("reference"))
+    reference = uninterrupted(tmp_path_factory)
     run_dir = tmp_path / "run"
     stop_at = random.Random(15).randint(2, ITERS - 4)
     proc = start("train", *RUN, f"output_dir={run_dir}", "data.num_workers=2")

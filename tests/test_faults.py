@@ -115,7 +115,7 @@ def _stopped_by_sigterm(proc) -> str:
 def test_sigterm_during_an_evaluation_and_inside_a_save_stops_cleanly_then_resumes_exactly(tmp_path_factory, tmp_path):
     """Two moments other than between steps (test_failures.py has that one): during the evaluation of step 6, then,
     resumed, inside the save of a later step at a seeded random point of it (writing, before the rename, after it)."""
-    reference = uninterrupted(tmp_path_factory.mktemp("reference"))
+    reference = uninterrupted(tmp_path_factory)
     run_dir, rng, slow = tmp_path / "run", random.Random(29), 0.4
     proc = start("train", *RUN, f"output_dir={run_dir}", "data.num_workers=1")
     wait_for(lambda: logged_step(run_dir) >= 6, proc)  # step 6's line is written just before its evaluation

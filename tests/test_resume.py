@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,22 +146,43 @@ def assert_same_outcome(a: dict, b: dict) -> None:
 _REFERENCE: dict = {}
 
 
-def uninterrupted(tmp_root: Path) -> dict:
-    """The outcome of one uninterrupted run of RUN (computed once per session; its folder is `_REFERENCE["dir"]`)."""
+def uninterrupted(factory: pytest.TempPathFactory) -> dict:
+    """The outcome of one uninterrupted run of RUN, trained once per test session (`_REFERENCE["dir"]`, read once per
+    worker): test_resume, test_failures, test_faults and test_cli compare with it, on either of pytest-xdist's workers."""
     if "run" not in _REFERENCE:
-        train(tmp_root / "reference")
-        _REFERENCE.update(run=outcome(tmp_root / "reference"), dir=tmp_root / "reference")
+        folder = _reference_run(factory)
+        _REFERENCE.update(run=outcome(folder), dir=folder)
     return _REFERENCE["run"]
 
 
-def uninterrupted_dir(tmp_root: Path) -> Path:
-    uninterrupted(tmp_root)
+def _reference_run(factory: pytest.TempPathFactory) -> Path:
+    """Under pytest-xdist, the run folder sits in the session's temporary folder that the workers share (each worker's
+    own is inside it): the first worker to need it trains it under a file lock, the others wait for it and read it.
+    A run that failed leaves no `done` file, and the next worker trains it again from an empty folder."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = factory.mktemp("reference") / "run"
+        train(folder)
+        return folder
+    from filelock import FileLock  # a dependency of torch
+
+    shared = factory.getbasetemp().parent
+    folder, done = shared / "reference", shared / "reference.done"
+    with FileLock(str(shared / "reference.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            train(folder)
+            done.touch()
+    return folder
+
+
+def uninterrupted_dir(factory: pytest.TempPathFactory) -> Path:
+    uninterrupted(factory)
     return _REFERENCE["dir"]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    return uninterrupted(tmp_path_factory.mktemp("resume"))
+    return uninterrupted(tmp_path_factory)
 
 
 def test_sampler_resumes_the_exact_stream():
