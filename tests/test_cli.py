@@ -19,7 +19,7 @@ from .test_resume import ITERS, RUN, cli, uninterrupted_dir
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A finished run folder of RUN: the session's one reference run (tests/test_resume.py), read here, never changed."""
+    """A finished run folder of RUN: the session's one reference run (tests/test_resume.py), read, never changed."""
     return uninterrupted_dir(tmp_path_factory)
 
 

@@ -148,7 +148,7 @@ _REFERENCE: dict = {}
 
 def uninterrupted(factory: pytest.TempPathFactory) -> dict:
     """The outcome of one uninterrupted run of RUN, trained once per test session (`_REFERENCE["dir"]`, read once per
-    worker): test_resume, test_failures, test_faults and test_cli compare with it, on either of pytest-xdist's workers."""
+    worker): test_resume, test_failures, test_faults and test_cli compare with it, on either pytest-xdist worker."""
     if "run" not in _REFERENCE:
         folder = _reference_run(factory)
         _REFERENCE.update(run=outcome(folder), dir=folder)
