@@ -60,6 +60,8 @@ class Run:
     tic: float = field(default_factory=time.perf_counter)  # throughput since the last logged step
     seen: int = 0
     started: float = field(default_factory=time.perf_counter)  # the card's wall time (of this process, if resumed)
+    # (step, metrics) of the last evaluation of this process: the final one is not run again on the same weights
+    evaluated: tuple[int, dict] | None = None
 
 
 def fit(
@@ -237,7 +239,7 @@ def _train(run: Run, *, progress: bool) -> dict:
     bar.close()
     run.log.close()
     _refuse_too_many_skipped(run)
-    final = _evaluate(run)
+    final = run.evaluated[1] if run.evaluated and run.evaluated[0] == run.state.step else _evaluate(run)
     skipped = {"skipped_steps": run.state.skipped} if run.state.skipped else {}
     if dist.is_main():
         summary = {"step": run.state.step, "split": "val", **skipped, **final}
@@ -313,6 +315,7 @@ def _evaluate(run: Run) -> dict:
 def _evaluate_and_keep_best(run: Run) -> None:
     result = _evaluate(run)
     state = run.state
+    run.evaluated = (state.step, dict(result))
     state.history.append({"step": state.step, "mIoU": result["mIoU"]})
     if dist.is_main():
         run.log.write({"step": state.step, "eval": result})
