@@ -181,8 +181,9 @@ def test_u_plus_diversity_does_not_pick_the_same_image_twice(models, tmp_path, m
     model = tmtseg.load(models["tmt"])
     advice = model.advise(tmp_path / "frames", tmp_path / "u", budget=2, strategy="u")
     assert advice.chosen == [0, 1]  # by U alone: both copies
-    advice = model.advise(tmp_path / "frames", tmp_path / "out", budget=2)
-    assert advice.strategy == "u+diversity" and advice.chosen == [0, 2]
+    assert model.advise(tmp_path / "frames", tmp_path / "typ", budget=2).strategy == "typical"  # the default
+    advice = model.advise(tmp_path / "frames", tmp_path / "out", budget=2, strategy="u+diversity")
+    assert advice.chosen == [0, 2]
     assert advice.scores.distance[1] == 0.0 and advice.scores.one_minus_t is not None
     header = (tmp_path / "out" / "advice.csv").read_text().splitlines()[0]
     assert header == "file,rank,chosen,u,one_minus_t,w,distance"

@@ -18,6 +18,7 @@ from tests.tiny import TINY
 from tmtseg.config import DataConfig, SplitConfig
 from tmtseg.data.sources import list_source
 from tmtseg.errors import ConfigError, DataError
+from tmtseg.tools.advise_select import DEFAULT_STRATEGY
 from tmtseg.tools.bench import load_bench, plan, run_bench
 from tmtseg.tools.bench.advise_report import Point, target_rows
 from tmtseg.tools.bench.selection import stored_class_shares
@@ -286,17 +287,17 @@ def _pt(line, size, seed, score, draw=0, source="day"):
 
 
 def test_the_targets_pair_by_seed_average_random_draws_and_say_why_when_missed():
-    pts = [_pt("u+diversity", 16, s, 50.0 + s) for s in (0, 1)]
+    pts = [_pt(DEFAULT_STRATEGY, 16, s, 50.0 + s) for s in (0, 1)]
     pts += [_pt("random", 16, s, v, draw=d) for s in (0, 1) for d, v in enumerate((47.0 + s, 48.0 + s, 49.0 + s))]
     pts += [_pt("random", 32, s, 51.0 + s, draw=d) for s in (0, 1) for d in range(3)]
     pts += [_pt("regions u", 5, s, 40.0) for s in (0, 1)] + [_pt("all pixels", 100, s, 50.0) for s in (0, 1)]
     rows = {r.split(" | ")[1]: r for r in target_rows(pts, "finetune")}
-    k16 = rows["u+diversity K=16 − random K=16"]
+    k16 = rows[f"{DEFAULT_STRATEGY} K=16 − random K=16"]
     assert "+2.00 ± 0.00 (n=2)" in k16 and "| met |" in k16  # 50 - mean(47, 48, 49), paired by seed
-    k32 = rows["u+diversity K=16 − random K=32"]
+    k32 = rows[f"{DEFAULT_STRATEGY} K=16 − random K=32"]
     assert "-1.00" in k32 and "not met" in k32 and "chosen U 0.500 vs pool 0.400" in k32
     assert "80.0 ± 0.0" in rows["regions u 5% / all pixels (%)"] and "not met" in rows["regions u 5% / all pixels (%)"]
-    assert "not run" in rows["u+diversity K=64 − random K=64"]
+    assert "not run" in rows[f"{DEFAULT_STRATEGY} K=64 − random K=64"]
     # the filled regions are checked on their own, against random regions filled alike
     pts += [_pt("regions u + pseudo", 1, s, 45.0) for s in (0, 1)] + [_pt("regions random", 1, s, 44.0) for s in (0, 1)]
     pts += [_pt("regions random + pseudo", 1, s, 41.0) for s in (0, 1)]

@@ -230,7 +230,7 @@ def advise(
     note=None,
 ) -> Advice:
     """Score the pool `target` (see `pool_of`) with the model and write the advice to `out`: `budget` images by
-    `strategy` (default u+diversity), or with `regions` the regions of highest score (default U) up to that % of
+    `strategy` (default typical), or with `regions` the regions of highest score (default U) up to that % of
     the pool's pixels (one of the two). Everything `_refusals` lists is refused before any image is scored."""
     target, out = Path(target), Path(out)
     strategy = strategy or (DEFAULT_STRATEGY if regions is None else "u")

@@ -58,5 +58,6 @@ def _why(advice) -> str:
         "u+diversity": "the most uncertain first, then each time the one of largest U x distance (in ViT features) to "
         "those already chosen",
         "u": "the most uncertain",
+        "typical": "the most typical image of each of K clusters of the pooled ViT features (TypiClust)",
     }.get(advice.strategy, f"strategy {advice.strategy}")
     return f"{how}: mean uncertainty U {u[picked].mean():.3f} on the chosen, {rest}"
