@@ -13,6 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from tmtseg.io.checkpoint import SLOW_SAVE_ENV, latest_valid, list_checkpoints
 
 from .test_adversarial import inproc
@@ -134,3 +136,25 @@ def test_sigterm_during_an_evaluation_and_inside_a_save_stops_cleanly_then_resum
     assert logged_step(run_dir) < ITERS
     train(run_dir, resume=True)
     assert_same_outcome(reference, outcome(run_dir))
+
+
+def test_a_reset_pipe_inside_the_data_loader_is_told_apart_from_one_elsewhere():
+    """A worker killed while the loader reads its batch can surface as ConnectionResetError from the pipe (before
+    torch's SIGCHLD handler speaks); the run says it as a worker's death only when the error came through the loader."""
+    import torch
+
+    from tmtseg.engine.loop import _from_data_loader
+
+    class Reset(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+    with pytest.raises(ConnectionResetError) as inside:
+        next(iter(torch.utils.data.DataLoader(Reset(), num_workers=0)))
+    assert _from_data_loader(inside.value)
+    with pytest.raises(ConnectionResetError) as outside:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    assert not _from_data_loader(outside.value)

@@ -87,6 +87,21 @@ def fit(
             if "DataLoader worker" not in str(err):
                 raise
             raise _worker_died(run, err) from None
+        except (ConnectionResetError, EOFError) as err:  # the worker's pipe closed under the loader, before torch
+            if not _from_data_loader(err):  # noticed the death: the same death, said the same way
+                raise
+            died = RuntimeError(f"DataLoader worker (pid unknown) exited unexpectedly ({type(err).__name__})")
+            raise _worker_died(run, died) from None
+
+
+def _from_data_loader(err: BaseException) -> bool:
+    """Whether `err` was raised while the data loader read a batch from its workers (a frame of torch.utils.data)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if "torch/utils/data" in tb.tb_frame.f_code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _worker_died(run: Run, err: RuntimeError) -> TmtsegError:
