@@ -268,13 +268,11 @@ def choose_regions(table: RegionTable, percent: float, *, strategy: str = "u", s
     else:
         order = np.argsort(-table.score, kind="stable")  # top_k's order, without a list of n Python ints
     goal = percent / 100.0 * int(table.pixels.sum(dtype=np.int64))
+    before = np.cumsum(table.pixels[order], dtype=np.int64) - table.pixels[order]  # pixels taken before each region
+    picked = order[before < goal]  # every region that starts below the mark: the one crossing it is the last
     chosen: dict[int, set[int]] = {}
-    taken = 0
-    for i in order:
-        if taken >= goal:
-            break
-        chosen.setdefault(int(table.image[i]), set()).add(int(table.region[i]))
-        taken += int(table.pixels[i])
+    for image, region in zip(table.image[picked].tolist(), table.region[picked].tolist(), strict=True):
+        chosen.setdefault(image, set()).add(region)
     return chosen
 
 
