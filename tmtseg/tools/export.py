@@ -3,7 +3,6 @@ dynamic batch, height and width, checked against PyTorch with onnxruntime; and p
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import operator
@@ -21,6 +20,7 @@ from tmtseg.errors import ConfigError, ExportError, MissingExtra
 from tmtseg.hashing import sha256
 from tmtseg.modeling.inference import input_scores
 from tmtseg.tools.library_output import library_output
+from tmtseg.tools.onnx_decompose import decompose_for_onnx, exporter_takes_the_program_as_decomposed
 from tmtseg.tools.ort import int8_path, require, session, write_int8
 
 _session = session  # the name the tests and benchmarks know
@@ -204,8 +204,8 @@ def export_graph(graph: nn.Module, path: Path, *, opset: int = OPSET, with_masks
             program = torch.export.export(
                 graph, (example,), dynamic_shapes={"image": {0: dyn, 2: dyn, 3: dyn}}, strict=False
             )
-            program = _decompose_for_onnx(program)
-            with _exporter_takes_the_program_as_decomposed():
+            program = decompose_for_onnx(program)
+            with exporter_takes_the_program_as_decomposed():
                 torch.onnx.export(
                     program,
                     (example,),
@@ -223,46 +223,6 @@ def export_graph(graph: nn.Module, path: Path, *, opset: int = OPSET, with_masks
             raise ExportError(f"torch.onnx.export failed: {' '.join(summary[:2])}") from err
         finally:
             quiet.setLevel(level)
-
-
-def _decompose_for_onnx(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """The program decomposed once, to the ops the ONNX exporter's registry implements (the table its own pass uses),
-    here rather than under its size-oblivious shape checks (see export_graph). A decomposition re-traces the whole
-    graph with symbolic sizes, most of an export's time: the exporter's pass would be a second one."""
-    from torch.onnx._internal.exporter import _decomp, _registration
-
-    onnx_ops = set(_decomp.get_onnx_implemented_overloads(_registration.ONNXRegistry.from_torchlib()))
-    table = torch.export.default_decompositions()  # to core ATen, as before ...
-    for op, fn in _decomp.create_onnx_friendly_decomposition_table(onnx_ops).items():
-        if op not in table:  # ... and the core ATen ops ONNX lacks (squeeze.dims, ...) further, in the same pass
-            table[op] = fn
-    return program.run_decompositions(table)
-
-
-@contextlib.contextmanager
-def _exporter_takes_the_program_as_decomposed():
-    """torch.onnx.export's preparation of an ExportedProgram without its decomposition (done by _decompose_for_onnx):
-    only its type-promotion and assertion-removal passes. Private API of the pinned torch (pyproject), hence the
-    check: another torch, or another layout, keeps the exporter's own preparation (one more decomposition, slower,
-    the same graph)."""
-    from torch.onnx._internal.exporter import _core, _fx_passes
-
-    original = getattr(_core, "_prepare_exported_program_for_export", None)
-    if original is None or not hasattr(_fx_passes, "insert_type_promotion_nodes"):
-        yield
-        return
-
-    def prepare(exported_program, *, registry):  # noqa: ARG001 - the exporter's signature
-        module = exported_program.graph_module  # (without the size-oblivious checks: see export_graph)
-        _fx_passes.insert_type_promotion_nodes(module)
-        exported_program._graph_module = _fx_passes.remove_assertion_nodes(module)
-        return exported_program
-
-    _core._prepare_exported_program_for_export = prepare
-    try:
-        yield
-    finally:
-        _core._prepare_exported_program_for_export = original
 
 
 def _parity_inputs(cfg, real: list[tuple[str, np.ndarray]], max_real: int = 3) -> list[tuple[str, np.ndarray]]:
