@@ -181,7 +181,7 @@ def test_u_plus_diversity_does_not_pick_the_same_image_twice(models, tmp_path, m
     model = tmtseg.load(models["tmt"])
     advice = model.advise(tmp_path / "frames", tmp_path / "u", budget=2, strategy="u")
     assert advice.chosen == [0, 1]  # by U alone: both copies
-    assert model.advise(tmp_path / "frames", tmp_path / "typ", budget=2).strategy == "typical"  # the default
+    assert model.advise(tmp_path / "frames", tmp_path / "typ", budget=2).strategy == "balanced"  # the default
     advice = model.advise(tmp_path / "frames", tmp_path / "out", budget=2, strategy="u+diversity")
     assert advice.chosen == [0, 2]
     assert advice.scores.distance[1] == 0.0 and advice.scores.one_minus_t is not None

@@ -90,7 +90,7 @@ def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the
 
     bench, base = load_bench("advise")  # quick: day, seed 0, K = 16, regions 5 % and the ceiling, finetune only
     runs = plan(bench, base).runs
-    assert Counter(r.kind for r in runs) == {"train": 1 + 12, "score": 1, "select": 12}
+    assert Counter(r.kind for r in runs) == {"train": 1 + 13, "score": 1, "select": 13}
     assert {r.method for r in runs if r.kind == "train"} == {"source", "finetune"}
     assert sorted(_select(r.select) for r in runs if r.kind == "select") == sorted(
         [
@@ -105,6 +105,7 @@ def test_the_advise_spec_plans_every_selection_once_per_source_and_seed_with_the
             ("u", 16, 0, ""),
             ("u", 100, 0, ""),
             ("typical", 16, 0, ""),
+            ("balanced", 16, 0, ""),  # the default strategy: the quick report checks it
             ("u+diversity", 16, 0, ""),
         ]  # fmt: skip
     )

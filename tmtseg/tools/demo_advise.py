@@ -59,5 +59,6 @@ def _why(advice) -> str:
         "those already chosen",
         "u": "the most uncertain",
         "typical": "the most typical image of each of K clusters of the pooled ViT features (TypiClust)",
+        "balanced": "covering the classes the model predicts, rare ones sought as much as common ones",
     }.get(advice.strategy, f"strategy {advice.strategy}")
     return f"{how}: mean uncertainty U {u[picked].mean():.3f} on the chosen, {rest}"
