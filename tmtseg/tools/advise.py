@@ -230,8 +230,9 @@ def advise(
     note=None,
 ) -> Advice:
     """Score the pool `target` (see `pool_of`) with the model and write the advice to `out`: `budget` images by
-    `strategy` (default typical), or with `regions` the regions of highest score (default U) up to that % of
-    the pool's pixels (one of the two). Everything `_refusals` lists is refused before any image is scored."""
+    `strategy` (default: advise_select.DEFAULT_STRATEGY), or with `regions` the regions of highest score (default U)
+    up to that % of the pool's pixels (one of the two). Everything `_refusals` lists is refused before any image is
+    scored."""
     target, out = Path(target), Path(out)
     strategy = strategy or (DEFAULT_STRATEGY if regions is None else "u")
     pool = pool_of(target, cfg)
