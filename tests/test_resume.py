@@ -23,6 +23,7 @@ from tmtseg.data import build_dataset, collate
 from tmtseg.engine.step import StepSampler, train_batches
 from tmtseg.io.checkpoint import MODEL_FILE, STATE_FILE, list_checkpoints, read_meta
 
+from . import forkcli
 from .tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,10 +49,13 @@ def env(**extra: str) -> dict:
     return {**e, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
 
 
-def cli(*args: str, env_extra: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    """`python -m tmtseg --no-progress ARGS` to completion."""
-    cmd = [sys.executable, "-m", "tmtseg", "--no-progress", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env(**(env_extra or {})), capture_output=True, text=True, timeout=timeout)
+def cli(
+    *args: str, env_extra: dict | None = None, timeout: float = 180, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """`python -m tmtseg --no-progress ARGS` to completion, in a process forked from one that imported torch and
+    tmtseg once (tests/forkcli.py; fresh=True: a new interpreter, for what a first start prints)."""
+    extra = env_extra or {}
+    return forkcli.run(["--no-progress", *args], env=env(**extra), cwd=REPO, timeout=timeout, fresh=fresh)
 
 
 def start(*args: str, env_extra: dict | None = None, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
