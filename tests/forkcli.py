@@ -1,13 +1,15 @@
-"""`python -m tmtseg ARGS` to completion, without paying for Python, torch and tmtseg's imports on every call.
+"""`python -m tmtseg ARGS` run or started, without paying for Python, torch and tmtseg's imports on every call.
 
 A test that runs the command line starts a process; most of what such a process costs on a tiny config is its start
 (about 2 s of CPU to import torch and the package, against a fraction of that for the run). Here each call runs in a
 process forked from multiprocessing's fork server, which imported torch and tmtseg.cli once and never computes (so no
-thread pool exists when it forks): the call still gets its own process, with the environment, working directory,
-argv and exit code of the real command, its stdout and stderr captured from the file descriptors (so third-party C
-output is caught too), atexit handlers run, and a timeout. What it cannot show is output printed while those modules
-import; the tests that read a first start's output run the real subprocess (`fresh=True`), and TMTSEG_TEST_FRESH=1
-sends every call there (the whole suite then runs as before, slower).
+thread pool exists when it forks). The call still gets a process of its own, with the environment, working
+directory, argv and exit code of the real command, its stdout and stderr captured from the file descriptors (so
+third-party C output is caught too), atexit handlers run at its end, and a timeout. `Started` is the command started
+in a session of its own (as start_new_session), for the tests that signal or kill it, with the part of
+subprocess.Popen they use. What neither can show is output printed while those modules import: the tests that read
+a first start's output run a new interpreter (`fresh=True`), and TMTSEG_TEST_FRESH=1 sends every call there (the
+suite then runs as before, slower).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import atexit
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 PRELOAD = ["torch", "tmtseg.cli", "tests.forkcli"]
@@ -33,13 +37,9 @@ def run(args: list[str], *, env: dict, cwd: Path, timeout: float, fresh: bool = 
     cmd = [sys.executable, "-m", "tmtseg", *args]
     if fresh or fresh_only():
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory(prefix="tmtseg-cli-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = _context.Process(target=_child, args=(list(args), dict(env), str(cwd), str(out), str(err)))
+        proc = _server().Process(target=_child, args=(list(args), dict(env), str(cwd), str(out), str(err), False))
         proc.start()
         proc.join(timeout)
         if proc.exitcode is None:
@@ -49,12 +49,90 @@ def run(args: list[str], *, env: dict, cwd: Path, timeout: float, fresh: bool = 
         return subprocess.CompletedProcess(cmd, proc.exitcode, _read(out), _read(err))
 
 
+class Started:
+    """`python -m tmtseg ARGS` started in a forked process of its own session (its pid is its process group, as with
+    start_new_session=True): pid, poll, wait, communicate, send_signal, kill, terminate, returncode and
+    stdout.readline, as subprocess.Popen(..., text=True) has them."""
+
+    def __init__(self, args: list[str], *, env: dict, cwd: Path):
+        self.args = [sys.executable, "-m", "tmtseg", *args]
+        self._tmp = tempfile.TemporaryDirectory(prefix="tmtseg-cli-")
+        self._out, self._err = Path(self._tmp.name) / "stdout", Path(self._tmp.name) / "stderr"
+        self._proc = _server().Process(target=_child, args=(list(args), dict(env), str(cwd), str(self._out),
+                                                            str(self._err), True))  # fmt: skip
+        self._proc.start()
+        self.pid = self._proc.pid
+        self.stdout = _Lines(self._out, self)
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+    def poll(self) -> int | None:
+        return self._proc.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        if self._proc.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._proc.exitcode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the end; (the stdout not read yet, the stderr)."""
+        self.wait(timeout)
+        return self.stdout.rest(), _read(self._err)
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _Lines:
+    """A started command's stdout read line by line while it runs: the file it writes to, polled."""
+
+    def __init__(self, path: Path, proc: Started):
+        self.path, self.proc, self.offset = path, proc, 0
+
+    def readline(self) -> str:
+        """The next whole line; at the end of the command, what is left (possibly "")."""
+        while True:
+            ended = self.proc.poll() is not None  # before reading: all it wrote is in the file then
+            text = _read(self.path)[self.offset :]
+            line = text[: text.index("\n") + 1] if "\n" in text else (text if ended else "")
+            if line or ended:
+                self.offset += len(line)
+                return line
+            time.sleep(0.01)
+
+    def rest(self) -> str:
+        text = _read(self.path)[self.offset :]
+        self.offset += len(text)
+        return text
+
+
+def _server() -> multiprocessing.context.ForkServerContext:
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
-def _child(args: list[str], env: dict, cwd: str, out: str, err: str) -> None:
-    """In the forked process: the command's environment and file descriptors, then tmtseg's main as `-m` runs it."""
+def _child(args: list[str], env: dict, cwd: str, out: str, err: str, session: bool) -> None:
+    """In the forked process: the command's session, environment and file descriptors, then tmtseg's main as `-m`
+    runs it."""
+    if session:
+        os.setsid()
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(f, fd)
@@ -62,6 +140,9 @@ def _child(args: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    # a program of its own, as `python -m tmtseg` is, not a multiprocessing child (what a bench's worker is: the
+    # evaluation leaves its data table out there)
+    multiprocessing.process._parent_process = None
     import torch
 
     import tmtseg

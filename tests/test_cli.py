@@ -84,7 +84,7 @@ def test_bad_config_key_names_the_key_and_debug_shows_the_traceback(tmp_path):
 
 
 def test_usage_errors_are_one_line_too():
-    result = cli("train", "--no-such-flag")
+    result = cli("train", "--no-such-flag", fresh=True)  # a new interpreter: nothing else, from any import either
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "tmtseg: error: unrecognized arguments: --no-such-flag (see tmtseg --help)"

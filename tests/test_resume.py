@@ -58,8 +58,13 @@ def cli(
     return forkcli.run(["--no-progress", *args], env=env(**extra), cwd=REPO, timeout=timeout, fresh=fresh)
 
 
-def start(*args: str, env_extra: dict | None = None, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
-    """Start `python -m tmtseg --no-progress ARGS` in its own process group (so a kill reaches its workers too)."""
+def start(
+    *args: str, env_extra: dict | None = None, launcher: tuple[str, ...] = ()
+) -> subprocess.Popen | forkcli.Started:
+    """Start `python -m tmtseg --no-progress ARGS` in its own process group (so a kill reaches its workers too):
+    forked as `cli` does, or, with a launcher (torchrun), under it in a new interpreter."""
+    if not launcher and not forkcli.fresh_only():
+        return forkcli.Started(["--no-progress", *args], env=env(**(env_extra or {})), cwd=REPO)
     cmd = [*(launcher or (sys.executable,)), "-m", "tmtseg", "--no-progress", *args]
     return subprocess.Popen(
         cmd,
