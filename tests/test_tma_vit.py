@@ -1,5 +1,6 @@
 """TMA inside the ViT's self-attention (adapt.tma.where=vit|both, docs/method.md §5): lambda = 0 is the source model,
-gradients reach lambda, the bias moves attention toward low-transferability keys, ACTE reads an earlier block."""
+gradients reach lambda, the bias moves attention toward low-transferability keys, ACTE reads an earlier block or
+pools several."""
 
 import pytest
 import torch
@@ -34,14 +35,18 @@ def test_where_vit_builds_acte_on_tokens_and_tma_in_the_vit():
     hooks = tmt.method.inference_hooks()
     assert [type(p).__name__ for p in hooks.attention] == ["ViTTMAAttention"]
     assert [type(p).__name__ for p in hooks.align] == ["TokenRegionAlignment"]
-    assert hooks.backbone_at == (2, 2) and hooks.needs_prior and hooks.decoder_attn is None
+    assert hooks.backbone_at == (2, 2, 1) and hooks.needs_prior and hooks.decoder_attn is None
     assert tmt.method.tma.lambdas.shape == (2,)  # one lambda per ViT head
     both = recipe_of(load_config([], [*VIT, "adapt.tma.where=both"]).adapt)
     assert both.attention == (("tma", "tma"), ("tma_vit", "tma_vit")) and both.align == (("acte", "region_vit"),)
     read_early = build_model_with_loss(load_config([], [*VIT, "adapt.acte.vit_block=1"]))
-    assert read_early.method.inference_hooks().backbone_at == (1, 2)
+    assert read_early.method.inference_hooks().backbone_at == (1, 2, 1)
     with pytest.raises(ConfigError, match="adapt.acte.vit_block"):
         build_model_with_loss(load_config([], [*VIT, "adapt.acte.vit_block=3"]))
+    pooled = build_model_with_loss(load_config([], [*VIT, "adapt.acte.vit_block=0", "adapt.acte.vit_pool=3"]))
+    assert pooled.method.inference_hooks().backbone_at == (0, 2, 3)  # the inputs of blocks 0, 1, 2; 2 is biased on
+    with pytest.raises(ConfigError, match="adapt.acte.vit_pool=3"):  # block 3 would be past the first biased one
+        build_model_with_loss(load_config([], [*VIT, "adapt.acte.vit_block=1", "adapt.acte.vit_pool=3"]))
 
 
 @pytest.mark.parametrize("extra", [[], ["adapt.tma.uncertainty=false"], ["adapt.tma.normalize=zscore"]])
@@ -114,3 +119,12 @@ def test_vit_hook_reads_one_block_and_biases_the_later_ones():
     torch.testing.assert_close(seen["tokens"], expect[:, 1:])  # the input of block 1, prefix removed
     with pytest.raises(ValueError, match="hook_at"):
         vit(x, attn_hook=hook, hook_at=(3, 1))
+    # pooled: the mean of the layer-normed inputs of blocks 0, 1 and 2, the output unchanged by a zero bias
+    pooled, _ = vit(x, attn_hook=hook, hook_at=(0, 3, 3))
+    torch.testing.assert_close(plain, pooled)
+    inputs = [vit.trunk(x, upto=b)[0][:, 1:] for b in (0, 1, 2)]
+    expect = torch.stack([torch.nn.functional.layer_norm(t, t.shape[-1:]) for t in inputs]).mean(0)
+    torch.testing.assert_close(seen["tokens"], expect)
+    assert not torch.allclose(seen["tokens"], torch.nn.functional.layer_norm(inputs[0], inputs[0].shape[-1:]))
+    with pytest.raises(ValueError, match="hook_at"):
+        vit(x, attn_hook=hook, hook_at=(1, 3, 4))  # block 4 does not come before block 3

@@ -29,6 +29,9 @@ class ACTESettings:
     features: str = setting("decoder", choices=("decoder", "vit"))
     # TMA in the ViT (adapt.tma.where=vit|both): the ViT block whose input ACTE reads; -1 = the first biased block
     vit_block: int = setting(-1, low=-1)
+    # ... and how many consecutive blocks from there T pools: the mean of their layer-normed input tokens (1 = that
+    # block alone); every pooled block must come before the first biased one, so the bias changes none of them
+    vit_pool: int = setting(1, low=1)
 
 
 # The 3x3 cell neighbourhood, row-major: channel k of an assignment is the region at cell offset OFFSETS[k].

@@ -101,7 +101,7 @@ class TokenRegionAlignment(RegionAlignment):
 
     site = "vit_tokens"
 
-    def __init__(self, *, vit_at: tuple[int, int], **acte):
+    def __init__(self, *, vit_at: tuple[int, int, int], **acte):
         super().__init__(feature_stride=16, features="vit", **acte)
         self.vit_at = vit_at
 
@@ -140,10 +140,11 @@ def build_region(cfg) -> RegionAlignment:
     )
 
 
-def vit_blocks(cfg) -> tuple[int, int]:
-    """(read, start) of TMA in the ViT: the first of the last adapt.tma.vit_blocks blocks (0 = all) takes the bias;
-    ACTE reads the input of block adapt.acte.vit_block (-1 = that first biased block)."""
-    depth, k = cfg.model.backbone.depth, cfg.adapt.tma.vit_blocks
+def vit_blocks(cfg) -> tuple[int, int, int]:
+    """(read, start, pool) of TMA in the ViT: the first of the last adapt.tma.vit_blocks blocks (0 = all) takes the
+    bias; ACTE reads the input of block adapt.acte.vit_block (-1 = that first biased block), pooled with the inputs
+    of the adapt.acte.vit_pool - 1 blocks after it."""
+    depth, k, pool = cfg.model.backbone.depth, cfg.adapt.tma.vit_blocks, cfg.adapt.acte.vit_pool
     start = depth - k if 0 < k <= depth else 0
     read = start if cfg.adapt.acte.vit_block < 0 else cfg.adapt.acte.vit_block
     if read > start:
@@ -151,7 +152,12 @@ def vit_blocks(cfg) -> tuple[int, int]:
             f"config key adapt.acte.vit_block={read}: must be -1 or at most the first biased block ({start}): T must"
             " come from tokens the bias does not change"
         )
-    return read, start
+    if read + pool - 1 > start:
+        raise ConfigError(
+            f"config key adapt.acte.vit_pool={pool}: the inputs of blocks {read}..{read + pool - 1} pass the first"
+            f" biased block ({start}): at most {start - read + 1} from block {read}"
+        )
+    return read, start, pool
 
 
 def build_token_region(cfg) -> TokenRegionAlignment:

@@ -79,7 +79,7 @@ class ViTTMAAttention(TMA):
     site = "vit"
     reads = RegionAlignment.key
 
-    def __init__(self, *, vit_at: tuple[int, int], at_inference: bool, **tma):
+    def __init__(self, *, vit_at: tuple[int, int, int], at_inference: bool, **tma):
         super().__init__(**tma)
         self.vit_at, self.at_inference, self.loss_weight = vit_at, at_inference, 0.0
         self.needs_prior = self.use_uncertainty

@@ -35,8 +35,9 @@ class SegmenterHooks(Protocol):
     """Where an adaptation method plugs into a forward (tmtseg/adapt/method.py's Hooks); None = not used."""
 
     backbone_attn: Callable[[Tensor, tuple[int, int]], tuple[Tensor | None, dict]] | None
-    # (read, start): the ViT block whose input backbone_attn reads, the first block its bias acts on; None = the last
-    backbone_at: tuple[int, int] | None
+    # (read, start[, pool]): the ViT block whose input backbone_attn reads (pooled with the next pool - 1 blocks'
+    # inputs), the first block its bias acts on; None = the last
+    backbone_at: tuple[int, ...] | None
     pixel_features: Callable[[dict], dict] | None
     decoder_attn: Callable[[int, dict, tuple[int, int], dict], tuple[Tensor | None, Tensor | None]] | None
     # whether backbone_attn needs the model's own prediction on the same images first (with_prior gives it)

@@ -162,20 +162,23 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(
-        self, x: Tensor, *, attn_hook: BackboneHook | None = None, hook_at: tuple[int, int] | None = None
+        self, x: Tensor, *, attn_hook: BackboneHook | None = None, hook_at: tuple[int, ...] | None = None
     ) -> tuple[Tensor, tuple[int, int]]:
         """x [B, 3, H, W] normalised, H and W multiples of the patch -> (patch tokens after norm [B, N, C], (h, w)).
 
-        hook_at (read, start): the hook reads the input of block `read` and its bias acts on every block from `start`
-        on (read <= start); None = (depth - 1, depth - 1), the last block only (TVT's reading)."""
+        hook_at (read, start[, pool]): the hook reads the input of block `read` (with pool > 1, the mean of the
+        layer-normed inputs of blocks read .. read + pool - 1) and its bias acts on every block from `start` on
+        (read + pool - 1 <= start); None = (depth - 1, depth - 1), the last block only (TVT's reading)."""
         read, start = self.hook_blocks(hook_at)
-        return self.last(*self.trunk(x, upto=read), attn_hook=attn_hook, read=read, start=start)
+        pool = hook_at[2] if hook_at is not None and len(hook_at) > 2 else 1
+        return self.last(*self.trunk(x, upto=read), attn_hook=attn_hook, read=read, start=start, pool=pool)
 
-    def hook_blocks(self, hook_at: tuple[int, int] | None) -> tuple[int, int]:
+    def hook_blocks(self, hook_at: tuple[int, ...] | None) -> tuple[int, int]:
         depth = len(self.blocks)
-        read, start = hook_at if hook_at is not None else (depth - 1, depth - 1)
-        if not 0 <= read <= start < depth:
-            raise ValueError(f"hook_at={hook_at}: needs 0 <= read <= start < depth={depth}")
+        read, start = hook_at[:2] if hook_at is not None else (depth - 1, depth - 1)
+        pool = hook_at[2] if hook_at is not None and len(hook_at) > 2 else 1
+        if not (0 <= read <= start < depth and 1 <= pool <= start - read + 1):
+            raise ValueError(f"hook_at={hook_at}: needs 0 <= read <= read + pool - 1 <= start < depth={depth}")
         return read, start
 
     def trunk(self, x: Tensor, upto: int | None = None) -> tuple[Tensor, tuple[int, int]]:
@@ -201,15 +204,23 @@ class VisionTransformer(nn.Module):
         attn_hook: BackboneHook | None = None,
         read: int | None = None,
         start: int | None = None,
+        pool: int = 1,
     ) -> tuple[Tensor, tuple[int, int]]:
         """The blocks from `read` (default: the last) to the end, the hook's bias on the attention of those from `start`
-        on, and the norm: the input of block `read` -> (tokens [B, N, C], hw)."""
+        on, and the norm: the input of block `read` -> (tokens [B, N, C], hw). The hook reads that block's input
+        tokens, or with pool > 1 the mean of the layer-normed inputs of blocks read .. read + pool - 1 (all before
+        `start`: unbiased)."""
         depth = len(self.blocks)
         read = depth - 1 if read is None else read
         start = read if start is None else start
         tokens = x[:, self.num_prefix :]  # [B, N, C]: what the hook reads
+        pooled = [F.layer_norm(tokens, tokens.shape[-1:])] if pool > 1 else []
         for block in self.blocks[read:start]:
             x = block(x)
+            if len(pooled) < pool and pooled:
+                pooled.append(F.layer_norm(x[:, self.num_prefix :], tokens.shape[-1:]))
+        if pooled:
+            tokens = torch.stack(pooled).mean(0)  # [B, N, C]
         bias = None
         if attn_hook is not None:
             bias = attn_hook(tokens, hw)  # [B, 1 or h, N]

@@ -22,6 +22,7 @@ ADDED_AT = {
     "adapt.tma.where": "decoder",
     "adapt.tma.vit_blocks": 4,
     "adapt.acte.vit_block": -1,
+    "adapt.acte.vit_pool": 1,
     **{
         f"data.{split}.{key}": ""
         for split in ("train", "val", "source")

@@ -69,7 +69,7 @@ def _image(models: dict[str, Model], image: Tensor, label: np.ndarray, ignore_in
     prior = tmt.model.prior(images)
     hooks = Hooks(align=[acte], attention=[tma], grl=None, prior=prior)
     vit = tmt.model.backbone.vit
-    _, start = hooks.backbone_at
+    start = hooks.backbone_at[1]
     tap = _AttnTap(vit.blocks[start:], vit.num_prefix)
     try:
         out = tmt.model(images, hooks=hooks)  # the bias as trained
