@@ -2,7 +2,8 @@
 `execute(run, threads)` of run.py, one run per process or job, in the same run folders, so hashes, resume and the
 report do not depend on it.
 
-- `local` (default): fresh processes on this machine, `jobs` at a time.
+- `local` (default): a new process per run on this machine, `jobs` at a time, forked from a server that imported
+  torch and the training code once (spawned where a platform has no fork server).
 - `slurm`: one submitit job per run on a Slurm cluster (`pip install 'tmtseg[slurm]'`), `jobs` in the queue at a
   time, with the bench's `slurm` keys (partition, GPUs, CPUs, time limit, memory).
 - `local-submitit`: the same submitit jobs run by submitit's LocalExecutor on this machine, real subprocesses: the
@@ -23,13 +24,16 @@ import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from multiprocessing import get_context
+from multiprocessing import forkserver, get_all_start_methods, get_context
 from pathlib import Path
 
 from tmtseg.errors import ConfigError, MissingExtra, TrainingError
 from tmtseg.tools.bench.spec import BenchConfig
 
 POLL_S = 5.0  # how often the bench looks at its runs (and refreshes its progress bar)
+# what the fork server of the local launcher imports once, so that a run's process starts with it (about 2 s of CPU
+# a run otherwise, most of a tiny run's cost)
+PRELOAD = ["torch", "tmtseg.tools.bench.run", "tmtseg.engine.loop", "tmtseg.engine.evaluate"]
 
 
 def local_threads(bench: BenchConfig) -> int:
@@ -42,10 +46,29 @@ def _ignore_sigterm() -> None:
     put this back when they end): a SIGTERM sent to the bench's whole process group must stop the runs, not kill an
     idle worker, which would break the pool and lose the results of the others."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked in the fork server (_run_context)
+
+
+def _run_context():
+    """The processes' start method: multiprocessing's fork server with PRELOAD imported, started with SIGTERM blocked
+    (inherited through its exec), so that a SIGTERM to the bench's process group leaves it alive to report how its
+    workers ended (without it a worker's end reads as a crash); `spawn` where there is no fork server. Blocked, not
+    ignored, in the bench meanwhile: a SIGTERM arriving then is delivered when the mask is restored."""
+    if "forkserver" not in get_all_start_methods():
+        return get_context("spawn")
+    context = get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return context
 
 
 class LocalLauncher:
-    """Fresh processes (spawned, one run each: clean peak memory, nothing shared between runs), `jobs` at a time."""
+    """A new process per run (one run each: clean peak memory, nothing shared between runs, forked from a server that
+    only imported the code: _run_context), `jobs` at a time."""
 
     name = "local"
 
@@ -53,7 +76,7 @@ class LocalLauncher:
         self.slots, self.threads = bench.jobs, local_threads(bench)
 
     def __enter__(self) -> LocalLauncher:
-        self.pool = ProcessPoolExecutor(max_workers=self.slots, mp_context=get_context("spawn"), max_tasks_per_child=1,
+        self.pool = ProcessPoolExecutor(max_workers=self.slots, mp_context=_run_context(), max_tasks_per_child=1,
                                         initializer=_ignore_sigterm)  # fmt: skip
         return self
 
