@@ -143,6 +143,7 @@ def _child(args: list[str], env: dict, cwd: str, out: str, err: str, session: bo
     # a program of its own, as `python -m tmtseg` is, not a multiprocessing child (what a bench's worker is: the
     # evaluation leaves its data table out there)
     multiprocessing.process._parent_process = None
+    multiprocessing.set_start_method(None, force=True)  # its data-loader workers start as the platform's default
     import torch
 
     import tmtseg

@@ -19,6 +19,7 @@ running, as when the bench is killed.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -47,6 +48,9 @@ def _ignore_sigterm() -> None:
     idle worker, which would break the pool and lose the results of the others."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked in the fork server (_run_context)
+    # a process the fork server starts inherits its start method; a run's data-loader workers start as `tmtseg
+    # train` starts them (the platform's default), not through a fork server of their own
+    multiprocessing.set_start_method(None, force=True)
 
 
 def _run_context():
