@@ -13,6 +13,7 @@ import pytest
 
 from tmtseg.cli import EPILOG, _one_line
 from tmtseg.errors import DataError
+from tmtseg.io.checkpoint import list_checkpoints
 
 from .test_resume import ITERS, RUN, cli, uninterrupted_dir
 
@@ -81,6 +82,21 @@ def test_bad_config_key_names_the_key_and_debug_shows_the_traceback(tmp_path):
     debug = cli("--debug", *args)
     assert debug.returncode == 2 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1] == line
+
+
+def test_a_forked_command_prints_and_exits_as_a_new_interpreter_does(trained, tmp_path):
+    """The suite runs `tmtseg` forked from a server that imported it (tests/forkcli.py): the same output, line for line,
+    and exit code as `python -m tmtseg` in a new interpreter, for a command that prints a data table, a precision line
+    and scores (an evaluation), and for one that fails."""
+    ckpt = list_checkpoints(trained)[-1]
+    for fresh in (False, True):
+        out = tmp_path / f"fresh{fresh}.json"
+        done = cli("eval", str(ckpt), "data.val.num_images=2", "--out", str(out), fresh=fresh)
+        bad = cli("eval", str(ckpt), "data.val.bogus=1", fresh=fresh)
+        if not fresh:
+            forked = (done.returncode, done.stdout.replace(out.name, "OUT"), done.stderr, bad.returncode, bad.stderr)
+    assert forked == (done.returncode, done.stdout.replace(out.name, "OUT"), done.stderr, bad.returncode, bad.stderr)
+    assert done.returncode == 0 and done.stdout.startswith("class shares per split") and bad.returncode == 2
 
 
 def test_usage_errors_are_one_line_too():
