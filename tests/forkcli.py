@@ -34,32 +34,30 @@ def fresh_only() -> bool:
 
 def run(args: list[str], *, env: dict, cwd: Path, timeout: float, fresh: bool = False) -> subprocess.CompletedProcess:
     """Like subprocess.run([python, -m, tmtseg, *args], capture_output=True, text=True): a CompletedProcess."""
-    cmd = [sys.executable, "-m", "tmtseg", *args]
     if fresh or fresh_only():
+        cmd = [sys.executable, "-m", "tmtseg", *args]
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    with tempfile.TemporaryDirectory(prefix="tmtseg-cli-") as tmp:
-        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = _server().Process(target=_child, args=(list(args), dict(env), str(cwd), str(out), str(err), False))
-        proc.start()
-        proc.join(timeout)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join()
-            raise subprocess.TimeoutExpired(cmd, timeout, output=_read(out), stderr=_read(err))
-        return subprocess.CompletedProcess(cmd, proc.exitcode, _read(out), _read(err))
+    proc = Started(args, env=env, cwd=cwd, session=False)
+    try:
+        out, err = proc.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(proc.args, timeout, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 class Started:
-    """`python -m tmtseg ARGS` started in a forked process of its own session (its pid is its process group, as with
-    start_new_session=True): pid, poll, wait, communicate, send_signal, kill, terminate, returncode and
-    stdout.readline, as subprocess.Popen(..., text=True) has them."""
+    """`python -m tmtseg ARGS` started in a forked process, by default in a session of its own (its pid is its process
+    group, as with start_new_session=True): pid, poll, wait, communicate, send_signal, kill, terminate, returncode
+    and stdout.readline, as subprocess.Popen(..., text=True) has them."""
 
-    def __init__(self, args: list[str], *, env: dict, cwd: Path):
+    def __init__(self, args: list[str], *, env: dict, cwd: Path, session: bool = True):
         self.args = [sys.executable, "-m", "tmtseg", *args]
         self._tmp = tempfile.TemporaryDirectory(prefix="tmtseg-cli-")
         self._out, self._err = Path(self._tmp.name) / "stdout", Path(self._tmp.name) / "stderr"
         self._proc = _server().Process(target=_child, args=(list(args), dict(env), str(cwd), str(self._out),
-                                                            str(self._err), True))  # fmt: skip
+                                                            str(self._err), session))  # fmt: skip
         self._proc.start()
         self.pid = self._proc.pid
         self.stdout = _Lines(self._out, self)

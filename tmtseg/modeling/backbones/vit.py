@@ -169,17 +169,16 @@ class VisionTransformer(nn.Module):
         hook_at (read, start[, pool]): the hook reads the input of block `read` (with pool > 1, the mean of the
         layer-normed inputs of blocks read .. read + pool - 1) and its bias acts on every block from `start` on
         (read + pool - 1 <= start); None = (depth - 1, depth - 1), the last block only (TVT's reading)."""
-        read, start = self.hook_blocks(hook_at)
-        pool = hook_at[2] if hook_at is not None and len(hook_at) > 2 else 1
+        read, start, pool = self.hook_blocks(hook_at)
         return self.last(*self.trunk(x, upto=read), attn_hook=attn_hook, read=read, start=start, pool=pool)
 
-    def hook_blocks(self, hook_at: tuple[int, ...] | None) -> tuple[int, int]:
+    def hook_blocks(self, hook_at: tuple[int, ...] | None) -> tuple[int, int, int]:
+        """hook_at checked and completed: (read, start, pool), pool 1 where hook_at gives none."""
         depth = len(self.blocks)
-        read, start = hook_at[:2] if hook_at is not None else (depth - 1, depth - 1)
-        pool = hook_at[2] if hook_at is not None and len(hook_at) > 2 else 1
+        read, start, pool = (*hook_at, 1)[:3] if hook_at is not None else (depth - 1, depth - 1, 1)
         if not (0 <= read <= start < depth and 1 <= pool <= start - read + 1):
             raise ValueError(f"hook_at={hook_at}: needs 0 <= read <= read + pool - 1 <= start < depth={depth}")
-        return read, start
+        return read, start, pool
 
     def trunk(self, x: Tensor, upto: int | None = None) -> tuple[Tensor, tuple[int, int]]:
         """Everything before block `upto` (default: the last block): (its input [B, prefix + N, C], (h, w)). An
@@ -213,14 +212,14 @@ class VisionTransformer(nn.Module):
         depth = len(self.blocks)
         read = depth - 1 if read is None else read
         start = read if start is None else start
-        tokens = x[:, self.num_prefix :]  # [B, N, C]: what the hook reads
-        pooled = [F.layer_norm(tokens, tokens.shape[-1:])] if pool > 1 else []
+        inputs = [x[:, self.num_prefix :]]  # [B, N, C] each: the input tokens of blocks read .. read + pool - 1
         for block in self.blocks[read:start]:
             x = block(x)
-            if len(pooled) < pool and pooled:
-                pooled.append(F.layer_norm(x[:, self.num_prefix :], tokens.shape[-1:]))
-        if pooled:
-            tokens = torch.stack(pooled).mean(0)  # [B, N, C]
+            if len(inputs) < pool:
+                inputs.append(x[:, self.num_prefix :])
+        tokens = inputs[0]  # what the hook reads: that block's input, or the mean of the pooled ones, layer-normed
+        if pool > 1:
+            tokens = torch.stack([F.layer_norm(t, t.shape[-1:]) for t in inputs]).mean(0)  # [B, N, C]
         bias = None
         if attn_hook is not None:
             bias = attn_hook(tokens, hw)  # [B, 1 or h, N]
@@ -305,7 +304,7 @@ class ViTBackbone(nn.Module):
             x = F.pad(x, (0, -W % p, 0, -H % p))  # [B, 3, H'', W''] multiples of the patch
         cache = self.feature_cache
         cached = cache is not None and not self.training and not torch.is_grad_enabled() and not hooked(self.vit)
-        last_only = self.vit.hook_blocks(hook_at) == (len(self.vit.blocks) - 1,) * 2
+        last_only = self.vit.hook_blocks(hook_at)[:2] == (len(self.vit.blocks) - 1,) * 2
         if vit_tokens is not None:
             tokens, hw = vit_tokens
         elif cached and attn_hook is None:

@@ -42,10 +42,10 @@ def local_threads(bench: BenchConfig) -> int:
     return bench.threads or max(1, (os.cpu_count() or 1) // bench.jobs)
 
 
-def _ignore_sigterm() -> None:
-    """A local worker ignores SIGTERM until a run inside it installs its own handler (training and evaluation do, and
-    put this back when they end): a SIGTERM sent to the bench's whole process group must stop the runs, not kill an
-    idle worker, which would break the pool and lose the results of the others."""
+def _init_worker() -> None:
+    """A local worker as a run needs it. It ignores SIGTERM until a run inside it installs its own handler (training
+    and evaluation do, and put this back when they end): a SIGTERM sent to the bench's whole process group must stop
+    the runs, not kill an idle worker, which would break the pool and lose the results of the others."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked in the fork server (_run_context)
     # a process the fork server starts inherits its start method; a run's data-loader workers start as `tmtseg
@@ -81,7 +81,7 @@ class LocalLauncher:
 
     def __enter__(self) -> LocalLauncher:
         self.pool = ProcessPoolExecutor(max_workers=self.slots, mp_context=_run_context(), max_tasks_per_child=1,
-                                        initializer=_ignore_sigterm)  # fmt: skip
+                                        initializer=_init_worker)  # fmt: skip
         return self
 
     def __exit__(self, *exc) -> None:
