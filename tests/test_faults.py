@@ -17,7 +17,7 @@ import pytest
 
 from tmtseg.io.checkpoint import SLOW_SAVE_ENV, latest_valid, list_checkpoints
 
-from .test_adversarial import inproc
+from .test_adversarial import inproc, one_error
 from .test_resume import (
     ITERS,
     RUN,
@@ -60,6 +60,27 @@ def test_a_data_loader_worker_killed_with_sigkill_ends_the_run_in_one_line_then_
     assert logged_step(run_dir) < ITERS * 4
     train(run_dir, "data.num_workers=1", f"train.iters={ITERS * 4}", resume=True)
     assert logged_step(run_dir) == ITERS * 4
+
+
+def test_a_worker_death_said_twice_by_torch_still_ends_in_the_converted_line(tmp_path, monkeypatch):
+    """torch says a dead worker twice: the loader's "exited unexpectedly" in a step, then its SIGCHLD handler's "is
+    killed by signal" at any later bytecode, e.g. while the loaders shut down. The second must not replace the line."""
+    import tmtseg.engine.loop as loop
+
+    real_close = loop.close_batches
+
+    def step_finds_it_dead(run, *, progress):
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+
+    def handler_fires_during_shutdown(batches):
+        real_close(batches)
+        raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Killed.")
+
+    monkeypatch.setattr(loop, "_train", step_finds_it_dead)
+    monkeypatch.setattr(loop, "close_batches", handler_fires_during_shutdown)
+    result = inproc("train", *RUN, f"output_dir={tmp_path / 'run'}", "data.num_workers=1")
+    line = one_error(result, 1, "DataLoader worker (pid 4242)", "last good checkpoint: none; continue with --resume")
+    assert " at step 1 " in line, line
 
 
 def test_a_disk_that_fills_during_a_checkpoint_write_keeps_the_last_good_one_and_the_run_resumes(tmp_path, monkeypatch):

@@ -78,20 +78,25 @@ def fit(
     """
     device = dist.local_device(cfg.train.device)
     dist.init_distributed(device)
-    with ExitStack() as cleanup:
-        _lock_run_folder(Path(cfg.output_dir), cleanup)
-        run = _start(cfg, device, cleanup, init_from=init_from, resume=resume, allow_changed=allow_changed_inputs)
-        try:
+    run: Run | None = None
+    # A dead worker is converted only once the ExitStack has shut the loaders down: torch says a death twice (the
+    # loader's "exited unexpectedly", or a closed pipe, and its SIGCHLD handler's "is killed by signal", which
+    # fires at any bytecode while the worker's pid is registered), and the second, raised during the clean-up, would
+    # replace a line converted earlier. After the shutdown no pid is registered, so nothing can raise over it.
+    try:
+        with ExitStack() as cleanup:
+            _lock_run_folder(Path(cfg.output_dir), cleanup)
+            run = _start(cfg, device, cleanup, init_from=init_from, resume=resume, allow_changed=allow_changed_inputs)
             return _train(run, progress=progress)
-        except RuntimeError as err:
-            if "DataLoader worker" not in str(err):
-                raise
-            raise _worker_died(run, err) from None
-        except (ConnectionResetError, EOFError) as err:  # the worker's pipe closed under the loader, before torch
-            if not _from_data_loader(err):  # noticed the death: the same death, said the same way
-                raise
-            died = RuntimeError(f"DataLoader worker (pid unknown) exited unexpectedly ({type(err).__name__})")
-            raise _worker_died(run, died) from None
+    except RuntimeError as err:
+        if run is None or "DataLoader worker" not in str(err):
+            raise
+        raise _worker_died(run, err) from None
+    except (ConnectionResetError, EOFError) as err:  # the worker's pipe closed under the loader, before torch
+        if run is None or not _from_data_loader(err):  # noticed the death: the same death, said the same way
+            raise
+        died = RuntimeError(f"DataLoader worker (pid unknown) exited unexpectedly ({type(err).__name__})")
+        raise _worker_died(run, died) from None
 
 
 def _from_data_loader(err: BaseException) -> bool:
