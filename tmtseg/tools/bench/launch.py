@@ -120,7 +120,7 @@ class SubmititLauncher:
         except ImportError:
             raise MissingExtra(f"launcher {bench.launcher} needs submitit: pip install 'tmtseg[slurm]'") from None
         s = bench.slurm
-        self.name, self.slots = bench.launcher, bench.jobs
+        self.name, self.slots, self.local = bench.launcher, bench.jobs, cluster == "local"
         self.threads = s.cpus_per_run or bench.threads or (local_threads(bench) if cluster == "local" else 4)
         folder = Path(s.folder or Path(bench.output_dir) / "submitit") / "%j"
         try:
@@ -143,9 +143,12 @@ class SubmititLauncher:
 
     def submit(self, fn, run):
         try:
-            return self.executor.submit(fn, run, self.threads)
+            job = self.executor.submit(fn, run, self.threads)
         except Exception as err:  # sbatch missing or refusing the job: one line, the bench stops
             raise TrainingError(f"launcher {self.name}: submitting {run.key} failed: {_first_line(err)}") from None
+        if self.local:  # a job that ended without a result file: submitit waits 15 s for a slow shared file system
+            job._results_timeout_s = 0  # to show it; a local folder has it at once (what submitit's own tests set)
+        return job
 
     def stop(self) -> bool:
         """Jobs are not signalled (Slurm sends its own SIGTERM at a time limit): False, do not wait for them."""
