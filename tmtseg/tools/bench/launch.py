@@ -121,7 +121,7 @@ class SubmititLauncher:
             raise MissingExtra(f"launcher {bench.launcher} needs submitit: pip install 'tmtseg[slurm]'") from None
         s = bench.slurm
         self.name, self.slots, self.local = bench.launcher, bench.jobs, cluster == "local"
-        self.threads = s.cpus_per_run or bench.threads or (local_threads(bench) if cluster == "local" else 4)
+        self.threads = s.cpus_per_run or bench.threads or (local_threads(bench) if self.local else 4)
         folder = Path(s.folder or Path(bench.output_dir) / "submitit") / "%j"
         try:
             self.executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
