@@ -16,6 +16,23 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
     assert cfg.train.iters == load_config().train.iters
 
 
+def test_a_files_interpolation_is_resolved_before_the_overrides_and_loads_share_nothing(tmp_path):
+    """A file's ${...} takes the value the files give; an override of the key it points to does not move it (the
+    overrides set plain values over the merged files). The defaults are built once per process: no load may change
+    another's."""
+    f = tmp_path / "a.yaml"
+    f.write_text("train:\n  iters: 30\n  eval_every: ${train.iters}\n")
+    cfg = load_config([str(f)], ["train.iters=8"])
+    assert (cfg.train.iters, cfg.train.eval_every) == (8, 30)
+    assert load_config([str(f)]).train.eval_every == 30
+    cfg.model.num_queries += 1  # a config is the caller's own object
+    with pytest.raises(ConfigError, match=r"b\.yaml.*train\.nope"):
+        (tmp_path / "b.yaml").write_text("train:\n  nope: 1\n")
+        load_config([str(tmp_path / "b.yaml")])
+    assert load_config() == load_config([], []) and load_config().model.num_queries != cfg.model.num_queries
+    assert load_config().train.eval_every != 30
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
