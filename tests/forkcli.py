@@ -24,7 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-PRELOAD = ["torch", "tmtseg.cli", "tests.forkcli"]
+# what nearly every command imports, imported once by the server rather than by each call: torch._dynamo (the
+# optimizer's first use imports it: 1.2 s), the parser and what its advise options import (the data package, scipy),
+# the training loop: 80 s -> 41 s for test_inputs, test_resume, test_faults and test_failures run serially. Imports
+# that start no thread under the workers' OMP_NUM_THREADS=1 (tests/test_cli.py checks it) and that read no variable a
+# test sets for one command (torch._dynamo reads TORCHDYNAMO_* once: no test sets those)
+PRELOAD = ["torch", "torch._dynamo", "tmtseg.cli", "tmtseg.cli.parser", "tmtseg.tools.advise_select",
+           "tmtseg.engine.loop", "scipy.optimize", "tests.forkcli"]  # fmt: skip
 _context: multiprocessing.context.ForkServerContext | None = None
 
 

@@ -5,6 +5,7 @@ SIGTERM -> 143 are in test_failures.)"""
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from tmtseg.cli import EPILOG, _one_line
 from tmtseg.errors import DataError
 from tmtseg.io.checkpoint import list_checkpoints
 
-from .test_resume import ITERS, RUN, cli, uninterrupted_dir
+from .test_resume import ITERS, REPO, RUN, cli, uninterrupted_dir
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,29 @@ def test_a_forked_command_prints_and_exits_as_a_new_interpreter_does(trained, tm
             forked = (done.returncode, done.stdout.replace(out.name, "OUT"), done.stderr, bad.returncode, bad.stderr)
     assert forked == (done.returncode, done.stdout.replace(out.name, "OUT"), done.stderr, bad.returncode, bad.stderr)
     assert done.returncode == 0 and done.stdout.startswith("class shares per split") and bad.returncode == 2
+
+
+def test_the_fork_servers_imports_start_no_thread():
+    """tests/forkcli.py forks every call from a server that imported its PRELOAD, and the bench's local launcher every
+    run from one that imported its own: a thread started by those imports, alive at a fork (holding a lock the child
+    then waits on forever), would hang commands at random. Under the workers' one-thread settings the suite's server
+    has its main thread only; the bench's imports add no thread to what `import torch` starts."""
+    import subprocess
+    import sys
+
+    from tmtseg.tools.bench.launch import PRELOAD as BENCH
+
+    from .forkcli import PRELOAD
+
+    code = "import importlib, os; n = lambda: len(os.listdir('/proc/self/task')); import torch; a = n(); "
+    code += "[importlib.import_module(m) for m in {!r}]; print(a, n())"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for modules, want in ((PRELOAD, "1 1"), (BENCH, None)):
+        cmd = [sys.executable, "-c", code.format(modules)]
+        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        after_torch, after_all = done.stdout.split()
+        assert after_all == after_torch and (want is None or done.stdout.strip() == want), (modules, done.stdout)
 
 
 def test_usage_errors_are_one_line_too():

@@ -33,8 +33,9 @@ from tmtseg.tools.bench.spec import BenchConfig
 
 POLL_S = 5.0  # how often the bench looks at its runs (and refreshes its progress bar)
 # what the fork server of the local launcher imports once, so that a run's process starts with it (about 2 s of CPU
-# a run otherwise, most of a tiny run's cost)
-PRELOAD = ["torch", "tmtseg.tools.bench.run", "tmtseg.engine.loop", "tmtseg.engine.evaluate"]
+# a run otherwise, most of a tiny run's cost); torch._dynamo too, which the optimizer's first use imports (1.2 s a
+# run; it starts no thread)
+PRELOAD = ["torch", "torch._dynamo", "tmtseg.tools.bench.run", "tmtseg.engine.loop", "tmtseg.engine.evaluate"]
 
 
 def local_threads(bench: BenchConfig) -> int:
