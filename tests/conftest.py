@@ -23,13 +23,18 @@ HEAVY_FIRST = ("test_export.py", "test_smoke.py", "test_failures.py", "test_ddp.
 
 def pytest_configure(config: pytest.Config) -> None:
     """Under xdist, one torch thread per worker (and per process a test starts): the workers share the cores, and
-    two threads each would only wait for each other."""
+    two threads each would only wait for each other. Then the fork server of the commands the tests run."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = "1"
         import torch
 
         torch.set_num_threads(1)
+    controller = not os.environ.get("PYTEST_XDIST_WORKER") and getattr(config.option, "numprocesses", None)
+    if not controller:  # a worker, or a run without xdist (-n 0): xdist's controller runs no test
+        from tests import forkcli
+
+        forkcli.start_server()  # under these settings, and before any test: tests/forkcli.py's start_server says why
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

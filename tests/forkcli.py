@@ -24,13 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from tmtseg.tools.bench.launch import PRELOAD as BENCH_PRELOAD
+
 # what nearly every command imports, imported once by the server rather than by each call: torch._dynamo (the
 # optimizer's first use imports it: 1.2 s), the parser and what its advise options import (the data package, scipy),
-# the training loop: 80 s -> 41 s for test_inputs, test_resume, test_faults and test_failures run serially. Imports
+# the training loop: 80 s -> 41 s for test_inputs, test_resume, test_faults and test_failures run serially. With the
+# bench's own list: a worker's in-process benches share multiprocessing's one fork server (start_server). Imports
 # that start no thread under the workers' OMP_NUM_THREADS=1 (tests/test_cli.py checks it) and that read no variable a
 # test sets for one command (torch._dynamo reads TORCHDYNAMO_* once: no test sets those)
-PRELOAD = ["torch", "torch._dynamo", "tmtseg.cli", "tmtseg.cli.parser", "tmtseg.tools.advise_select",
-           "tmtseg.engine.loop", "scipy.optimize", "tests.forkcli"]  # fmt: skip
+PRELOAD = [*BENCH_PRELOAD, "tmtseg.cli", "tmtseg.cli.parser", "tmtseg.tools.advise_select", "scipy.optimize",
+           "tests.forkcli"]  # fmt: skip
 _context: multiprocessing.context.ForkServerContext | None = None
 
 
@@ -120,6 +123,17 @@ class _Lines:
         return text
 
 
+def start_server() -> None:
+    """The fork server started now, with PRELOAD (tests/conftest.py, at a worker's start): multiprocessing has one
+    fork server per process, and a bench run in-process (tmtseg.tools.bench.launch) would otherwise start it with
+    the bench's list alone whenever its test came first, and every later call here would import the rest."""
+    if not fresh_only():
+        _server()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+
 def _server() -> multiprocessing.context.ForkServerContext:
     global _context
     if _context is None:
@@ -137,6 +151,8 @@ def _child(args: list[str], env: dict, cwd: str, out: str, err: str, session: bo
     runs it."""
     if session:
         os.setsid()
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # as a new interpreter started here has it, whoever started
+    # the server (the bench's launcher starts its own with SIGTERM blocked)
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(f, fd)
