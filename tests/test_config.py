@@ -26,8 +26,8 @@ def test_a_files_interpolation_is_resolved_before_the_overrides_and_loads_share_
     assert (cfg.train.iters, cfg.train.eval_every) == (8, 30)
     assert load_config([str(f)]).train.eval_every == 30
     cfg.model.num_queries += 1  # a config is the caller's own object
+    (tmp_path / "b.yaml").write_text("train:\n  nope: 1\n")
     with pytest.raises(ConfigError, match=r"b\.yaml.*train\.nope"):
-        (tmp_path / "b.yaml").write_text("train:\n  nope: 1\n")
         load_config([str(tmp_path / "b.yaml")])
     assert load_config() == load_config([], []) and load_config().model.num_queries != cfg.model.num_queries
     assert load_config().train.eval_every != 30
